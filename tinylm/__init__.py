@@ -1,0 +1,9 @@
+"""tinylm: the tiny language model foundry.
+
+From raw text (or a bigger model) to a small, fast, deployable Llama-style language model.
+"""
+
+from tinylm.config import PRESETS, ModelConfig, TinylmError
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "PRESETS", "TinylmError", "__version__"]
