@@ -104,11 +104,13 @@ def _add_data_prepare(dsub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-dedup", dest="dedup", action="store_false", help="keep exact and near duplicates")
     p.add_argument("--near-dedup-threshold", type=float, default=0.8,
                    help="MinHash Jaccard threshold of word 5-grams (0 turns near-dedup off)")
-    p.add_argument("--near-dedup-window", type=int, default=100_000, help="documents the near-dedup index holds")
+    p.add_argument("--near-dedup-window", type=int, default=250_000, help="documents the near-dedup index holds")
     p.add_argument("--workers", type=int, default=None, help="tokenizer threads (default: all cores)")
     p.add_argument("--shard-tokens", type=int, default=100_000_000)
     p.add_argument("--dtype", default="auto", choices=["auto", "uint16", "uint32"])
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty(),
+                   help="progress bar on stderr (default: when stderr is a terminal)")
     p.set_defaults(run=_run_data_prepare)
 
 
@@ -276,6 +278,231 @@ def _run_data_tinytales(args: argparse.Namespace) -> None:
 DATA_COMMANDS.append(_add_data_tinytales)
 
 
+# ----- prune / trim-vocab / init --from / grow (derive models from models) --------------------------
+
+def _add_shape_args(p: argparse.ArgumentParser) -> None:
+    """Explicit target sizes shared by `prune` and `init --from` (unset: the source's)."""
+    for flag in ("--dim", "--ffn-dim", "--n-heads", "--n-kv-heads", "--n-layers"):
+        p.add_argument(flag, type=int, default=None)
+
+
+def _shape_kwargs(args: argparse.Namespace) -> dict:
+    return {k: getattr(args, k) for k in ("dim", "ffn_dim", "n_heads", "n_kv_heads", "n_layers")}
+
+
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prune", help="Minitron-style structured pruning from activations (+ vocabulary trim)",
+                       epilog="--target-params keeps layers and heads and shrinks ffn_dim by s and dim by "
+                              "sqrt(s) for the largest s that fits (embeddings count, after any vocabulary trim).")
+    p.add_argument("source", help="checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--calib", required=True, help="calibration data: a data dir, or text (file, dir, tinytales:N)")
+    p.add_argument("--out", required=True, help="checkpoint dir to write")
+    p.add_argument("--target-params", type=float, default=None, help="parameter budget, e.g. 45e6")
+    _add_shape_args(p)
+    p.add_argument("--trim-vocab", type=int, default=None, metavar="K",
+                   help="first keep the K most used tokens of the calibration text")
+    p.add_argument("--token-map", default=None, help="or keep the tokens of a `tinylm tokenizer trim` dir")
+    p.add_argument("--order", default="width,depth", help="pruning stages in order (default width,depth)")
+    p.add_argument("--layer-metric", default="bi", help="bi (Block Influence, default) or loss (skip-a-block loss)")
+    p.add_argument("--calib-batches", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--iterative", action="store_true", help="Adapt-Pruner-style steps with training between")
+    p.add_argument("--steps", type=int, default=4, help="pruning steps with --iterative (default 4)")
+    p.add_argument("--steps-between", type=int, default=50, help="optimizer steps between pruning steps")
+    p.add_argument("--lr", type=float, default=3e-4, help="learning rate of the training between steps")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_prune)
+
+
+def _run_prune(args: argparse.Namespace) -> None:
+    from tinylm.prune import PruneConfig, prune
+
+    target = int(args.target_params) if args.target_params is not None else None
+    cfg = PruneConfig(args.source, args.calib, args.out, target, **_shape_kwargs(args), trim_vocab=args.trim_vocab,
+                      token_map=args.token_map, order=tuple(s.strip() for s in args.order.split(",")),
+                      layer_metric=args.layer_metric, calib_batches=args.calib_batches, batch_size=args.batch_size,
+                      seq_len=args.seq_len, iterative=args.iterative, steps=args.steps,
+                      steps_between=args.steps_between, lr=args.lr, overwrite=args.overwrite)
+    print(f"wrote {prune(cfg)}")
+
+
+def _add_trim_vocab(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("trim-vocab", help="keep only some tokens' embedding and LM-head rows (+ trimmed tokenizer)")
+    p.add_argument("source", help="checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--out", required=True, help="checkpoint dir to write")
+    p.add_argument("--token-map", default=None, help="a `tinylm tokenizer trim` dir (token_map.json)")
+    p.add_argument("--corpus", default=None, help="or text to count token use on (file, dir, tinytales:N)")
+    p.add_argument("--keep", type=int, default=None, help="tokens to keep with --corpus")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_trim_vocab)
+
+
+def _run_trim_vocab(args: argparse.Namespace) -> None:
+    from tinylm.prune import TrimConfig, trim
+
+    print(f"wrote {trim(TrimConfig(args.source, args.out, args.token_map, args.corpus, args.keep, args.overwrite))}")
+
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="a smaller model from a larger one: weight selection, Inheritune, or random")
+    p.add_argument("--from", dest="source", required=True, help="model source to derive from")
+    p.add_argument("--method", default="select", help="select (default), inherit (first --n-layers) or random")
+    p.add_argument("--preset", default=None, help="target shape preset (head_dim and vocabulary stay the source's)")
+    _add_shape_args(p)
+    p.add_argument("--seed", type=int, default=0, help="seed of --method random")
+    p.add_argument("--out", required=True, help="checkpoint dir to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_init)
+
+
+def _run_init(args: argparse.Namespace) -> None:
+    from tinylm.grow import InitConfig, init
+
+    cfg = InitConfig(args.source, args.out, args.method, args.preset, **_shape_kwargs(args), seed=args.seed,
+                     overwrite=args.overwrite)
+    print(f"wrote {init(cfg)}")
+
+
+def _add_grow(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grow", help="function-preserving growth: HyperCloning (width) or G_stack (depth)")
+    p.add_argument("source", help="checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--method", required=True, help="hypercloning (needs --dim) or stack (needs --factor)")
+    p.add_argument("--dim", type=int, default=None, help="new width, a multiple of the source's")
+    p.add_argument("--factor", type=int, default=None, help="copies of the block stack")
+    p.add_argument("--noise", type=float, default=0.0, help="HyperCloning: function-preserving noise (relative std)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="checkpoint dir to write")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_grow)
+
+
+def _run_grow(args: argparse.Namespace) -> None:
+    from tinylm.grow import GrowConfig, grow
+
+    cfg = GrowConfig(args.source, args.out, args.method, args.dim, args.factor, args.noise, args.seed, args.overwrite)
+    print(f"wrote {grow(cfg)}")
+
+
+# ----- distill (knowledge distillation; `tinylm distill cache` writes an offline teacher cache) -------------
+
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill", help="train a student on a teacher's distributions (online, or `distill cache` first)",
+        epilog="Any recipe key can be given as --section.key VALUE (sections model, data, optim, schedule, run, "
+               "distill), e.g. --distill.losses '[{kind: fkl, weight: 1, temperature: 2}]'. Offline: "
+               "`tinylm distill cache --teacher T --data DIR --top-k K --out CACHE [same recipe and options]`, "
+               "then `tinylm distill --cache CACHE ...` (see `tinylm distill cache --help`).")
+    _distill_common(p)
+    p.add_argument("--cache", help="a teacher cache dir (tinylm distill cache); no teacher is loaded")
+    p.add_argument("--student", help="student model source to continue from (same as --model.init)")
+    p.add_argument("--preset", help="student preset, e.g. 5m (same as --model.preset)")
+    p.add_argument("--resume", help="auto, never, or a checkpoint dir (same as --run.resume)")
+    p.set_defaults(run=_run_distill)
+    cache = argparse.ArgumentParser(
+        prog="tinylm distill cache", description="Run the teacher once over every window the planned run "
+        "reads (same recipe: data, seq_len, batch_tokens, seed, steps) and store its top-K log-probs.")
+    _distill_common(cache)
+    cache.add_argument("--top-k", type=int, required=True, help="tokens per position (>= vocabulary: full rows)")
+    cache.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="log-prob storage")
+    cache.add_argument("--temperature", type=float, default=1.0, help="teacher temperature of a top-K cache")
+    cache.add_argument("--batch-size", type=int, default=8, help="windows per teacher forward pass")
+    cache.add_argument("--overwrite", action="store_true")
+    cache.set_defaults(run=_run_distill_cache)
+    _accept_section_options(cache)
+    _accept_section_options(p)
+    parse = p.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):  # type: ignore[no-untyped-def]
+        words = list(sys.argv[2:] if args is None else args)
+        if words[:1] == ["cache"]:  # `tinylm distill cache ...`: a subcommand that shares the recipe options
+            return cache.parse_known_args(words[1:], namespace)
+        return parse(words, namespace)
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def _distill_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="a YAML recipe (sections model, data, optim, schedule, run, distill)")
+    p.add_argument("--teacher", help="teacher source: checkpoint dir, HF dir, .gguf or alias (smollm2-135m)")
+    p.add_argument("--data", help="data dir (tinylm data prepare) (same as --data.dir)")
+    p.add_argument("--out", help="output dir (same as --run.out)")
+
+
+def _distill_config(args: argparse.Namespace, flags: dict[str, str]):  # type: ignore[no-untyped-def]
+    from tinylm.distill import DistillConfig
+    from tinylm.train import load_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    for attr, key in flags.items():
+        if getattr(args, attr, None) is not None:
+            overrides[key] = getattr(args, attr)
+    return load_config(DistillConfig, args.config, overrides)
+
+
+def _run_distill(args: argparse.Namespace) -> None:
+    from tinylm.distill import distill
+
+    cfg = _distill_config(args, {"teacher": "distill.teacher", "cache": "distill.cache", "data": "data.dir",
+                                 "out": "run.out", "student": "model.init", "preset": "model.preset",
+                                 "resume": "run.resume"})
+    print(f"wrote {distill(cfg)}")
+
+
+def _run_distill_cache(args: argparse.Namespace) -> None:
+    from tinylm.distill import build_cache
+
+    cfg = _distill_config(args, {"teacher": "distill.teacher", "data": "data.dir"})
+    if not args.out:
+        raise TinylmError("tinylm distill cache needs --out CACHE")
+    meta = build_cache(cfg, args.top_k, args.out, args.dtype, args.temperature, args.batch_size, args.overwrite)
+    print(f"wrote {args.out}: {meta['steps']} steps x {meta['rows']} windows x {meta['seq_len']} tokens, top-"
+          f"{meta['top_k']} of {meta['vocab_size']}, {meta['bytes_per_token']:.0f} bytes/token, teacher "
+          f"{meta['teacher_tokens_per_s']:,.0f} tokens/s")
+
+
+# ----- quantize / export (deploy) ------------------------------------------------------------------
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="weight-only int8 / int4 quantisation; reports size and perplexity change")
+    p.add_argument("source", help="checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--scheme", required=True, help="int8 or int4")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="inputs per scale (default: 32 for int4, per channel for int8; 0 = per channel)")
+    p.add_argument("--out", required=True, help="checkpoint dir to write")
+    p.add_argument("--skip-lm-head", action="store_true", help="keep an untied lm_head in float")
+    p.add_argument("--eval-text", help="UTF-8 text for the perplexity report (default: held-out TinyTales)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_quantize)
+
+
+def _run_quantize(args: argparse.Namespace) -> None:
+    from tinylm.quantize import QuantizeConfig, format_report, quantize
+
+    cfg = QuantizeConfig(source=args.source, scheme=args.scheme, out=args.out, group_size=args.group_size,
+                         skip_lm_head=args.skip_lm_head, eval_text=args.eval_text, overwrite=args.overwrite)
+    print(format_report(quantize(cfg)))
+    print(f"wrote {args.out}")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a model as an HF dir, a GGUF file (llama.cpp) or an ONNX graph")
+    p.add_argument("source", help="checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--format", required=True, help="hf, gguf or onnx")
+    p.add_argument("--out", required=True, help="dir (hf) or file (gguf, onnx) to write")
+    p.add_argument("--gguf-type", default="f16", help="f32, f16 (default), q8_0 or q4_0")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> None:
+    from tinylm.export import ExportConfig, export
+
+    cfg = ExportConfig(source=args.source, format=args.format, out=args.out, gguf_type=args.gguf_type,
+                       overwrite=args.overwrite)
+    print(f"wrote {export(cfg)}")
+
+
 # ----- registry ------------------------------------------------------------------------------------
 # Helpers add their `_add_<name>` to this list; order is the order in `tinylm --help`.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -285,6 +512,13 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_tokenizer,
     _add_pretrain,
     _add_eval,
+    _add_prune,
+    _add_trim_vocab,
+    _add_init,
+    _add_grow,
+    _add_distill,
+    _add_quantize,
+    _add_export,
 ]
 
 

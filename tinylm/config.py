@@ -1,13 +1,14 @@
-"""Model configuration: one flat dataclass, presets as plain dicts, and the user-error type.
-
-No torch here: this module sits at the bottom of the layer stack and everything imports it.
-"""
+"""Model configuration: one flat dataclass, presets as plain dicts; and the two things every layer\nshares: the user-error type and atomic directory writes.\n\nNo torch here: this module sits at the bottom of the layer stack and everything imports it.\n"""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import shutil
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterator
 
 
 class TinylmError(Exception):
@@ -15,6 +16,35 @@ class TinylmError(Exception):
 
     The message is one line; the CLI prints it without a traceback and exits with code 2.
     """
+
+
+# ----- atomic writes (shared by every module that writes output) ---------------------------------
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temporary sibling dir; on success it replaces `out_dir`, on failure it is removed.
+
+    Args:
+        out_dir: the final directory.
+        overwrite: allow replacing an existing `out_dir`; otherwise it is a TinylmError.
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise TinylmError(f"{out} already exists (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)  # the atomic step: readers see the old dir or the complete new one
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _ffn_dim_for(dim: int, multiple_of: int = 32) -> int:
@@ -224,4 +254,4 @@ def preset(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig.from_dict({**PRESETS[name], **overrides})
 
 
-__all__ = ["ModelConfig", "PRESETS", "TinylmError", "preset"]
+__all__ = ["ModelConfig", "PRESETS", "TinylmError", "atomic_dir", "preset"]
