@@ -49,6 +49,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=1, help="samples per prompt")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--add-bos", action="store_true", help="start the prompt with the bos token")
+    p.add_argument("--json-schema", metavar="FILE", help="constrain the output to JSON valid for this JSON Schema")
+    p.add_argument("--fast", action="store_true", help="compiled fixed-shape decoding (torch.compile; same tokens)")
     p.set_defaults(run=_run_generate)
 
 
@@ -60,9 +62,18 @@ def _run_generate(args: argparse.Namespace) -> None:
         prompts=read_prompts(args.prompt, args.prompt_file), chat=args.chat, system=args.system,
         max_new_tokens=args.max_tokens, temperature=0.0 if args.greedy else args.temperature,
         top_k=args.top_k, top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        n=args.n, stop=args.stop, add_bos=args.add_bos)
+        n=args.n, stop=args.stop, add_bos=args.add_bos, fast=args.fast)
+    schema = None
+    if args.json_schema:
+        from tinylm.jsonschema_fsm import constraint_factory, load_schema, validate
+
+        schema = load_schema(args.json_schema)  # a bad schema fails before the model loads
     loaded = load(args.source)
-    run(loaded.model, loaded.tokenizer, cfg)
+    if schema is not None and loaded.tokenizer is not None:
+        cfg.constraint = constraint_factory(schema, loaded.tokenizer, loaded.config.vocab_size)
+    for text in run(loaded.model, loaded.tokenizer, cfg):
+        if schema is not None:
+            validate(text, schema)  # the automaton guarantees it; a failure here is a tinylm bug
 
 
 # ----- data (group: `tinylm data <sub>`) -----------------------------------------------------------
@@ -503,9 +514,32 @@ def _run_export(args: argparse.Namespace) -> None:
     print(f"wrote {export(cfg)}")
 
 
+# ----- quickstart ----------------------------------------------------------------------------------
+
+def _add_quickstart(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quickstart", help="TinyTales corpus -> tokenizer -> shards -> pretrain -> eval -> stories")
+    p.add_argument("--out", default="runs/quickstart", help="run directory (default runs/quickstart)")
+    p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget of the whole run (default 9)")
+    p.add_argument("--stories", type=int, default=30000, help="TinyTales stories in the corpus (default 30000)")
+    p.add_argument("--vocab-size", type=int, default=2048, help="tokenizer vocabulary (default 2048)")
+    p.add_argument("--samples", type=int, default=20, help="stories sampled and validated (default 20)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--recipe", default=None, help="training recipe (default recipes/quickstart.yaml)")
+    p.set_defaults(run=_run_quickstart)
+
+
+def _run_quickstart(args: argparse.Namespace) -> None:
+    from tinylm.quickstart import QuickstartConfig, quickstart
+
+    quickstart(QuickstartConfig(out=args.out, minutes=args.minutes, stories=args.stories,
+                                vocab_size=args.vocab_size, samples=args.samples, seed=args.seed,
+                                recipe=args.recipe))
+
+
 # ----- registry ------------------------------------------------------------------------------------
 # Helpers add their `_add_<name>` to this list; order is the order in `tinylm --help`.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_quickstart,
     _add_info,
     _add_generate,
     _add_data,

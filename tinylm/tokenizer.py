@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -223,7 +224,7 @@ def _token_counts(tok: Tokenizer, texts: Iterable[str], batch: int = 1000) -> tu
 
     def flush() -> None:
         for ids in tok.encode_batch(chunk):
-            counts[:] += np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(counts))[:len(counts)]
+            counts[:] += np.bincount(np.asarray(ids, dtype=np.int64), minlength=len(counts))
         chunk.clear()
 
     for text in texts:
@@ -240,18 +241,16 @@ def _token_counts(tok: Tokenizer, texts: Iterable[str], batch: int = 1000) -> tu
 def _partial_byte_ids(tok: Tokenizer) -> list[int]:
     """Ids of tokens that stand for a lone non-ASCII byte: a byte-level symbol of a byte >= 0x80, or an
     SentencePiece-style "<0xNN>" byte-fallback token. Seeing them means a character was not covered."""
-    byte_of = {ch: i for i, ch in enumerate(_bytes_to_unicode())}
-    ids = []
-    for token, i in tok.backend.get_vocab(with_added_tokens=False).items():
-        if (len(token) == 1 and byte_of.get(token, 0) >= 0x80) or (
-                len(token) == 6 and token.startswith("<0x") and token.endswith(">") and int(token[3:5], 16) >= 0x80):
-            ids.append(i)
-    return ids
+    high = set(_bytes_to_unicode()[0x80:])
+    fallback = re.compile(r"<0x[89A-Fa-f][0-9A-Fa-f]>")
+    return [i for token, i in tok.backend.get_vocab(with_added_tokens=False).items()
+            if token in high or fallback.fullmatch(token)]
 
 
 def _bytes_to_unicode() -> list[str]:
-    """GPT-2's byte -> printable character table (index = byte), the alphabet of ByteLevel tokenizers."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    """GPT-2's byte -> printable character table (index = byte), the alphabet of ByteLevel tokenizers
+    (openai/gpt-2 src/encoder.py, bytes_to_unicode); `tokenizers` exposes it only as an unordered list."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     table, extra = {}, 0
     for b in range(256):
         if b in keep:
@@ -351,8 +350,8 @@ def trim_tokenizer(tok: Tokenizer, texts: Iterable[str], keep: int) -> tuple[Tok
     the PanGu-pi Pro study, Tang et al. 2024, "Rethinking Optimization and Architecture for Tiny
     Language Models", sec. 3.1).
 
-    All byte tokens (all 256 in tokenizers tinylm trains) and all added/special tokens are always kept, and the kept set is closed under
-    merge ancestry, so every kept token stays reachable; `keep` counts the total. New id i is old id
+    All byte tokens (all 256 in tokenizers tinylm trains) and all added/special tokens are always kept,
+    and the kept set is closed under merge ancestry, so every kept token stays reachable; `keep` counts the total. New id i is old id
     kept[i] (old order preserved). A text whose old tokenisation uses only kept tokens is tokenised
     identically up to renumbering (BPE applies the lowest-ranked applicable merge; the kept merges keep
     their ranks), and every string still round-trips through the bytes.
@@ -368,7 +367,8 @@ def trim_tokenizer(tok: Tokenizer, texts: Iterable[str], keep: int) -> tuple[Tok
     spec, vocab, merges = _bpe_spec(tok)
     counts, _ = _token_counts(tok, texts)
     # every byte token the vocabulary has (SmolLM2's lacks some control and invalid-UTF-8 bytes)
-    required = {vocab[ch] for ch in _bytes_to_unicode() if ch in vocab} | {a["id"] for a in spec.get("added_tokens", [])}
+    required = {vocab[ch] for ch in _bytes_to_unicode() if ch in vocab}
+    required |= {a["id"] for a in spec.get("added_tokens", [])}
     kept = _choose_kept(vocab, merges, counts, required, keep)
     new_of = {old: new for new, old in enumerate(kept)}
     kept_tokens = {t for t, i in vocab.items() if i in new_of}
