@@ -271,3 +271,18 @@ def test_info_reports_shape(tmp_path, capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["parameters"] == tiny_model().num_params() and info["n_kv_heads"] == 2
     assert info["forward_flops_per_token"] == tiny_model().config.flops_per_token()
+
+
+def test_gguf_parser_agrees_with_gguf_reader(tmp_path):
+    import gguf
+
+    write_gguf(tmp_path / "m.gguf", _gguf_model(), "Q8_0")
+    ours = checkpoint._open_gguf(tmp_path / "m.gguf")
+    ref = gguf.GGUFReader(str(tmp_path / "m.gguf"))
+    for key, f in ref.fields.items():
+        if not key.startswith("GGUF."):
+            assert checkpoint._field(ours, key) == f.contents(), key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors):
+        assert a.tensor_type == b.tensor_type and tuple(a.shape) == tuple(int(n) for n in b.shape)
+        assert np.array_equal(np.asarray(a.data), np.asarray(b.data))

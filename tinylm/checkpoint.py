@@ -7,11 +7,12 @@ only; nothing is ever unpickled. Writes are atomic: a temporary sibling, then a 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
+import mmap
 import os
 import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from tinylm.config import ModelConfig, TinylmError
+from tinylm.config import ModelConfig, TinylmError, atomic_dir
 from tinylm.model import Llama, rope_tables
 from tinylm.tokenizer import Tokenizer
 
@@ -53,35 +54,6 @@ class Loaded:
     kind: str
     meta: dict[str, Any] = field(default_factory=dict)
     stored_dtype: str = "float32"
-
-
-# ----- atomic writes -------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling dir; on success it replaces `out_dir`, on failure it is removed.
-
-    Args:
-        out_dir: the final directory.
-        overwrite: allow replacing an existing `out_dir`; otherwise it is a TinylmError.
-    """
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise TinylmError(f"{out} already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)  # the atomic step: readers see the old dir or the complete new one
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -223,9 +195,9 @@ def _load_dir(path: Path, dtype: torch.dtype) -> Loaded:
     cfg = ModelConfig.from_hf(hf)
     state = _read_weights(path)
     stored = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else "none"
-    model = build(cfg, state, dtype, where=str(path))
-    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     meta = hf.get("tinylm") or {}
+    model = build(cfg, state, dtype, where=str(path), quantization=meta.get("quantization"))
+    tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     return Loaded(model, tokenizer, cfg, path, "checkpoint" if meta else "hf", meta, stored)
 
 
@@ -256,29 +228,44 @@ def _safe_load_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
-          where: str = "the weights") -> Llama:
+          where: str = "the weights", quantization: dict[str, Any] | None = None) -> Llama:
     """A Llama of shape `cfg` holding exactly the tensors of `state` (HF names), checked first.
 
     Args:
         cfg: the model shape.
         state: HF-named tensors; lm_head.weight may be absent when embeddings are tied.
-        dtype: the parameters' dtype.
+        dtype: the parameters' dtype (integer tensors, e.g. quantised codes, keep theirs).
         where: named in error messages.
+        quantization: the "quantization" block of a quantised checkpoint (see `_quantized_shells`).
     """
     with torch.device("meta"):  # no random init of weights that are about to be replaced
         model = Llama(cfg)
+        if quantization:
+            _quantized_shells(model, quantization)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = dict(state)
     if cfg.tie_embeddings:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight", None)
     _check_state(expected, state, where)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    model.load_state_dict({k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
+                           for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos, sin
     return model
+
+
+# ----- quantised checkpoints (hook) ----------------------------------------------------------------
+# A checkpoint written by `tinylm quantize` has config.json "tinylm" -> "quantization" = {"scheme",
+# "group_size", "modules"} and holds <module>.qweight / <module>.scales instead of <module>.weight.
+# The QLinear module and the swap live in tinylm/qlinear.py (model layer), not in the quantize stage.
+
+def _quantized_shells(model: Llama, quantization: dict[str, Any]) -> None:
+    from tinylm.qlinear import swap_in  # noqa: PLC0415 - only quantised checkpoints need it
+
+    swap_in(model, quantization, quantize=False)
 
 
 def _check_state(expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], where: str) -> None:
@@ -359,18 +346,147 @@ _DIGIT_FIRST = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exao
 _LLAMA3_LIKE = {"llama-bpe", "llama3", "llama-v3", "falcon3", "smaug-bpe", "dbrx"}
 
 
-def _open_gguf(path: Path) -> Any:
-    import gguf  # noqa: PLC0415 - only GGUF sources need it
+@dataclass
+class GGUFTensor:
+    """One tensor of a GGUF file, as `gguf.GGUFReader` presents it.
 
+    Args:
+        name: the llama.cpp tensor name.
+        tensor_type: a `gguf.GGMLQuantizationType`.
+        shape: GGUF (ggml "ne") order, fastest-varying dimension first.
+        data: numpy view of the file: typed for F16/F32/F64/I8-I64, else uint8 rows of quant blocks.
+    """
+
+    name: str
+    tensor_type: Any
+    shape: tuple[int, ...]
+    data: np.ndarray
+
+
+@dataclass
+class GGUFFile:
+    """A GGUF file's metadata (plain Python values, as `ReaderField.contents()` gives) and tensors."""
+
+    fields: dict[str, Any]
+    tensors: list[GGUFTensor]
+
+
+# GGUF metadata value types (gguf-py constants.GGUFValueType) -> struct codes; 8 is STRING, 9 is ARRAY.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+_GGUF_TYPED = {"F16": np.float16, "F32": np.float32, "F64": np.float64, "I8": np.int8, "I16": np.int16,
+               "I32": np.int32, "I64": np.int64}  # other types are quant blocks, read as bytes
+
+
+def _open_gguf(path: Path) -> GGUFFile:
     try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # gguf raises ValueError/struct.error/IndexError on damaged files
+        return _read_gguf(path)
+    except _BigEndian:  # rare (s390x builds); gguf-py's reader swaps bytes, our fast parser does not
+        return _gguf_via_reader(path)
+    except Exception as e:  # damaged files: struct.error, ValueError, IndexError, UnicodeDecodeError
         raise TinylmError(f"{path}: unreadable GGUF ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+class _BigEndian(Exception):
+    pass
+
+
+class _Cursor:
+    """Reads little-endian GGUF values from a buffer, advancing `pos`."""
+
+    def __init__(self, buf: Any) -> None:
+        self.buf, self.pos = buf, 0
+
+    def scalar(self, code: str) -> Any:
+        (value,) = struct.unpack_from("<" + code, self.buf, self.pos)
+        self.pos += struct.calcsize(code)
+        return value
+
+    def string(self) -> str:
+        n = self.scalar("Q")
+        if self.pos + n > len(self.buf):
+            raise ValueError("string runs past the end of the file")
+        text = self.buf[self.pos:self.pos + n].decode("utf-8")
+        self.pos += n
+        return text
+
+    def value(self, vtype: int) -> Any:
+        if vtype == _GGUF_STRING:
+            return self.string()
+        if vtype != _GGUF_ARRAY:
+            return self.scalar(_GGUF_SCALARS[vtype])
+        itype, count = self.scalar("I"), self.scalar("Q")
+        if itype in _GGUF_SCALARS:  # numeric arrays in one numpy read
+            items = np.frombuffer(self.buf, np.dtype("<" + _GGUF_SCALARS[itype]), count, self.pos)
+            self.pos += items.nbytes
+            return items.tolist()
+        return [self.value(itype) for _ in range(count)]
+
+
+def _read_gguf(path: Path) -> GGUFFile:
+    """Parse a GGUF v2/v3 file (the layout of gguf-py's GGUFReader / llama.cpp's gguf.cpp).
+
+    Written by hand because gguf.GGUFReader builds a numpy view per value: on SmolLM2's 49k-token
+    vocabulary and 49k merges that takes seconds, this takes tens of milliseconds. Tensor data stays
+    memory-mapped.
+    """
+    import gguf  # noqa: PLC0415 - only GGUF sources need it
+
+    with path.open("rb") as f:
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    cur = _Cursor(buf)
+    if cur.scalar("I") != gguf.GGUF_MAGIC:
+        raise ValueError("not a GGUF file")
+    version = cur.scalar("I")
+    if version & 0xFFFF == 0:
+        raise _BigEndian()
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported")
+    n_tensors, n_fields = cur.scalar("Q"), cur.scalar("Q")
+    fields: dict[str, Any] = {}
+    for _ in range(n_fields):
+        key = cur.string()
+        if key in fields:
+            raise KeyError(f"duplicate key {key}")
+        fields[key] = cur.value(cur.scalar("I"))
+    infos = [(cur.string(), [cur.scalar("Q") for _ in range(cur.scalar("I"))], cur.scalar("I"), cur.scalar("Q"))
+             for _ in range(n_tensors)]
+    alignment = int(fields.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT))
+    start = -(-cur.pos // alignment) * alignment  # tensor data begins at the next aligned offset
+    return GGUFFile(fields, [_gguf_tensor(buf, start, *info) for info in infos])
+
+
+def _gguf_tensor(buf: Any, start: int, name: str, dims: list[int], raw_type: int, offset: int) -> GGUFTensor:
+    # The same arrays gguf.GGUFReader._build_tensors makes: numpy order is GGUF's reversed.
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quant_shape_to_byte_shape  # noqa: PLC0415
+
+    qtype = GGMLQuantizationType(raw_type)
+    block_size, type_size = GGML_QUANT_SIZES[qtype]
+    n_bytes = int(np.prod(dims, dtype=np.int64)) * type_size // block_size
+    if start + offset + n_bytes > len(buf):
+        raise ValueError(f"tensor {name} runs past the end of the file (truncated?)")
+    np_dims = tuple(reversed(dims))
+    if qtype.name in _GGUF_TYPED:
+        data = np.frombuffer(buf, _GGUF_TYPED[qtype.name], n_bytes // type_size, start + offset)
+    else:
+        data = np.frombuffer(buf, np.uint8, n_bytes, start + offset)
+        np_dims = quant_shape_to_byte_shape(np_dims, qtype)
+    return GGUFTensor(name, qtype, tuple(dims), data.reshape(np_dims))
+
+
+def _gguf_via_reader(path: Path) -> GGUFFile:
+    import gguf  # noqa: PLC0415
+
+    reader = gguf.GGUFReader(str(path))
+    return GGUFFile({k: f.contents() for k, f in reader.fields.items()},
+                    [GGUFTensor(t.name, t.tensor_type, tuple(int(n) for n in t.shape), t.data) for t in reader.tensors])
+
+
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+    value = reader.fields.get(key)
+    if hasattr(value, "contents"):  # a gguf.GGUFReader's ReaderField
+        value = value.contents()
+    return default if value is None else value
 
 
 def gguf_config(reader: Any, path: Path) -> ModelConfig:
@@ -381,8 +497,8 @@ def gguf_config(reader: Any, path: Path) -> ModelConfig:
     a = "llama."
     n_heads = int(_field(reader, a + "attention.head_count"))
     dim = int(_field(reader, a + "embedding_length"))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = _field(reader, a + "vocab_size") or (len(tokens.data) if tokens is not None else None)
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    vocab = _field(reader, a + "vocab_size") or (len(tokens) if tokens is not None else None)
     has_output = any(t.name == "output.weight" for t in reader.tensors)
     key_length = _field(reader, a + "attention.key_length")
     return ModelConfig(

@@ -3,14 +3,17 @@ repetition penalty, stop tokens and stop strings, streaming, several samples at 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from functools import partial
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from tinylm.config import TinylmError
-from tinylm.model import KVCache, Llama
+from tinylm.model import KVCache, Llama, apply_rope
 from tinylm.tokenizer import Tokenizer
 
 
@@ -69,24 +72,37 @@ def sample_next(logits: Tensor, cfg: SamplingConfig, generator: torch.Generator 
     """
     if cfg.temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / cfg.temperature
-    if cfg.top_k:
-        kth = torch.topk(logits, min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if cfg.top_p is not None and cfg.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= cfg.top_p  # mass before this token already reaches p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
+    probs = filter_logits(logits.float() / cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def filter_logits(logits: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Set to -inf the logits that top-k, then top-p, filtering removes (transformers' order and ties).
+
+    Args:
+        logits: (B, V) float logits (already divided by the temperature).
+        top_k: keep the k largest (ties with the k-th kept too); None or 0: no filter.
+        top_p: keep the smallest most-likely set whose probability reaches top_p; None or 1: no filter.
+    """
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        # Computed as transformers' TopPLogitsWarper does (ascending, drop while the cumulative mass of
+        # the least likely tokens is <= 1 - p), so float rounding at the boundary falls the same way.
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p  # (B, V)
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
 
 
 @torch.no_grad()
 def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int]], max_new_tokens: int = 128,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (),
-                 on_token: Callable[[int, int], bool] | None = None) -> list[int] | list[list[int]]:
+                 on_token: Callable[[int, int], bool] | None = None, constraints: Sequence[Any] | None = None,
+                 fast: bool = False) -> list[int] | list[list[int]]:
     """Continue one prompt (a list of ids) or a batch of equal-length prompts; return the new ids.
 
     Args:
@@ -96,6 +112,10 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
         temperature, top_k, top_p, repetition_penalty, seed: see SamplingConfig.
         stop_ids: a row ends after it emits one of these (the stop id is kept in its output).
         on_token: called as on_token(row, token_id) for each new token; returning True ends that row.
+        constraints: one per row, objects with `allowed(remaining) -> (V,) bool` (tokens allowed next,
+            given the tokens left) and `advance(token) -> bool` (True ends the row), e.g.
+            jsonschema_fsm.JsonConstraint.
+        fast: decode with StaticDecoder (fixed-shape cache, compiled one-token step); same tokens.
 
     Returns:
         the new ids of the prompt, or a list of them per row.
@@ -108,21 +128,47 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     seq = torch.tensor(rows, dtype=torch.long, device=device)  # (B, T)
-    cache = KVCache.new(model, len(rows), seq.shape[1] + max_new_tokens)
+    if fast:
+        step: Callable[[Tensor], Tensor] = StaticDecoder(model, len(rows), seq.shape[1] + max_new_tokens)
+    else:
+        step = partial(_cached_forward, model, KVCache.new(model, len(rows), seq.shape[1] + max_new_tokens))
+    if constraints is not None:
+        on_token = _with_constraints(constraints, on_token)
     out: list[list[int]] = [[] for _ in rows]
     done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    logits = model(seq, cache=cache)[:, -1]  # (B, V)
+    logits = step(seq)[:, -1]  # (B, V)
     stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         if cfg.repetition_penalty != 1.0:
             logits = penalize_repetition(logits, seq, cfg.repetition_penalty)
+        if constraints is not None:
+            logits = _constrain(logits, constraints, max_new_tokens - i)
         nxt = sample_next(logits, cfg, generator)  # (B,)
         seq = torch.cat([seq, nxt[:, None]], 1)
         done = _record(nxt, done, out, stop, on_token)
         if bool(done.all()):
             break
-        logits = model(nxt[:, None], cache=cache)[:, -1]
+        logits = step(nxt[:, None])[:, -1]
     return out[0] if single else out
+
+
+def _cached_forward(model: Llama, cache: KVCache, ids: Tensor) -> Tensor:
+    return model(ids, cache=cache)
+
+
+def _constrain(logits: Tensor, constraints: Sequence[Any], remaining: int) -> Tensor:
+    # -inf for every token a row's constraint forbids; (B, V)
+    allowed = torch.stack([c.allowed(remaining) for c in constraints]).to(logits.device)
+    return logits.masked_fill(~allowed, float("-inf"))
+
+
+def _with_constraints(constraints: Sequence[Any], on_token: Callable[[int, int], bool] | None
+                      ) -> Callable[[int, int], bool]:
+    # Advance the row's constraint on every token; the row ends when either the constraint or on_token says so.
+    def call(row: int, token: int) -> bool:
+        finished = constraints[row].advance(token)
+        return bool(on_token(row, token)) or finished if on_token is not None else finished
+    return call
 
 
 def _record(nxt: Tensor, done: Tensor, out: list[list[int]], stop: Tensor,
@@ -190,8 +236,8 @@ class TextStream:
 def generate(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 128,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
-             n: int = 1, add_bos: bool = False,
-             write: Callable[[str], object] | None = None) -> str | list[str]:
+             n: int = 1, add_bos: bool = False, write: Callable[[str], object] | None = None,
+             constraint: Callable[[], Any] | None = None, fast: bool = False) -> str | list[str]:
     """Continue a text prompt; return the new text (or n of them).
 
     Args:
@@ -202,6 +248,8 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: in
         n: number of samples, decoded as one batch.
         add_bos: put the tokenizer's bos token first.
         write: stream the text of the first sample to this callable as it is generated.
+        constraint: makes a fresh per-sample constraint (see generate_ids), e.g. for JSON schemas.
+        fast: decode with StaticDecoder (compiled one-token step).
     """
     ids = tokenizer.encode(prompt, add_bos=add_bos)
     if not ids:
@@ -209,7 +257,8 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: in
     streams = [TextStream(tokenizer, stop, write if row == 0 else None) for row in range(n)]
     stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]
     generate_ids(model, [ids] * n, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-                 stop_ids, on_token=lambda row, tok: tok in stop_ids or streams[row].push(tok))
+                 stop_ids, on_token=lambda row, tok: tok in stop_ids or streams[row].push(tok),
+                 constraints=[constraint() for _ in range(n)] if constraint else None, fast=fast)
     texts = [s.finish() for s in streams]
     return texts[0] if n == 1 else texts
 
@@ -223,6 +272,8 @@ class GenerateConfig:
         chat: wrap each prompt as a user message in the tokenizer's chat template.
         system: a system message for chat.
         max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, n, add_bos: see `generate`.
+        constraint: a per-sample constraint factory (JSON schema); the prompt is then not echoed.
+        fast: decode with StaticDecoder (compiled one-token step).
     """
 
     prompts: list[str]
@@ -237,6 +288,8 @@ class GenerateConfig:
     n: int = 1
     stop: Sequence[str] = ()
     add_bos: bool = False
+    constraint: Callable[[], Any] | None = None
+    fast: bool = False
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.n < 1:
@@ -281,11 +334,104 @@ def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, out: Cal
                 {"role": "user", "content": prompt}]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         for i in range(cfg.n):
-            if not cfg.chat:
+            if not cfg.chat and cfg.constraint is None:
                 write(prompt)
             seed = None if cfg.seed is None else cfg.seed + i
             sample = generate(model, tokenizer, text, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                              cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write)
+                              cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write, cfg.constraint, cfg.fast)
             write("\n" if cfg.n == 1 and len(cfg.prompts) == 1 else "\n---\n")
             results.append(sample)
     return results
+
+
+# ----- fast decoding: a fixed-shape step over a static cache, compiled once (deploy) ----------------
+# The eager path (model(ids, cache=KVCache)) grows the attended keys every step, so each step has new
+# shapes and pays Python and dispatch overhead per op. Here the cache is a fixed (L, B, Hkv, M, hd)
+# buffer, a step attends over all M slots with a mask (keys after the current position are hidden),
+# and the T=1 step is torch.compile'd once per (model, batch, M). The same function, out of place, is
+# the graph `export.export_onnx` writes.
+
+def static_forward(model: Llama, ids: Tensor, start: Tensor, k_cache: Tensor, v_cache: Tensor,
+                   inplace: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """Logits of `ids` at positions start..start+T-1, reading and writing a fixed-size cache.
+
+    Args:
+        model: the Llama (its submodules are called, so quantised layers work too).
+        ids: (B, T) token ids.
+        start: 0-d int64 tensor, the position of ids[:, 0] (= tokens already in the cache).
+        k_cache, v_cache: (n_layers, B, n_kv_heads, M, head_dim) keys/values of positions < M.
+        inplace: write the new keys/values into the caches (True) or return updated copies (ONNX).
+
+    Returns:
+        (logits (B, T, V), k_cache, v_cache).
+    """
+    cfg, (B, T), M = model.config, ids.shape, k_cache.shape[3]
+    positions = start + torch.arange(T, device=ids.device)  # (T,)
+    cos, sin = model.rope_cos[positions], model.rope_sin[positions]  # (T, hd)
+    visible = torch.arange(M, device=ids.device)[None, :] <= positions[:, None]  # (T, M) causal over slots
+    x = model.model.embed_tokens(ids)  # (B, T, dim)
+    keys, values = [], []
+    for i, block in enumerate(model.model.layers):
+        attn, h = block.self_attn, block.input_layernorm(x)
+        q = attn.q_proj(h).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = attn.k_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = attn.v_proj(h).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos.to(q.dtype), sin.to(q.dtype)), apply_rope(k, cos.to(k.dtype), sin.to(k.dtype))
+        if inplace:
+            ks, vs = k_cache[i].index_copy_(2, positions, k), v_cache[i].index_copy_(2, positions, v)
+        else:
+            ks, vs = k_cache[i].index_copy(2, positions, k), v_cache[i].index_copy(2, positions, v)
+            keys.append(ks)
+            values.append(vs)
+        y = F.scaled_dot_product_attention(q, ks, vs, attn_mask=visible,
+                                           enable_gqa=cfg.n_kv_heads != cfg.n_heads)  # (B, H, T, hd)
+        x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, cfg.n_heads * cfg.head_dim))
+        x = x + block.mlp(block.post_attention_layernorm(x))
+    logits = model.lm_head(model.model.norm(x))  # (B, T, V)
+    if not inplace:
+        k_cache, v_cache = torch.stack(keys), torch.stack(values)
+    return logits, k_cache, v_cache
+
+
+class StaticDecoder:
+    """Incremental decoding over a fixed cache: eager prefill, then a compiled one-token step.
+
+    Args:
+        model: the Llama (eval mode).
+        batch_size: rows decoded together.
+        max_len: cache slots; rounded up to a multiple of 64 so that nearby lengths share one compiled graph.
+        compile: torch.compile the one-token step (falls back to eager if compilation fails).
+    """
+
+    def __init__(self, model: Llama, batch_size: int, max_len: int, compile: bool = True) -> None:
+        cfg, p = model.config, next(model.parameters())
+        self.model, self.max_len = model, -(-max_len // 64) * 64
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        self.pos = 0
+        model._rope(0, self.max_len)  # make sure the rope tables cover every slot
+        self.step = _compiled_step(model, shape) if compile else partial(static_forward, model)
+
+    @torch.no_grad()
+    def __call__(self, ids: Tensor) -> Tensor:
+        """Logits (B, T, V) of the next T tokens; the cache advances by T."""
+        T = ids.shape[1]
+        if self.pos + T > self.max_len:
+            raise ValueError(f"static cache full: {self.pos + T} positions > {self.max_len}")
+        start = torch.tensor(self.pos, dtype=torch.long, device=ids.device)
+        fn = self.step if T == 1 else partial(static_forward, self.model)  # prefill shapes vary: eager
+        logits = fn(ids, start, self.k, self.v)[0]
+        self.pos += T
+        return logits
+
+
+_COMPILED: "weakref.WeakKeyDictionary[Llama, dict]" = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(model: Llama, shape: tuple[int, ...]) -> Callable[..., tuple[Tensor, Tensor, Tensor]]:
+    """torch.compile(static_forward) for one model and cache shape, built once and kept with the model."""
+    per_model = _COMPILED.setdefault(model, {})
+    if shape not in per_model:
+        per_model[shape] = torch.compile(partial(static_forward, model), dynamic=False, fullgraph=True)
+    return per_model[shape]

@@ -155,7 +155,8 @@ class Decoder(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # _weight skips nn.Embedding's own N(0, 1) init: Llama.init_weights sets every weight anyway.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
@@ -174,7 +175,8 @@ class Llama(nn.Module):
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        # Built on the CPU even under a meta-device context (checkpoint.build), where it would be empty.
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, torch.device("cpu"))
         # Not in the state dict: derived from the config, rebuilt on load.
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -188,6 +190,8 @@ class Llama(nn.Module):
         stream (o_proj, down_proj) ~ N(0, init_std / sqrt(2 * n_layers)), so the residual's variance does
         not grow with depth (Radford et al. 2019, GPT-2 section 2.3); RMSNorm weights = 1.
         """
+        if self.lm_head.weight.is_meta:  # a shell about to receive loaded weights
+            return
         std = self.config.init_std
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
