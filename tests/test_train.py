@@ -1,0 +1,261 @@
+"""Pretraining loop: schedules against their formulas, bitwise resume after kill -9, WSD decay branches,
+DDP against one process, and non-finite losses/gradients stopping the run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinylm import checkpoint
+from tinylm.config import TinylmError
+from tinylm.train import (ScheduleSection, TrainConfig, branch_total, decay_steps, fit, latest_checkpoint,
+                          lm_loss, load_config, lr_factor, read_metrics, setup)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_data(directory: Path, vocab: int = 64, n_train: int = 12000, n_val: int = 1500) -> Path:
+    """A tiny data dir in the format of tinylm.data: a learnable token stream (mostly t -> 7t + 3 mod V)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        x = np.empty(n, dtype=np.uint16)
+        x[0] = 1
+        noise, rnd = rng.random(n) < 0.2, rng.integers(0, vocab, n)
+        for i in range(1, n):
+            x[i] = rnd[i] if noise[i] else (int(x[i - 1]) * 7 + 3) % vocab
+        x.tofile(directory / f"{split}_0000.bin")
+        splits[split] = {"shards": [{"file": f"{split}_0000.bin", "tokens": n}], "bytes": 3 * n, "documents": 1}
+    meta = {"format": "tinylm-tokens-v1", "dtype": "uint16", "vocab_size": vocab, "splits": splits}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def tiny_args(data: Path, out: Path, steps: int = 24, **extra: object) -> dict[str, object]:
+    args = {"data.dir": str(data), "model.dim": 32, "model.n_layers": 2, "model.n_heads": 4,
+            "data.seq_len": 16, "data.batch_tokens": 128, "data.micro_batch": 4, "schedule.steps": steps,
+            "schedule.warmup_steps": 3, "schedule.decay_fraction": 0.25, "run.out": str(out),
+            "run.eval_every": 8, "run.eval_tokens": 256, "run.ckpt_every": 8, "run.log_every": 1,
+            "run.compile": False, "run.progress": False, "run.plot": False, "run.device": "cpu",
+            "run.peak_flops": 1e11}  # skip measuring the peak
+    return {**args, **extra}
+
+
+def train(args: dict[str, object], loss_fn=lm_loss) -> Path:
+    return fit(setup(load_config(TrainConfig, None, args)), loss_fn)
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ----- schedules -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ["exponential", "linear", "1-sqrt"])
+def test_wsd_matches_formula(shape: str) -> None:
+    s = ScheduleSection(kind="wsd", warmup_steps=10, decay_fraction=0.2, decay_shape=shape, min_lr_ratio=0.1)
+    total, start = 100, 80  # decay over the last round(0.2 * 100) = 20 steps
+    for step in range(total):
+        if step < 10:
+            want = (step + 1) / 10
+        elif step < start:
+            want = 1.0
+        else:
+            p = (step - start) / 20
+            want = {"exponential": 0.1 ** p, "linear": 1 - 0.9 * p, "1-sqrt": 0.1 + 0.9 * (1 - p ** 0.5)}[shape]
+        assert lr_factor(step, total, s) == pytest.approx(want, abs=1e-12), step
+
+
+def test_cosine_and_constant_match_formula() -> None:
+    cos = ScheduleSection(kind="cosine", warmup_steps=5, min_lr_ratio=0.1)
+    const = ScheduleSection(kind="constant", warmup_steps=5)
+    for step in range(5, 50):
+        want = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - 5) / 45))
+        assert lr_factor(step, 50, cos) == pytest.approx(want, abs=1e-12)
+        assert lr_factor(step, 50, const) == 1.0
+    assert lr_factor(0, 50, cos) == pytest.approx(1 / 5)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.37])
+def test_branch_total_starts_decay_at_checkpoint(fraction: float) -> None:
+    for start in range(5, 300, 7):
+        total = branch_total(start, fraction)
+        assert total - decay_steps(total, fraction) == start
+        assert total == start + 1 or (total - 1) - decay_steps(total - 1, fraction) < start
+
+
+def test_decay_branch_equals_straight_run(data: Path, tmp_path: Path) -> None:
+    f = 0.25
+    stable_at = 18  # a checkpoint of the long run, in its stable phase
+    straight_total = branch_total(stable_at, f)
+    straight = train(tiny_args(data, tmp_path / "straight", steps=straight_total, **{"run.ckpt_every": 0}))
+    train(tiny_args(data, tmp_path / "long", steps=40, **{"run.ckpt_every": 6, "run.keep_last": 10}))
+    src = tmp_path / "long" / "checkpoints" / f"step_{stable_at:07d}"
+    branch = train(tiny_args(data, tmp_path / "branch", steps=None, **{"run.decay_from": str(src)}))
+    assert_bitwise(weights(straight), weights(branch))
+    lrs = [r["lr"] for r in read_metrics(tmp_path / "branch" / "metrics.jsonl")]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] < lrs[0]
+    with pytest.raises(TinylmError, match="stable phase"):  # a checkpoint already decaying is refused
+        late = tmp_path / "long" / "checkpoints" / f"step_{36:07d}"
+        setup(load_config(TrainConfig, None, tiny_args(data, tmp_path / "b2", **{"run.decay_from": str(late)})))
+
+
+# ----- resume ----------------------------------------------------------------------------------------
+
+def cli_words(args: dict[str, object]) -> list[str]:
+    words = [sys.executable, "-m", "tinylm", "pretrain"]
+    for k, v in args.items():
+        words += [f"--{k}", str(v)]
+    return words
+
+
+def run_and_kill(words: list[str], metrics: Path, kill_at: int, env: dict[str, str]) -> None:
+    """Start a training command and SIGKILL it once metrics.jsonl has kill_at lines (log_every 1)."""
+    proc = subprocess.Popen(words, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, f"run ended before the kill at step {kill_at}: {proc.stderr.read()}"
+
+
+def test_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path) -> None:
+    steps = 80
+    args = tiny_args(data, tmp_path / "killed", steps=steps, **{"run.ckpt_every": 10, "run.keep_last": 3,
+                                                                  "run.eval_every": 40})
+    reference = train(tiny_args(data, tmp_path / "straight", steps=steps, **{"run.ckpt_every": 0,
+                                                                            "run.eval_every": 40}))
+    kill_at = int(np.random.default_rng().integers(12, 60))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    run_and_kill(cli_words(args), metrics, kill_at, env)
+    last = latest_checkpoint(tmp_path / "killed")
+    # A write cut off mid-way: a leftover temporary dir and a newer, incomplete checkpoint dir.
+    ckpts = tmp_path / "killed" / "checkpoints"
+    (ckpts / ".step_0000070.tmp-999").mkdir()
+    (ckpts / ".step_0000070.tmp-999" / "config.json").write_text("{}")
+    partial = ckpts / "step_0000070"
+    partial.mkdir()
+    (partial / "config.json").write_text("{}")
+    (partial / "model.safetensors").write_bytes(b"")
+    (partial / "train_state").mkdir()
+    assert latest_checkpoint(tmp_path / "killed") == last
+    resumed = subprocess.run(cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"))
+    steps_logged = [r["step"] for r in read_metrics(metrics) if "loss" in r]
+    assert steps_logged == list(range(1, steps + 1)), f"killed at step {kill_at}"
+
+
+def test_resume_never_refuses_existing_checkpoints(data: Path, tmp_path: Path) -> None:
+    train(tiny_args(data, tmp_path / "r", steps=8))
+    with pytest.raises(TinylmError, match="already holds checkpoints"):
+        setup(load_config(TrainConfig, None, tiny_args(data, tmp_path / "r", steps=8)))
+
+
+def test_sigterm_writes_a_checkpoint(data: Path, tmp_path: Path) -> None:
+    args = tiny_args(data, tmp_path / "t", steps=2000, **{"run.ckpt_every": 0})
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cli_words(args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "t" / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 5):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    last = latest_checkpoint(tmp_path / "t")
+    assert last is not None and checkpoint.load_train_state(last)[1]["step"] >= 5
+
+
+# ----- non-finite values -----------------------------------------------------------------------------
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, infinite gradient backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g * float("inf")
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_non_finite_stops_with_last_checkpoint_intact(data: Path, tmp_path: Path, what: str) -> None:
+    calls = {"n": 0}
+    bad_from = 11 * 2  # micro-steps: 2 per optimizer step, so step 12 goes bad
+
+    def poisoned(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        loss = lm_loss(model, tokens)
+        if calls["n"] > bad_from:
+            return loss * float("nan") if what == "loss" else _InfGrad.apply(loss)
+        return loss
+
+    out = tmp_path / what
+    with pytest.raises(TinylmError, match=f"non-finite {what}.* at step 12") as err:
+        train(tiny_args(data, out, steps=20), poisoned)
+    assert "\n" not in str(err.value)
+    last = latest_checkpoint(out)
+    assert last is not None and last.name == "step_0000008" and str(last) in str(err.value)
+    loaded = checkpoint.load(last).model
+    assert all(torch.isfinite(p).all() for p in loaded.parameters())
+    assert not (out / "final").exists()
+    # the checkpoint is the one an unpoisoned run writes at step 8
+    clean = tmp_path / "clean"
+    train(tiny_args(data, clean, steps=20, **{"run.keep_last": 5}))
+    assert_bitwise(weights(last), weights(clean / "checkpoints" / "step_0000008"))
+
+
+# ----- several processes -----------------------------------------------------------------------------
+
+def _ddp_worker(rank: int, world: int, port: int, args: dict[str, object]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from tinylm.train import pretrain
+
+    pretrain(load_config(TrainConfig, None, args))
+
+
+def test_ddp_two_processes_match_one(data: Path, tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    extra = {"run.ckpt_every": 0, "run.eval_every": 0, "data.micro_batch": 2}  # 2 ranks x 2 micro-steps x 2 rows
+    mp.spawn(_ddp_worker, args=(2, port, tiny_args(data, tmp_path / "ddp", steps=10, **extra)), nprocs=2)
+    train(tiny_args(data, tmp_path / "one", steps=10, **extra))
+    one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
+    two = [r for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 11))
+    for a, b in zip(one, two):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 1e-4
