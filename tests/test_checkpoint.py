@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import hf_model, tiny_model
-from tinylm import checkpoint
+from tinylm import checkpoint, export
 from tinylm.cli import main
 from tinylm.config import TinylmError
 
@@ -83,11 +83,6 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch):
 
 # ----- GGUF -----------------------------------------------------------------------------------------
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # llama.cpp convert_hf_to_gguf.py's permute, the inverse of what tinylm undoes on load
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
 def _random_q4_k(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
     # gguf-py cannot quantize to Q4_K, so write valid random blocks: f16 d, f16 dmin, 12 scale bytes, 128 nibble bytes
     rows, cols = shape
@@ -105,25 +100,16 @@ def write_gguf(path: Path, model, qtype: str = "F32", arch: str = "llama") -> No
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.dim)
-    w.add_feed_forward_length(cfg.ffn_dim)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_rope_dimension_count(cfg.head_dim)
+    export._add_gguf_hparams(w, model, "test", "f32")  # the exporter's hparams; tensors below by hand
     rng = np.random.default_rng(0)
     for name, t in checkpoint._export_state_dict(model).items():
         a = t.float().numpy()
         gname = checkpoint.hf_to_gguf_name(name)
         assert checkpoint._hf_name(gname) == name
         if name.endswith("q_proj.weight"):
-            a = _permute(a, cfg.n_heads)
+            a = export._permute(a, cfg.n_heads)
         elif name.endswith("k_proj.weight"):
-            a = _permute(a, cfg.n_kv_heads)
+            a = export._permute(a, cfg.n_kv_heads)
         if a.ndim == 1 or qtype == "F32":
             w.add_tensor(gname, a)
         elif qtype == "Q4_K":

@@ -346,26 +346,27 @@ def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, out: Cal
 
 # ----- fast decoding: a fixed-shape step over a static cache, compiled once (deploy) ----------------
 # The eager path (model(ids, cache=KVCache)) grows the attended keys every step, so each step has new
-# shapes and pays Python and dispatch overhead per op. Here the cache is a fixed (L, B, Hkv, M, hd)
-# buffer, a step attends over all M slots with a mask (keys after the current position are hidden),
+# shapes and pays Python and dispatch overhead per op. Here the cache is fixed: L buffers of
+# (B, Hkv, M, hd); a step attends over all M slots with a mask (keys after the current position are hidden),
 # and the T=1 step is torch.compile'd once per (model, batch, M). The same function, out of place, is
 # the graph `export.export_onnx` writes.
 
-def static_forward(model: Llama, ids: Tensor, start: Tensor, k_cache: Tensor, v_cache: Tensor,
-                   inplace: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+def static_forward(model: Llama, ids: Tensor, start: Tensor, k_cache: Tensor | list[Tensor],
+                   v_cache: Tensor | list[Tensor], inplace: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Logits of `ids` at positions start..start+T-1, reading and writing a fixed-size cache.
 
     Args:
         model: the Llama (its submodules are called, so quantised layers work too).
         ids: (B, T) token ids.
         start: 0-d int64 tensor, the position of ids[:, 0] (= tokens already in the cache).
-        k_cache, v_cache: (n_layers, B, n_kv_heads, M, head_dim) keys/values of positions < M.
+        k_cache, v_cache: (n_layers, B, n_kv_heads, M, head_dim) keys/values of positions < M, or
+            lists of n_layers (B, n_kv_heads, M, head_dim) tensors.
         inplace: write the new keys/values into the caches (True) or return updated copies (ONNX).
 
     Returns:
         (logits (B, T, V), k_cache, v_cache).
     """
-    cfg, (B, T), M = model.config, ids.shape, k_cache.shape[3]
+    cfg, (B, T), M = model.config, ids.shape, k_cache[0].shape[2]
     positions = start + torch.arange(T, device=ids.device)  # (T,)
     cos, sin = model.rope_cos[positions], model.rope_sin[positions]  # (T, hd)
     visible = torch.arange(M, device=ids.device)[None, :] <= positions[:, None]  # (T, M) causal over slots
@@ -407,8 +408,10 @@ class StaticDecoder:
         cfg, p = model.config, next(model.parameters())
         self.model, self.max_len = model, -(-max_len // 64) * 64
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.max_len, cfg.head_dim)
-        self.k = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+        # one tensor per layer: the compiled step then mutates whole graph inputs in place (a slice of
+        # one (L, ...) buffer would make inductor copy the buffer every step)
+        self.k = [torch.zeros(shape[1:], dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape[1:], dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
         self.pos = 0
         model._rope(0, self.max_len)  # make sure the rope tables cover every slot
         self.step = _compiled_step(model, shape) if compile else partial(static_forward, model)
