@@ -33,7 +33,7 @@ demo: $(VENV)/.installed
 	$(BIN)/tinylm quickstart --out runs/quickstart
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -p no:cacheprovider
 
 clean:
 	rm -rf $(VENV) runs
