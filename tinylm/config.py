@@ -110,6 +110,9 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             raise TinylmError(
                 f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.dim % self.n_heads:  # transformers' LlamaConfig refuses it even with an explicit head_dim
+            raise TinylmError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads} "
+                              "(transformers cannot load such a Llama)")
         if self.head_dim % 2:
             raise TinylmError(f"model config: head_dim {self.head_dim} must be even for RoPE")
 
