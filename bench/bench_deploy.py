@@ -13,8 +13,6 @@ load hits them alike. Ratios are against tinylm --fast measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import resource
 import statistics
 import subprocess
 import sys

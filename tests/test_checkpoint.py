@@ -13,7 +13,6 @@ import torch
 from tests.conftest import hf_model, tiny_model
 from tinylm import checkpoint, export
 from tinylm.cli import main
-from tinylm.config import TinylmError
 
 
 def _logits(model, x):

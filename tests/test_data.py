@@ -84,8 +84,6 @@ def test_eval_windows_cover_stream_once(stream_dir):
 
 
 def test_loader_errors(stream_dir, tmp_path):
-    from tinylm.config import TinylmError
-
     d, _ = stream_dir
     with pytest.raises(TinylmError):
         TokenData.open(d).windows(0, 0, 2, 10_000)

@@ -8,10 +8,8 @@ import copy
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
-from test_train import REPO, assert_bitwise, make_data, weights
+from test_train import REPO, assert_bitwise, make_data, run_and_kill, weights
 
 from tinylm import checkpoint
 from tinylm.cli import main
@@ -209,14 +207,8 @@ def test_kill9_then_resume_is_bitwise_identical(data: Path, teacher: Path, tmp_p
                                                                   **{**extra, "run.ckpt_every": 0})))
     kill_at = int(np.random.default_rng().integers(5, 13))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.Popen(cli_words(args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = tmp_path / "killed" / "metrics.jsonl"
-    while proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, f"run ended before the kill at step {kill_at}: {proc.stderr.read()}"
+    run_and_kill(cli_words(args), metrics, kill_at, env)
     last = latest_checkpoint(tmp_path / "killed")
     assert last is not None
     flat, _ = checkpoint.load_train_state(last)

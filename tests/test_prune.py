@@ -280,3 +280,21 @@ def test_cli_impossible_prune_is_one_line_error(tmp_path, source, corpus, capsys
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("tinylm: error: ") and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_target_params_with_a_token_map_budgets_the_trimmed_vocabulary(tmp_path, source, corpus):
+    import dataclasses
+
+    from tinylm.data import PrepareConfig, prepare
+    from tinylm.prune import target_for_params
+
+    prepare(PrepareConfig(inputs=[corpus], tokenizer=source, out=str(tmp_path / "data"), val_fraction=0.0))
+    assert main(["tokenizer", "trim", source, "--corpus", corpus, "--keep", "300", "--out", str(tmp_path / "t")]) == 0
+    src = checkpoint.load(source).config
+    budget = src.param_count() // 2
+    assert main(["prune", source, "--calib", str(tmp_path / "data"), "--token-map", str(tmp_path / "t"),
+                 "--target-params", str(budget), "--calib-batches", "1", "--batch-size", "2", "--seq-len", "8",
+                 "--out", str(tmp_path / "o")]) == 0
+    got = checkpoint.load(tmp_path / "o").config
+    expected = target_for_params(dataclasses.replace(src, vocab_size=300), budget)
+    assert got.vocab_size == 300 and got.param_count() == expected.param_count() <= budget

@@ -14,7 +14,7 @@ from tinylm import checkpoint, tinytales
 from tinylm.cli import main
 from tinylm.config import TinylmError
 from tinylm.generate import generate_ids
-from tinylm.qlinear import QLinear, pack, quantization_of, quantize_weight, unpack
+from tinylm.qlinear import QLinear, pack, quantization_of, unpack
 from tinylm.quantize import QuantizeConfig, perplexity, quantize_model, weight_bytes
 from tinylm.tokenizer import train_tokenizer
 

@@ -11,11 +11,10 @@ import importlib.util
 import json
 import mmap
 import os
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

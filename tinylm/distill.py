@@ -48,7 +48,7 @@ from tinylm.config import ModelConfig, TinylmError, atomic_dir
 from tinylm.data import TokenData
 from tinylm.model import Llama
 from tinylm.tokenizer import Tokenizer
-from tinylm.train import LossFn, Run, TrainConfig, _batch_layout, _data_tokenizer, fit, setup
+from tinylm.train import LossFn, Run, TrainConfig, batch_layout, data_tokenizer, fit, setup
 
 KD_KINDS = ("fkl", "rkl", "jsd")
 HIDDEN_KINDS = ("hidden_mse", "hidden_cos")
@@ -443,7 +443,7 @@ def _data_fingerprint(data_dir: str) -> str:
 
 def _plan(cfg: DistillConfig) -> tuple[int, int]:
     """(rows per global batch, total steps) of the run `cfg` describes; the cache covers exactly these."""
-    rows = _batch_layout(cfg.data, 1)[0]
+    rows = batch_layout(cfg.data, 1)[0]
     s = cfg.schedule
     if (s.steps is None) == (s.tokens is None):
         raise TinylmError("set exactly one of schedule.steps and schedule.tokens")
@@ -559,7 +559,7 @@ def build_cache(cfg: DistillConfig, top_k: int, out: str | os.PathLike, dtype: s
     data = TokenData.open(cfg.data.dir, "train")
     rows, steps = _plan(cfg)
     teacher = load_teacher(cfg.distill, cfg.run.device)
-    kept = vocab_map(_data_tokenizer(cfg.data.dir), teacher.tokenizer, data.vocab_size, teacher.config.vocab_size,
+    kept = vocab_map(data_tokenizer(cfg.data.dir), teacher.tokenizer, data.vocab_size, teacher.config.vocab_size,
                      (f"{cfg.data.dir}/tokenizer", cfg.distill.teacher), cfg.distill.token_map)
     vocab = data.vocab_size
     online = OnlineTeacher(teacher.model, kept)
@@ -640,7 +640,7 @@ def distill(cfg: DistillConfig) -> Path:
     if uses_teacher and d.teacher:
         teacher = load_teacher(d, cfg.run.device)
         data = TokenData.open(cfg.data.dir, "train")
-        kept = vocab_map(_data_tokenizer(cfg.data.dir), teacher.tokenizer, data.vocab_size, teacher.config.vocab_size,
+        kept = vocab_map(data_tokenizer(cfg.data.dir), teacher.tokenizer, data.vocab_size, teacher.config.vocab_size,
                          (f"{cfg.data.dir}/tokenizer", d.teacher), d.token_map)
         teacher_fn = OnlineTeacher(teacher.model, kept, _teacher_layers(terms))
         t_cfg, t_vocab = teacher.config, teacher.config.vocab_size if kept is None else len(kept)

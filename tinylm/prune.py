@@ -497,6 +497,16 @@ def _check_prune(cfg: PruneConfig) -> None:
     check_out(cfg.out, cfg.overwrite)
 
 
+def _target_after_trim(cfg: "PruneConfig", source: ModelConfig, trim_later: bool) -> ModelConfig:
+    # With a data dir the vocabulary is trimmed after pruning: budget the trimmed embedding, not the
+    # full one, then keep the source's vocabulary for the pruning passes themselves.
+    if not (trim_later and cfg.token_map):
+        return target_for_params(source, cfg.target_params)
+    kept, _ = read_token_map(cfg.token_map, source.vocab_size)
+    target = target_for_params(dataclasses.replace(source, vocab_size=len(kept)), cfg.target_params)
+    return dataclasses.replace(target, vocab_size=source.vocab_size)
+
+
 def _vocab_step(cfg: PruneConfig, model: Llama, tok: Tokenizer | None) -> tuple[Llama, Tokenizer | None, dict]:
     """Apply --trim-vocab / --token-map; returns the model, its tokenizer and the facts for meta."""
     if cfg.token_map:
@@ -529,7 +539,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], object] = print) -> Path:
     data = open_tokens(cfg.calib, tok, max_tokens=max(2_000_000, 4 * cfg.calib_batches * cfg.batch_size * cfg.seq_len))
     _check_vocab(data, model, cfg.calib)
     sizes = dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_layers=cfg.n_layers)
-    target = (target_for_params(model.config, cfg.target_params) if cfg.target_params is not None
+    target = (_target_after_trim(cfg, model.config, is_dir) if cfg.target_params is not None
               else target_shape(model.config, **sizes))
     log(f"pruning {model.num_params():,} -> {target.param_count():,} parameters: dim {target.dim}, "
         f"ffn_dim {target.ffn_dim}, heads {target.n_heads}/{target.n_kv_heads}, layers {target.n_layers}")

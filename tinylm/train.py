@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinylm import checkpoint
-from tinylm.config import PRESETS, ModelConfig, TinylmError, preset
+from tinylm.config import PRESETS, TinylmError, preset
 from tinylm.data import TokenData
 from tinylm.model import Llama
 from tinylm.tokenizer import Tokenizer
@@ -517,8 +517,8 @@ def setup(cfg: Any, aux: Callable[[Llama], nn.Module] | None = None) -> Run:
         raise TinylmError("no training data: set data.dir (a dir made by `tinylm data prepare`)")
     train = TokenData.open(cfg.data.dir, "train")
     val = TokenData.open(cfg.data.dir, "val") if "val" in train.meta["splits"] else None
-    tokenizer = _data_tokenizer(cfg.data.dir)
-    rows, micro, accum = _batch_layout(cfg.data, d.world)
+    tokenizer = data_tokenizer(cfg.data.dir)
+    rows, micro, accum = batch_layout(cfg.data, d.world)
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train.vocab_size, tokenizer)
     out = Path(cfg.run.out)
@@ -537,12 +537,12 @@ def setup(cfg: Any, aux: Callable[[Llama], nn.Module] | None = None) -> Run:
     return run
 
 
-def _data_tokenizer(data_dir: str) -> Tokenizer | None:
+def data_tokenizer(data_dir: str) -> Tokenizer | None:
     path = Path(data_dir) / "tokenizer"
     return Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
 
 
-def _batch_layout(data: DataSection, world: int) -> tuple[int, int, int]:
+def batch_layout(data: DataSection, world: int) -> tuple[int, int, int]:
     """(rows per global batch, rows per micro-step, micro-steps per step) from the data section."""
     if data.seq_len < 1 or data.batch_tokens < data.seq_len or data.batch_tokens % data.seq_len:
         raise TinylmError(f"data.batch_tokens {data.batch_tokens} must be a positive multiple of "
