@@ -242,7 +242,8 @@ def _ddp_worker(rank: int, world: int, port: int, args: dict[str, object]) -> No
     pretrain(load_config(TrainConfig, None, args))
 
 
-def test_ddp_two_processes_match_one(data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_ddp_two_processes_match_one(data: Path, tmp_path: Path, fsdp: bool) -> None:
     import socket
 
     import torch.multiprocessing as mp
@@ -251,7 +252,8 @@ def test_ddp_two_processes_match_one(data: Path, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     extra = {"run.ckpt_every": 0, "run.eval_every": 0, "data.micro_batch": 2}  # 2 ranks x 2 micro-steps x 2 rows
-    mp.spawn(_ddp_worker, args=(2, port, tiny_args(data, tmp_path / "ddp", steps=10, **extra)), nprocs=2)
+    sharded = {"run.fsdp": True} if fsdp else {}
+    mp.spawn(_ddp_worker, args=(2, port, tiny_args(data, tmp_path / "ddp", steps=10, **extra, **sharded)), nprocs=2)
     train(tiny_args(data, tmp_path / "one", steps=10, **extra))
     one = [r for r in read_metrics(tmp_path / "one" / "metrics.jsonl") if "loss" in r]
     two = [r for r in read_metrics(tmp_path / "ddp" / "metrics.jsonl") if "loss" in r]
