@@ -37,3 +37,13 @@ def test_quickstart_bad_budget_is_one_line_error(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "q"), "--minutes", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("tinylm: error:") and len(err.splitlines()) == 1
+
+
+def test_quickstart_bad_recipe_fails_before_writing(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("model: {preset: 260k, widht: 32}\n")
+    out = tmp_path / "q"
+    assert main(["quickstart", "--out", str(out), "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("tinylm: error:") and len(err.splitlines()) == 1 and "widht" in err
+    assert not out.exists()

@@ -61,11 +61,12 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     recipe = Path(cfg.recipe) if cfg.recipe else RECIPE
     if not recipe.is_file():
         raise TinylmError(f"no quickstart recipe at {recipe}; pass --recipe FILE")
+    train_cfg = _train_config(cfg, recipe, out)  # a bad recipe fails here, before anything is written
     out.mkdir(parents=True, exist_ok=True)
     figures: dict[str, Any] = {"seed": cfg.seed}
     corpus = _data_steps(cfg, out, figures)
     figures["data_s"] = time.perf_counter() - t0
-    final = _train(cfg, recipe, out, t0, figures)
+    final = _train(cfg, train_cfg, t0, figures)
     _evaluate(cfg, final, out, figures)
     figures["total_s"] = time.perf_counter() - t0
     write_report(out, figures, corpus)
@@ -85,10 +86,12 @@ def _data_steps(cfg: QuickstartConfig, out: Path, figures: dict[str, Any]) -> Pa
     return corpus
 
 
-def _train(cfg: QuickstartConfig, recipe: Path, out: Path, t0: float, figures: dict[str, Any]) -> Path:
-    train_cfg: TrainConfig = load_config(TrainConfig, recipe, {
-        "data.dir": str(out / "data"), "run.out": str(out / "train"), "run.seed": cfg.seed,
-        "run.resume": "never"})
+def _train_config(cfg: QuickstartConfig, recipe: Path, out: Path) -> TrainConfig:
+    return load_config(TrainConfig, recipe, {"data.dir": str(out / "data"), "run.out": str(out / "train"),
+                                             "run.seed": cfg.seed, "run.resume": "never"})
+
+
+def _train(cfg: QuickstartConfig, train_cfg: TrainConfig, t0: float, figures: dict[str, Any]) -> Path:
     run = setup(train_cfg)
     probe = max(2, min(4, train_cfg.schedule.warmup_steps - 1))  # inside warmup: lr does not depend on the total
     _say(f"3/4 pretrain: {run.model.num_params():,} parameters; probing speed for {probe} steps")
