@@ -264,9 +264,9 @@ def _big_vocab_tokenizer(d: Path) -> Path:
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
 
-    from tinylm.tokenizer import _bytes_to_unicode
+    from tinylm.tokenizer import bytes_to_unicode
 
-    vocab = {ch: i for i, ch in enumerate(_bytes_to_unicode())}
+    vocab = {ch: i for i, ch in enumerate(bytes_to_unicode())}
     vocab.update({f"tok{i}": 256 + i for i in range(70_000 - 256)})
     backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

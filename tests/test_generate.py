@@ -14,7 +14,7 @@ from tinylm.cli import main
 from tinylm.config import TinylmError
 from tinylm.generate import (SamplingConfig, TextStream, filter_logits, generate, generate_ids, penalize_repetition,
                              sample_next)
-from tinylm.tokenizer import _bytes_to_unicode, train_tokenizer
+from tinylm.tokenizer import bytes_to_unicode, train_tokenizer
 
 CORPUS = ["the cat sat on the mat. " * 3, "café naïve façade 日本語 🤖 <END> stop here", "hello world " * 4] * 20
 
@@ -31,7 +31,7 @@ def model(tok):
 
 def byte_ids(tok, text: str) -> list[int]:
     """One id per UTF-8 byte of `text` (the byte-level alphabet), so multibyte characters are split."""
-    alphabet = _bytes_to_unicode()
+    alphabet = bytes_to_unicode()
     return [tok.token_to_id(alphabet[b]) for b in text.encode("utf-8")]
 
 

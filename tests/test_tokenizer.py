@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from tinylm.cli import main
 from tinylm.config import TinylmError
-from tinylm.tokenizer import (SPECIAL_TOKENS, Tokenizer, _bytes_to_unicode, tokenizer_stats, train_tokenizer,
+from tinylm.tokenizer import (SPECIAL_TOKENS, Tokenizer, bytes_to_unicode, tokenizer_stats, train_tokenizer,
                               trim_tokenizer)
 
 WORDS = ["the", "little", "cat", "sat", "on", "a", "mat", "Lily", "Tom", "happy", "tree", "ran", "park",
@@ -34,7 +34,7 @@ def test_trained_tokenizer_layout(tok):
     assert [tok.backend.token_to_id(t) for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS)))
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
     vocab = tok.backend.get_vocab()
-    assert all(ch in vocab for ch in _bytes_to_unicode())  # the full byte alphabet, seen or not
+    assert all(ch in vocab for ch in bytes_to_unicode())  # the full byte alphabet, seen or not
     assert len(SPECIAL_TOKENS) + 256 < tok.vocab_size <= 400
     # the corpus' frequent words became single tokens
     assert len(tok.encode("little")) == 1 and len(tok.encode(" little")) == 1
@@ -104,7 +104,7 @@ def _check_trim(tok: Tokenizer, corpus: list[str], probe: list[str], keep: int) 
     trimmed, kept = trim_tokenizer(tok, corpus, keep)
     assert trimmed.vocab_size == len(kept) == keep and kept == sorted(set(kept))
     old_vocab = tok.backend.get_vocab()
-    assert {old_vocab[ch] for ch in _bytes_to_unicode() if ch in old_vocab} <= set(kept)
+    assert {old_vocab[ch] for ch in bytes_to_unicode() if ch in old_vocab} <= set(kept)
     spec = json.loads(trimmed.backend.to_str())
     old_added = json.loads(tok.backend.to_str())["added_tokens"]
     assert {a["content"] for a in spec["added_tokens"]} == {a["content"] for a in old_added}

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from tinylm.config import TinylmError
-from tinylm.tokenizer import Tokenizer, _bytes_to_unicode
+from tinylm.tokenizer import Tokenizer, bytes_to_unicode
 
 
 def load_schema(path: str | Path) -> dict[str, Any]:
@@ -70,7 +70,7 @@ def validate(instance_text: str, schema: dict[str, Any]) -> Any:
 def token_bytes(tokenizer: Tokenizer) -> dict[int, bytes]:
     """The bytes each ordinary token stands for (byte-level BPE symbols mapped back through GPT-2's table);
     special and added tokens are left out, so constrained decoding never emits them."""
-    byte_of = {ch: b for b, ch in enumerate(_bytes_to_unicode())}
+    byte_of = {ch: b for b, ch in enumerate(bytes_to_unicode())}
     added = set(tokenizer.backend.get_added_tokens_decoder())
     out = {}
     for token, i in tokenizer.backend.get_vocab(with_added_tokens=False).items():

@@ -226,9 +226,10 @@ class Llama(nn.Module):
         start = cache.pos if cache is not None else 0
         cos, sin = self._rope(start, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per forward, not once per block
         hidden = [x] if output_hidden_states else None
         for block in self.model.layers:
-            x = block(x, cos.to(x.dtype), sin.to(x.dtype), cache)
+            x = block(x, cos, sin, cache)
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:

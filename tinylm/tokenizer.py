@@ -241,13 +241,13 @@ def _token_counts(tok: Tokenizer, texts: Iterable[str], batch: int = 1000) -> tu
 def _partial_byte_ids(tok: Tokenizer) -> list[int]:
     """Ids of tokens that stand for a lone non-ASCII byte: a byte-level symbol of a byte >= 0x80, or an
     SentencePiece-style "<0xNN>" byte-fallback token. Seeing them means a character was not covered."""
-    high = set(_bytes_to_unicode()[0x80:])
+    high = set(bytes_to_unicode()[0x80:])
     fallback = re.compile(r"<0x[89A-Fa-f][0-9A-Fa-f]>")
     return [i for token, i in tok.backend.get_vocab(with_added_tokens=False).items()
             if token in high or fallback.fullmatch(token)]
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """GPT-2's byte -> printable character table (index = byte), the alphabet of ByteLevel tokenizers
     (openai/gpt-2 src/encoder.py, bytes_to_unicode); `tokenizers` exposes it only as an unordered list."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -294,7 +294,7 @@ def _bpe_spec(tok: Tokenizer) -> tuple[dict[str, Any], dict[str, int], list[tupl
     if model.get("type") != "BPE":
         raise TinylmError(f"tokenizer trim needs a BPE tokenizer, got {model.get('type')!r}")
     vocab: dict[str, int] = model["vocab"]
-    if sum(ch in vocab for ch in _bytes_to_unicode()) < 128:
+    if sum(ch in vocab for ch in bytes_to_unicode()) < 128:
         raise TinylmError("tokenizer trim needs a byte-level BPE (its vocabulary lacks the byte tokens)")
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return spec, vocab, merges
@@ -367,7 +367,7 @@ def trim_tokenizer(tok: Tokenizer, texts: Iterable[str], keep: int) -> tuple[Tok
     spec, vocab, merges = _bpe_spec(tok)
     counts, _ = _token_counts(tok, texts)
     # every byte token the vocabulary has (SmolLM2's lacks some control and invalid-UTF-8 bytes)
-    required = {vocab[ch] for ch in _bytes_to_unicode() if ch in vocab}
+    required = {vocab[ch] for ch in bytes_to_unicode() if ch in vocab}
     required |= {a["id"] for a in spec.get("added_tokens", [])}
     kept = _choose_kept(vocab, merges, counts, required, keep)
     new_of = {old: new for new, old in enumerate(kept)}
