@@ -28,6 +28,7 @@ from tinylm import checkpoint, export, tinytales  # noqa: E402
 from tinylm.config import preset  # noqa: E402
 from tinylm.generate import generate_ids  # noqa: E402
 from tinylm.model import Llama  # noqa: E402
+from tinylm.quantize import quantize_model  # noqa: E402
 from tinylm.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
 
 PROMPT = list(range(10, 26))  # 16 prompt tokens
@@ -82,9 +83,11 @@ def decode(args: argparse.Namespace) -> None:
         if args.llama_cpp:
             import llama_cpp
 
-            export.export_gguf(model, tmp / "m.gguf", tok, "f32")
+            export.export_gguf(model, tmp / "m.gguf", tok, "q8_0" if args.scheme == "int8" else "f32")
             llm = llama_cpp.Llama(str(tmp / "m.gguf"), n_ctx=256, n_threads=torch.get_num_threads(),
                                   n_batch=64, verbose=False, vocab_only=False)
+        if args.scheme == "int8":  # tinylm per-channel int8 (lm_head included) vs llama.cpp Q8_0; HF stays fp32
+            quantize_model(model, "int8", 0)
         for batch in args.batch:
             _tinylm(model, batch, args.new, fast=True)  # compile (same cache shape) outside the timed rounds
             rows: dict[str, list[float]] = {"eager": [], "fast": [], "hf": [], "cpp": []}
@@ -98,7 +101,7 @@ def decode(args: argparse.Namespace) -> None:
             print(f"| {name} | {batch} | {med['eager']:.0f} | {med['fast']:.0f} | {med['hf']:.0f} | "
                   f"{med['cpp']:.0f} | {med['fast'] / med['eager']:.2f} | {med['fast'] / med['hf']:.2f} | "
                   f"{med['fast'] / med['cpp']:.2f} |", flush=True)
-    print(f"\n`python bench/bench_deploy.py decode --models {' '.join(args.models)} --batch "
+    print(f"\n`python bench/bench_deploy.py decode --scheme {args.scheme} --models {' '.join(args.models)} --batch "
           f"{' '.join(map(str, args.batch))} --runs {args.runs} --new {args.new}"
           f"{'' if args.llama_cpp else ' --no-llama-cpp'}` (torch threads: {torch.get_num_threads()})")
 
@@ -195,6 +198,8 @@ def main() -> None:
     d.add_argument("--runs", type=int, default=5)
     d.add_argument("--new", type=int, default=128)
     d.add_argument("--no-llama-cpp", dest="llama_cpp", action="store_false")
+    d.add_argument("--scheme", choices=["fp32", "int8"], default="fp32",
+                   help="int8: tinylm's per-channel int8 model against llama.cpp on the Q8_0 GGUF")
     s = sub.add_parser("schemes")
     s.add_argument("--model", required=True)
     s.add_argument("--eval-tokens", type=int, default=16384)

@@ -44,7 +44,14 @@ def test_codes_reconstruct_within_half_a_step(scheme, group):
     assert ((deq - w).abs() <= scale / 2 + 1e-6).all()
     assert torch.equal(deq[3, :32], torch.zeros(32))
     x = torch.randn(5, 64)
-    assert torch.allclose(q(x), x @ deq.T, atol=1e-5)
+    if scheme == "int8" and group == 0:
+        # per-channel int8 runs PyTorch's int8 kernel: bf16 activations and scales, fp32 sums, bf16 out
+        codes = unpack(q.qweight, scheme).float()
+        ref = (x.bfloat16().float() @ codes.T) * q.scales.bfloat16().float().T
+        assert torch.allclose(q(x), ref.bfloat16().float(), rtol=2**-7, atol=1e-6)
+        assert torch.allclose(q(x), x @ deq.T, rtol=2e-2, atol=2e-2 * (x @ deq.T).abs().max().item())
+    else:
+        assert torch.allclose(q(x), x @ deq.T, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +102,10 @@ def test_quantized_perplexity_within_budget_and_checkpoint_reloads(tmp_path, tra
     with torch.no_grad():
         assert torch.equal(loaded.model(x), q(x))  # exactly the same codes and scales
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, QLinear)
+    assert isinstance(loaded.model.lm_head, QLinear)  # the tied head has codes of its own
+    info = checkpoint.describe(tmp_path / "q", as_json=True)  # `tinylm info`: the float model's count
+    assert info["parameters"] == model.num_params() and info["quantization"].startswith(scheme)
+    assert all(m.qweight.data_ptr() % 64 == 0 for m in loaded.model.modules() if isinstance(m, QLinear))
     assert generate_ids(loaded.model, ids[:5], 12, temperature=0.0) == generate_ids(q, ids[:5], 12, temperature=0.0)
     # bytes: float tensors (embedding, norms) stay 4 per value; each linear: codes + one fp16 scale per group
     expected = sum(4 * t.numel() for n, t in checkpoint._export_state_dict(model).items() if "_proj" not in n)

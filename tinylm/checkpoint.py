@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from tinylm.config import ModelConfig, TinylmError, atomic_dir
 from tinylm.model import Llama, rope_tables
@@ -249,7 +250,7 @@ def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype =
     _check_state(expected, state, where)
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() and not k.endswith(".scales") else v
                            for k, v in state.items()}, strict=False, assign=True)
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and isinstance(model.lm_head, nn.Linear):  # a quantised head has its own codes
         model.lm_head.weight = model.model.embed_tokens.weight
     cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
     model.rope_cos, model.rope_sin = cos, sin
@@ -300,12 +301,13 @@ def describe(source: str | os.PathLike, as_json: bool = False) -> dict[str, Any]
     cfg = loaded.config
     info = {
         "source": str(loaded.source), "format": loaded.kind, "architecture": "LlamaForCausalLM",
-        "parameters": loaded.model.num_params(),
+        "parameters": cfg.param_count(),  # from the shape: a quantised layer's codes stand for its weights
         "non_embedding_parameters": cfg.param_count(include_embeddings=False),
         "vocab_size": cfg.vocab_size, "tokenizer_vocab": loaded.tokenizer.vocab_size if loaded.tokenizer else None,
         "dim": cfg.dim, "n_layers": cfg.n_layers, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim, "ffn_dim": cfg.ffn_dim, "max_seq_len": cfg.max_seq_len,
         "rope_theta": cfg.rope_theta, "tie_embeddings": cfg.tie_embeddings, "dtype": loaded.stored_dtype,
+        "quantization": _quantization_label(loaded.meta.get("quantization")),
         "size_on_disk_bytes": disk_size(loaded.source),
         "forward_flops_per_token": cfg.flops_per_token(),
     }
@@ -317,6 +319,13 @@ def describe(source: str | os.PathLike, as_json: bool = False) -> dict[str, Any]
             shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else value
             print(f"{key:<{width}}  {shown}")
     return info
+
+
+def _quantization_label(spec: dict[str, Any] | None) -> str:
+    if not spec:
+        return "none"
+    group = spec.get("group_size") or "per-channel"
+    return f"{spec.get('scheme')} (group {group}, {len(spec.get('modules', []))} layers)"
 
 
 def numpy_to_torch(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:

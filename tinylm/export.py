@@ -9,6 +9,7 @@ checkpoint.GGUF_TO_HF / GGUF_BLOCK_TO_HF, q/k rows permuted for llama.cpp's RoPE
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -73,7 +74,10 @@ def float_model(model: Llama) -> Llama:
     """`model` itself if it is float, else a copy with every QLinear dequantised to nn.Linear."""
     if not any(isinstance(m, QLinear) for m in model.modules()):
         return model
-    return swap_out(copy.deepcopy(model))
+    out = swap_out(copy.deepcopy(model))
+    if out.config.tie_embeddings and out.lm_head.weight is not out.model.embed_tokens.weight:
+        out.config = dataclasses.replace(out.config, tie_embeddings=False)  # the head had codes of its own
+    return out
 
 
 # ----- HF ------------------------------------------------------------------------------------------

@@ -58,6 +58,14 @@ class QLinear(nn.Module):
         q.scales = scales
         return q
 
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # safetensors hands out tensors at arbitrary offsets into one file buffer; the int8 kernel
+        # below crashes on codes that are not 64-byte aligned, and a fresh allocation is.
+        # (load_state_dict gives each module a shallow copy of the dict, so replacing an entry is local.)
+        if prefix + "qweight" in state_dict:
+            state_dict[prefix + "qweight"] = state_dict[prefix + "qweight"].clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def dequantized(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The float weight (out, in) the codes stand for."""
         codes = unpack(self.qweight, self.scheme).to(dtype)  # (out, in)
@@ -65,6 +73,13 @@ class QLinear(nn.Module):
         return (codes * self.scales.to(dtype)[..., None]).view(self.out_features, self.in_features)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.scheme == "int8" and self.group_size == self.in_features and x.device.type == "cpu":
+            # PyTorch's weight-only int8 kernel (the one gpt-fast uses): it reads the int8 codes directly,
+            # ~9x faster than dequantising a big layer first; it wants bf16 activations and
+            # per-channel scales (BENCHMARKS.md, Deploy).
+            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(torch.bfloat16).view(-1))
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self) -> str:
@@ -107,15 +122,15 @@ def unpack(stored: Tensor, scheme: str) -> Tensor:
 def target_modules(model: nn.Module, skip_lm_head: bool = False) -> list[str]:
     """Names of the nn.Linear modules a weight-only scheme replaces.
 
-    A tied lm_head shares the embedding matrix, which is not quantised, so it is skipped.
+    The lm_head is included even when tied: it is usually the biggest matrix a decoded token reads, so
+    it gets its own codes while the embedding table (read one row per token) stays float.
 
     Args:
         model: a Llama.
-        skip_lm_head: also keep an untied lm_head in float.
+        skip_lm_head: keep the lm_head in float.
     """
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)
-            and not (name == "lm_head" and (tied or skip_lm_head))]
+            and not (name == "lm_head" and skip_lm_head)]
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

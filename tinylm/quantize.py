@@ -1,10 +1,11 @@
 """Weight-only int8 / int4 quantisation by module swap, with the size and perplexity it costs.
 
-`tinylm quantize SOURCE --scheme int8|int4 --out DIR` replaces every nn.Linear (a tied lm_head
-excepted: it is the embedding matrix, which stays float unless a later option asks) by
-`qlinear.QLinear`, symmetric per-group codes plus fp16 scales, and writes an ordinary checkpoint dir
-whose config.json "tinylm" block says how (`checkpoint.load` rebuilds it). The codes are plain PyTorch,
-dequantised on the fly in forward (torchao is not a dependency; its formats are not safetensors-plain).
+`tinylm quantize SOURCE --scheme int8|int4 --out DIR` replaces every nn.Linear (the lm_head too, tied
+or not: a tied head gets codes of its own and the embedding table stays float) by `qlinear.QLinear`,
+symmetric per-group codes plus fp16 scales, and writes an ordinary checkpoint dir whose config.json
+"tinylm" block says how (`checkpoint.load` rebuilds it). Per-channel int8 runs on PyTorch's int8
+weight-only CPU kernel; other schemes are dequantised on the fly in forward (torchao is not a
+dependency; its formats are not safetensors-plain).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class QuantizeConfig:
         scheme: "int8" or "int4".
         out: checkpoint dir to write.
         group_size: inputs per scale (None: the scheme's default; 0: per output channel).
-        skip_lm_head: keep an untied lm_head in float.
+        skip_lm_head: keep the lm_head in float.
         eval_text: a UTF-8 text file for the perplexity report (None: 200 held-out TinyTales stories).
         eval_tokens: at most this many tokens are scored.
         overwrite: replace an existing `out`.
@@ -71,7 +72,7 @@ def quantize_model(model: Llama, scheme: str, group_size: int, skip_lm_head: boo
         model: a float Llama.
         scheme: "int8" or "int4".
         group_size: inputs per scale; 0 = per output channel.
-        skip_lm_head: keep an untied lm_head in float.
+        skip_lm_head: keep the lm_head in float.
     """
     if quantization_of(model) is not None:
         raise TinylmError("the model is already quantised")
