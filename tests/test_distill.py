@@ -263,3 +263,21 @@ def test_recipes_parse() -> None:
         assert parse_losses(cfg.distill.losses)
         assert cfg.distill.teacher or cfg.distill.cache
         assert math.isfinite(cfg.optim.lr)
+
+
+def test_int8_teacher_is_close_to_the_float_one(teacher: Path) -> None:
+    from tinylm.distill import DistillSection, load_teacher
+    from tinylm.qlinear import QLinear
+
+    tokens = torch.randint(0, 64, (3, 17))
+    signals = {}
+    for dtype in ("float32", "int8"):
+        loaded = load_teacher(DistillSection(teacher=str(teacher), teacher_dtype=dtype), "cpu")
+        signals[dtype] = OnlineTeacher(loaded.model)(tokens)
+        n_q = sum(isinstance(m, QLinear) for m in loaded.model.modules())
+        assert n_q == (0 if dtype == "float32" else 7 * loaded.model.config.n_layers)  # the head stays float
+    p, q = (F.log_softmax(signals[k].logits, -1) for k in ("float32", "int8"))
+    kl = (p.exp() * (p - q)).sum(-1).mean().item()
+    assert 0 < kl < 1e-3
+    with pytest.raises(TinylmError, match="teacher_dtype"):
+        load_teacher(DistillSection(teacher=str(teacher), teacher_dtype="int4"), "cpu")

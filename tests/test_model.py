@@ -111,3 +111,18 @@ def test_bad_config_is_one_line_error(bad):
     with pytest.raises(TinylmError) as e:
         ModelConfig(**{**dict(vocab_size=10, dim=48, n_layers=2, n_heads=6), **bad})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_logits_for_a_subset_of_the_vocabulary(quantized):
+    model = tiny_model(n_kv_heads=2)
+    if quantized:
+        from tinylm.qlinear import swap_in, target_modules
+
+        swap_in(model, {"scheme": "int4", "group_size": 16, "modules": target_modules(model)})
+    x, ids = torch.randint(0, 97, (2, 9)), torch.tensor([5, 0, 96, 41, 41])
+    with torch.no_grad():
+        full = model(x)
+        part, hidden = model(x, output_hidden_states=True, logits_for=ids)
+    assert part.shape == (2, 9, 5) and len(hidden) == model.config.n_layers + 1
+    assert (part - full[..., ids]).abs().max().item() <= 1e-5

@@ -47,6 +47,7 @@ from tinylm import checkpoint
 from tinylm.config import ModelConfig, TinylmError, atomic_dir
 from tinylm.data import TokenData
 from tinylm.model import Llama
+from tinylm.qlinear import quantization_of, swap_in, target_modules
 from tinylm.tokenizer import Tokenizer
 from tinylm.train import LossFn, Run, TrainConfig, batch_layout, data_tokenizer, fit, setup
 
@@ -71,7 +72,7 @@ class DistillSection:
     # beta (jsd), pairs (hidden: [[student_layer, teacher_layer], ...], 0 = embeddings, i = after block i).
     # Default: forward KL alone, the logit loss Minitron found best (Sreenivas et al. 2024, sec. 4).
     losses: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "fkl", "weight": 1.0}])
-    teacher_dtype: str = "float32"  # float32 | bfloat16 (int8 needs tinylm.quantize, a later layer)
+    teacher_dtype: str = "float32"  # float32 | bfloat16 | int8 (weight-only, quantised on load)
     teacher_device: str = "auto"  # auto (the student's) | cpu | cuda | cuda:N
     token_map: str | None = None  # a `tinylm tokenizer trim` dir; None: found from the tokenizers
 
@@ -259,11 +260,10 @@ class OnlineTeacher:
         inputs = tokens[:, :-1].to(self.device)  # (B, T) student ids
         if self.kept is not None:
             inputs = self.kept[inputs]  # teacher ids: the trimmed tokenizer's tokens renumbered
-        out = self.model(inputs, output_hidden_states=bool(self.layers))
+        # restricted to the student's tokens (log_softmax renormalises): (B, T, V_student), or V_teacher
+        out = self.model(inputs, output_hidden_states=bool(self.layers), logits_for=self.kept)
         logits, hidden = out if self.layers else (out, [])
-        logits = logits.float()  # (B, T, V_teacher)
-        if self.kept is not None:
-            logits = logits[..., self.kept]  # (B, T, V_student): restricted; log_softmax renormalises
+        logits = logits.float()
         return TeacherSignal(logits=logits.flatten(0, 1).to(tokens.device),
                              hidden={j: hidden[j].float().to(tokens.device) for j in self.layers})
 
@@ -404,13 +404,19 @@ def _read_token_map(directory: str) -> list[int]:
 # ----- the teacher -----------------------------------------------------------------------------------------
 
 def load_teacher(d: DistillSection, student_device: str) -> checkpoint.Loaded:
-    """The teacher model, in eval mode, frozen, in distill.teacher_dtype on distill.teacher_device."""
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    """The teacher model, in eval mode, frozen, in distill.teacher_dtype on distill.teacher_device.
+
+    int8: float32 weights quantised on load to per-channel int8 codes (`qlinear`, a quarter of the memory);
+    the lm_head stays float, since a teacher restricted to a trimmed vocabulary reads only its kept rows.
+    """
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
     if d.teacher_dtype not in dtypes:
-        raise TinylmError(f"distill.teacher_dtype must be float32 or bfloat16, got {d.teacher_dtype!r} "
-                          f"(int8 teachers need tinylm.quantize, which distill may not import)")
+        raise TinylmError(f"distill.teacher_dtype must be float32, bfloat16 or int8, got {d.teacher_dtype!r}")
     device = _device(student_device if d.teacher_device == "auto" else d.teacher_device)
     loaded = checkpoint.load(d.teacher, device=device, dtype=dtypes[d.teacher_dtype])
+    if d.teacher_dtype == "int8" and quantization_of(loaded.model) is None:
+        swap_in(loaded.model, {"scheme": "int8", "group_size": 0,
+                               "modules": target_modules(loaded.model, skip_lm_head=True)})
     loaded.model.eval().requires_grad_(False)
     return loaded
 

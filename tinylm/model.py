@@ -209,8 +209,8 @@ class Llama(nn.Module):
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
         return self.rope_cos[start:end], self.rope_sin[start:end]
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None,
-                output_hidden_states: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, output_hidden_states: bool = False,
+                logits_for: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Next-token logits.
 
         Args:
@@ -218,9 +218,11 @@ class Llama(nn.Module):
             cache: a KVCache to read past keys/values from and append to; its `pos` advances by T.
             output_hidden_states: also return [embeddings, block 1 output, ..., block L output],
                 each (B, T, dim), the residual stream before the final norm.
+            logits_for: (V',) vocabulary ids: compute only these columns of the logits (a teacher
+                restricted to a trimmed vocabulary skips the rest of its head).
 
         Returns:
-            logits (B, T, vocab_size), or (logits, hidden_states).
+            logits (B, T, vocab_size) or (B, T, V'), or (logits, hidden_states).
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
@@ -234,7 +236,13 @@ class Llama(nn.Module):
                 hidden.append(x)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.model.norm(x))  # (B, T, vocab_size)
+        x = self.model.norm(x)
+        if logits_for is not None and isinstance(self.lm_head, nn.Linear):
+            logits = F.linear(x, self.lm_head.weight[logits_for])  # (B, T, V')
+        elif logits_for is not None:  # a quantised head: all columns, then the chosen ones
+            logits = self.lm_head(x)[..., logits_for]
+        else:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
         return (logits, hidden) if hidden is not None else logits
 
     def num_params(self) -> int:
