@@ -39,19 +39,47 @@ TEACHER = "smollm2-135m"
 LOSSES = [{"kind": "fkl", "weight": 0.9, "top_k": 64}, {"kind": "ce", "weight": 0.1}]
 
 
-def prepare(work: Path, stories: int, keep: int) -> Path:
-    """TinyTales text -> SmolLM2 tokenizer trimmed to `keep` tokens -> data dir (each step skipped if done)."""
+def pydoc_documents(chars: int = 2000) -> list[str]:
+    """CPython's own reference documentation (`pydoc_data.topics`, ~465 kB of English prose that ships
+    with every Python), cut at paragraph boundaries into documents of about `chars` characters."""
+    import pydoc_data.topics
+
+    docs: list[str] = []
+    for _, text in sorted(pydoc_data.topics.topics.items()):
+        current = ""
+        for para in text.split("\n\n"):
+            current = f"{current}\n\n{para}" if current else para
+            if len(current) >= chars:
+                docs.append(current)
+                current = ""
+        if current.strip():
+            docs.append(current)
+    return docs
+
+
+def prepare(work: Path, stories: int, keep: int, corpus: str = "tinytales") -> Path:
+    """Corpus -> SmolLM2 tokenizer trimmed to `keep` tokens -> data dir (each step skipped if done).
+
+    corpus: "tinytales" (`stories` generated stories) or "pydoc" (`pydoc_documents`: real English, where
+    the teacher knows more than a small student can learn from the data, unlike TinyTales, whose
+    procedural grammar a student learns below the teacher's loss).
+    """
     from tinylm import tinytales
     from tinylm.data import PrepareConfig, prepare as prepare_data, trim_tokenizer_on
 
     work.mkdir(parents=True, exist_ok=True)
-    text, tok, data = work / "tinytales.txt", work / f"smollm2-{keep}", work / f"data-{keep}"
+    text = work / ("tinytales.txt" if corpus == "tinytales" else "pydoc.jsonl")
+    tok, data = work / f"smollm2-{keep}", work / f"data-{keep}"
     if not text.exists():
-        tinytales.write_corpus(text, stories, seed=0)
+        if corpus == "tinytales":
+            tinytales.write_corpus(text, stories, seed=0)
+        else:
+            text.write_text("".join(json.dumps({"text": d}) + "\n" for d in pydoc_documents()))
     if not tok.exists():
         trim_tokenizer_on(TEACHER, [str(text)], keep, tok)
     if not data.exists():
-        prepare_data(PrepareConfig(inputs=[str(text)], tokenizer=str(tok), out=str(data), val_fraction=0.02))
+        prepare_data(PrepareConfig(inputs=[str(text)], tokenizer=str(tok), out=str(data),
+                                   val_fraction=0.02 if corpus == "tinytales" else 0.05))
     return data
 
 
@@ -166,6 +194,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", nargs="+", default=["speed", "quality"], choices=["speed", "quality", "prune"])
     ap.add_argument("--work", default="/tmp/tinylm-bench-distill")
+    ap.add_argument("--corpus", choices=["tinytales", "pydoc"], default="tinytales")
     ap.add_argument("--stories", type=int, default=6000)
     ap.add_argument("--keep", type=int, default=4096)
     ap.add_argument("--steps", type=int, default=3)
@@ -177,7 +206,7 @@ def main() -> None:
     torch.manual_seed(0)
     work = Path(a.work)
     t0 = time.time()
-    data = prepare(work, a.stories, a.keep)
+    data = prepare(work, a.stories, a.keep, a.corpus)
     print(f"setup {time.time() - t0:.0f}s; torch threads {torch.get_num_threads()}", file=sys.stderr)
     cache, meta = shared_cache(data, work, a.quality_steps)
     print(f"cache: {meta['teacher_tokens_per_s']:,.0f} teacher tokens/s, {meta['bytes_per_token']:.0f} bytes/token",
@@ -188,6 +217,7 @@ def main() -> None:
         quality(data, work, cache, a.quality_steps)
     if "prune" in a.part:
         prune_part(data, work, cache, a.keep, a.prune_steps, a.scratch_steps)
+    print(f"(this run: python bench/bench_distill.py {' '.join(sys.argv[1:])}; torch threads {torch.get_num_threads()})")
 
 
 if __name__ == "__main__":
