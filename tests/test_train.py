@@ -143,6 +143,21 @@ def run_and_kill(words: list[str], metrics: Path, kill_at: int, env: dict[str, s
     assert proc.wait() == -signal.SIGKILL, f"run ended before the kill at step {kill_at}: {proc.stderr.read()}"
 
 
+@pytest.mark.slow
+def test_compiled_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path) -> None:
+    # Both runs in subprocesses: compiling on a CPU switches on PyTorch's (process-wide) deterministic mode.
+    steps, env = 30, {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    compiled = {"run.compile": True, "run.eval_every": 0, "run.keep_last": 3}
+    straight = tiny_args(data, tmp_path / "straight", steps=steps, **compiled, **{"run.ckpt_every": 0})
+    done = subprocess.run(cli_words(straight), env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    args = tiny_args(data, tmp_path / "killed", steps=steps, **compiled, **{"run.ckpt_every": 4})
+    run_and_kill(cli_words(args), tmp_path / "killed" / "metrics.jsonl", int(np.random.default_rng().integers(6, 24)), env)
+    resumed = subprocess.run(cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_bitwise(weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final"))
+
+
 def test_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path) -> None:
     steps = 80
     args = tiny_args(data, tmp_path / "killed", steps=steps, **{"run.ckpt_every": 10, "run.keep_last": 3,

@@ -7,8 +7,8 @@ logging, and writes only its loss (STYLE.md rules 4 and 5).
 
 Determinism: a step's batch depends only on (data seed, step) (`TokenData.windows`), the model has no
 dropout, and checkpoints hold the exact fp32 weights and AdamW moments, so a run killed and resumed
-with `--resume auto` ends with the same bits as one that never stopped (eager; a compiled run resumes to
-within float rounding, see `use_compile`).
+with `--resume auto` ends with the same bits as one that never stopped, compiled or not (a compiled CPU
+run needs deterministic algorithms for that, see `_wrap`).
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ class RunSection:
     seed: int = 0  # model initialisation seed
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     dtype: str = "auto"  # autocast dtype: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
-    compile: bool | None = None  # torch.compile; None: on for cuda, off on cpu (see use_compile)
+    compile: bool | None = None  # torch.compile; None: on for cuda, and on cpu from 1M parameters (use_compile)
     fsdp: bool = False  # shard parameters with FSDP2 fully_shard (models that do not fit one device)
     eval_every: int = 200  # steps between validation passes (0: only at the end)
     eval_tokens: int = 65536  # validation tokens per pass
@@ -633,16 +633,14 @@ def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
 
 
 def use_compile(flag: bool | None, model: Llama, device: torch.device) -> bool:
-    """run.compile, or its default: on for CUDA, off on a CPU.
-
-    On a CPU, compiling is faster from ~1M parameters (bench/bench_train.py) but a compiled run resumed
-    in a new process ended ~5e-7 away from the straight compiled run (measured, torch 2.13 inductor),
-    while eager runs resume bit for bit; so the CPU default keeps the bitwise guarantee and recipes that
-    want the speed (quickstart) set run.compile: true.
-    """
+    """run.compile, or its default: on for CUDA; on a CPU, on from 1M parameters, where compiling is
+    faster (bench/bench_train.py), and off below, where the compile time outweighs the gain."""
     if flag is not None:
         return flag
-    return device.type == "cuda"
+    return device.type == "cuda" or model.num_params() >= COMPILE_MIN_PARAMS
+
+
+COMPILE_MIN_PARAMS = 1_000_000
 
 
 def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device) -> nn.Module:
@@ -659,6 +657,13 @@ def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device) -> nn.Modu
     elif d.world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if use_compile(r.compile, model, device):
+        if device.type == "cpu":
+            # Inductor's CPU code for the embedding's backward (an index_put with accumulate) adds from
+            # parallel threads in no fixed order: two identical compiled runs ended 4e-7 apart after 12
+            # steps. With deterministic algorithms it lowers that op to the ordered ATen kernel, and a
+            # compiled run killed and resumed ends bit for bit where the straight run does (test_train).
+            # This is process-wide PyTorch state; warn_only keeps ops without a deterministic kernel usable.
+            torch.use_deterministic_algorithms(True, warn_only=True)
         wrapped = torch.compile(wrapped)
     return wrapped
 
