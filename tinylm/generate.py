@@ -128,26 +128,28 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
     cfg = SamplingConfig(temperature, top_k, top_p, repetition_penalty, seed)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    seq = torch.tensor(rows, dtype=torch.long, device=device)  # (B, T)
+    T = len(rows[0])
+    # every id so far, for the repetition penalty; filled in place (no per-token concatenation)
+    seq = torch.empty(len(rows), T + max_new_tokens, dtype=torch.long, device=device)  # (B, T + new)
+    seq[:, :T] = torch.tensor(rows, dtype=torch.long, device=device)
     if fast:
-        step: Callable[[Tensor], Tensor] = StaticDecoder(model, len(rows), seq.shape[1] + max_new_tokens)
+        step: Callable[[Tensor], Tensor] = StaticDecoder(model, len(rows), T + max_new_tokens)
     else:
-        step = partial(_cached_forward, model, KVCache.new(model, len(rows), seq.shape[1] + max_new_tokens))
+        step = partial(_cached_forward, model, KVCache.new(model, len(rows), T + max_new_tokens))
     if constraints is not None:
         on_token = _with_constraints(constraints, on_token)
     out: list[list[int]] = [[] for _ in rows]
-    done = torch.zeros(len(rows), dtype=torch.bool, device=device)
-    logits = step(seq)[:, -1]  # (B, V)
-    stop = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+    done, stop = [False] * len(rows), set(stop_ids)  # per-token bookkeeping in Python, not tiny tensors
+    logits = step(seq[:, :T])[:, -1]  # (B, V)
     for i in range(max_new_tokens):
         if cfg.repetition_penalty != 1.0:
-            logits = penalize_repetition(logits, seq, cfg.repetition_penalty)
+            logits = penalize_repetition(logits, seq[:, :T + i], cfg.repetition_penalty)
         if constraints is not None:
             logits = _constrain(logits, constraints, max_new_tokens - i)
         nxt = sample_next(logits, cfg, generator)  # (B,)
-        seq = torch.cat([seq, nxt[:, None]], 1)
-        done = _record(nxt, done, out, stop, on_token)
-        if bool(done.all()):
+        seq[:, T + i] = nxt
+        done = _record(nxt.tolist(), done, out, stop, on_token)
+        if all(done):
             break
         logits = step(nxt[:, None])[:, -1]
     return out[0] if single else out
@@ -172,15 +174,15 @@ def _with_constraints(constraints: Sequence[Any], on_token: Callable[[int, int],
     return call
 
 
-def _record(nxt: Tensor, done: Tensor, out: list[list[int]], stop: Tensor,
-            on_token: Callable[[int, int], bool] | None) -> Tensor:
+def _record(nxt: list[int], done: list[bool], out: list[list[int]], stop: set[int],
+            on_token: Callable[[int, int], bool] | None) -> list[bool]:
     # Append each unfinished row's token; mark rows that hit a stop id or whose callback asks to stop.
-    done = done.clone()
-    for row, token in enumerate(nxt.tolist()):
+    done = list(done)
+    for row, token in enumerate(nxt):
         if done[row]:
             continue
         out[row].append(token)
-        ended = bool((stop == token).any()) if stop.numel() else False
+        ended = token in stop
         if on_token is not None and on_token(row, token):
             ended = True
         done[row] = ended
@@ -506,6 +508,7 @@ class StaticDecoder:
         # Batches of rows are matrix products, for which nn.Linear's own layout is as fast or faster.
         one_row_cpu = batch_size == 1 and p.device.type == "cpu"
         self.step = partial(step, weights=decode_weights(model)) if one_row_cpu else step
+        self.checked = not compile  # eager steps have no guards to check
 
     @torch.no_grad()
     def __call__(self, ids: Tensor) -> Tensor:
@@ -514,8 +517,16 @@ class StaticDecoder:
         if self.pos + T > self.max_len:
             raise ValueError(f"static cache full: {self.pos + T} positions > {self.max_len}")
         start = torch.tensor(self.pos, dtype=torch.long, device=ids.device)
-        fn = self.step if T == 1 else partial(static_forward, self.model)  # prefill shapes vary: eager
-        logits = fn(ids, start, self.k, self.v)[0]
+        if T > 1:  # prefill: shapes vary, eager
+            logits = static_forward(self.model, ids, start, self.k, self.v)[0]
+        elif not self.checked:  # the first one-token step: dynamo checks its guards (model, shapes, weights)
+            logits = self.step(ids, start, self.k, self.v)[0]
+            self.checked = True
+        else:
+            # Later steps pass the same model, buffers and shapes, so re-checking every guard is wasted
+            # (~45 us a token, a few % of a 15m step).
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                logits = self.step(ids, start, self.k, self.v)[0]
         self.pos += T
         return logits
 
