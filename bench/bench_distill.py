@@ -217,7 +217,8 @@ def main() -> None:
         quality(data, work, cache, a.quality_steps)
     if "prune" in a.part:
         prune_part(data, work, cache, a.keep, a.prune_steps, a.scratch_steps)
-    print(f"(this run: python bench/bench_distill.py {' '.join(sys.argv[1:])}; torch threads {torch.get_num_threads()})")
+    print(f"(this run: python bench/bench_distill.py {' '.join(sys.argv[1:])}; "
+          f"torch threads {torch.get_num_threads()})")
 
 
 if __name__ == "__main__":

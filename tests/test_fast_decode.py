@@ -40,7 +40,8 @@ def test_one_row_weights_are_fused_and_follow_weight_updates():
     quantize_model(model, "int8", 0)
     codes, scales = decode_weights(model)["model.layers.0.gate_up"]
     mlp = model.model.layers[0].mlp
-    assert torch.equal(codes, torch.cat([mlp.gate_proj.qweight, mlp.up_proj.qweight])) and scales.dtype == torch.bfloat16
+    assert torch.equal(codes, torch.cat([mlp.gate_proj.qweight, mlp.up_proj.qweight]))
+    assert scales.dtype == torch.bfloat16
 
 
 def test_one_query_attention_equals_sdpa_with_gqa():

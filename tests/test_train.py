@@ -152,7 +152,8 @@ def test_compiled_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: P
     done = subprocess.run(cli_words(straight), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     args = tiny_args(data, tmp_path / "killed", steps=steps, **compiled, **{"run.ckpt_every": 4})
-    run_and_kill(cli_words(args), tmp_path / "killed" / "metrics.jsonl", int(np.random.default_rng().integers(6, 24)), env)
+    kill_at = int(np.random.default_rng().integers(6, 24))
+    run_and_kill(cli_words(args), tmp_path / "killed" / "metrics.jsonl", kill_at, env)
     resumed = subprocess.run(cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert_bitwise(weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final"))

@@ -481,7 +481,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="inputs per scale (default: 32 for int4, per channel for int8; 0 = per channel)")
     p.add_argument("--out", required=True, help="checkpoint dir to write")
-    p.add_argument("--skip-lm-head", action="store_true", help="keep the lm_head in float (by default it is quantised too, tied or not)")
+    p.add_argument("--skip-lm-head", action="store_true",
+                   help="keep the lm_head in float (by default it is quantised too, tied or not)")
     p.add_argument("--eval-text", help="UTF-8 text for the perplexity report (default: held-out TinyTales)")
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(run=_run_quantize)

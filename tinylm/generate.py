@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tinylm.config import TinylmError
 from tinylm.model import KVCache, Llama, apply_rope
-from tinylm.qlinear import QLinear
+from tinylm.qlinear import QLinear, int8_matmul
 from tinylm.tokenizer import Tokenizer
 
 
@@ -430,9 +430,7 @@ def _project(weight: DecodeWeight, h: Tensor) -> Tensor:
     """h @ W^T from a `decode_weights` entry."""
     if isinstance(weight, Tensor):
         return h @ weight
-    codes, scales = weight
-    y = torch.ops.aten._weight_int8pack_mm(h.reshape(-1, h.shape[-1]).to(torch.bfloat16), codes, scales)
-    return y.to(h.dtype).view(*h.shape[:-1], codes.shape[0])
+    return int8_matmul(h, *weight)
 
 
 def _one_query_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
@@ -478,7 +476,7 @@ def decode_weights(model: Llama) -> dict[str, DecodeWeight]:
 def _pack_group(modules: list[nn.Module]) -> DecodeWeight | None:
     if all(type(m) is nn.Linear and m.bias is None for m in modules):
         return torch.cat([m.weight.detach() for m in modules]).t().contiguous()  # (in, sum of outs)
-    if all(isinstance(m, QLinear) and m.scheme == "int8" and m.group_size == m.in_features for m in modules):
+    if all(isinstance(m, QLinear) and m.per_channel_int8 for m in modules):
         return (torch.cat([m.qweight for m in modules]).contiguous(),
                 torch.cat([m.scales.view(-1) for m in modules]).to(torch.bfloat16))
     return None

@@ -72,18 +72,32 @@ class QLinear(nn.Module):
         codes = codes.view(self.out_features, -1, self.group_size)  # (out, n_groups, G)
         return (codes * self.scales.to(dtype)[..., None]).view(self.out_features, self.in_features)
 
+    @property
+    def per_channel_int8(self) -> bool:
+        """Codes PyTorch's int8 kernel can read directly (`int8_matmul`)."""
+        return self.scheme == "int8" and self.group_size == self.in_features
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.scheme == "int8" and self.group_size == self.in_features and x.device.type == "cpu":
-            # PyTorch's weight-only int8 kernel (the one gpt-fast uses): it reads the int8 codes directly,
-            # ~9x faster than dequantising a big layer first; it wants bf16 activations and
-            # per-channel scales (BENCHMARKS.md, Deploy).
-            x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.qweight, self.scales.to(torch.bfloat16).view(-1))
-            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        if self.per_channel_int8 and x.device.type == "cpu":
+            return int8_matmul(x, self.qweight, self.scales)
         return F.linear(x, self.dequantized(x.dtype))
 
     def extra_repr(self) -> str:
         return f"{self.in_features}, {self.out_features}, scheme={self.scheme}, group_size={self.group_size}"
+
+
+def int8_matmul(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    """x @ (codes * scales)^T on PyTorch's weight-only int8 CPU kernel (the one gpt-fast uses).
+
+    It reads the int8 codes directly, ~9x faster than dequantising a big layer first, but only with bf16
+    activations (BENCHMARKS.md, Deploy): x is rounded to bf16 and the result cast back to x's dtype.
+
+    Args:
+        x: (..., in) activations; codes: (out, in) int8, 64-byte aligned; scales: (out,) or (out, 1).
+    """
+    y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), codes,
+                                           scales.to(torch.bfloat16).view(-1))
+    return y.to(x.dtype).view(*x.shape[:-1], codes.shape[0])
 
 
 def quantize_weight(w: Tensor, scheme: str, group_size: int) -> tuple[Tensor, Tensor]:
