@@ -59,7 +59,7 @@ def _load_once(name: str, gguf_path: str) -> dict[str, float]:
 
 def bench_load(runs: int) -> None:
     """Alternate fresh-process loads; print one row per implementation and the ratio."""
-    from tinylm.checkpoint import resolve
+    from tinylm.formats.checkpoint import resolve
 
     gguf_path = str(resolve("smollm2-135m"))  # resolved here so that no child pays for it
     results: dict[str, list[dict[str, float]]] = {name: [] for name in LOADERS}
@@ -84,8 +84,8 @@ def _models(shape: str):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tinylm.config import preset
-    from tinylm.model import Llama
+    from tinylm.model.config import preset
+    from tinylm.model.llama import Llama
 
     torch.manual_seed(0)
     ours = Llama(preset(shape)).eval()

@@ -44,7 +44,7 @@ def make_corpus(path: Path, megabytes: int) -> None:
 
 
 def _write_stories(path: Path, megabytes: int, seed: int) -> None:
-    from tinylm.tinytales import generate
+    from tinylm.data.tinytales import generate
 
     written = 0
     with path.open("w", encoding="utf-8") as f:

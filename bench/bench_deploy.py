@@ -24,12 +24,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinylm import checkpoint, export, tinytales  # noqa: E402
-from tinylm.config import preset  # noqa: E402
-from tinylm.generate import generate_ids  # noqa: E402
-from tinylm.model import Llama  # noqa: E402
-from tinylm.quantize import quantize_model  # noqa: E402
-from tinylm.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tinylm.core.fs import disk_size
+from tinylm.data import tinytales
+from tinylm.data.tokenizer import Tokenizer, train_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.formats import gguf as gguf_format
+from tinylm.infer.generate import generate_ids
+from tinylm.model.config import preset
+from tinylm.model.llama import Llama
+from tinylm.stages.quantize import quantize_model
 
 PROMPT = list(range(10, 26))  # 16 prompt tokens
 
@@ -83,7 +86,7 @@ def decode(args: argparse.Namespace) -> None:
         if args.llama_cpp:
             import llama_cpp
 
-            export.export_gguf(model, tmp / "m.gguf", tok, "q8_0" if args.scheme == "int8" else "f32")
+            gguf_format.export_gguf(model, tmp / "m.gguf", tok, "q8_0" if args.scheme == "int8" else "f32")
             llm = llama_cpp.Llama(str(tmp / "m.gguf"), n_ctx=256, n_threads=torch.get_num_threads(),
                                   n_batch=64, verbose=False, vocab_only=False)
         if args.scheme == "int8":  # tinylm per-channel int8 (lm_head included) vs llama.cpp Q8_0; HF stays fp32
@@ -126,7 +129,7 @@ def _peak_rss_mb(path: Path) -> float:
 
 def schemes(args: argparse.Namespace) -> None:
     """Size on disk, peak RSS (load + 32 tokens), held-out perplexity and TinyTales validity per scheme."""
-    from tinylm.quantize import QuantizeConfig, held_out_ids, perplexity, quantize
+    from tinylm.stages.quantize import QuantizeConfig, held_out_ids, perplexity, quantize
 
     tmp = Path(tempfile.mkdtemp())
     base = checkpoint.load(args.model)
@@ -136,7 +139,7 @@ def schemes(args: argparse.Namespace) -> None:
         quantize(QuantizeConfig(args.model, scheme, str(tmp / scheme), eval_tokens=2048))
         paths[scheme] = tmp / scheme
     for gtype in ("f32", "q8_0", "q4_0"):
-        paths[f"gguf {gtype}"] = export.export_gguf(base.model, tmp / f"{gtype}.gguf", base.tokenizer, gtype)
+        paths[f"gguf {gtype}"] = gguf_format.export_gguf(base.model, tmp / f"{gtype}.gguf", base.tokenizer, gtype)
     print("| scheme | size on disk (kB) | peak RSS (MB) | held-out perplexity | change | TinyTales sentences valid |")
     print("|---|---|---|---|---|---|")
     ref = None
@@ -148,7 +151,7 @@ def schemes(args: argparse.Namespace) -> None:
         rows = generate_ids(loaded.model, [tok.encode("Once")] * args.stories, args.story_tokens, temperature=0.8,
                             seed=0, stop_ids=[tok.eos_id])
         result = tinytales.check_many("Once" + tok.decode([t for t in r if t != tok.eos_id]) for r in rows)
-        print(f"| {name} | {checkpoint.disk_size(path) / 1e3:.0f} | {_peak_rss_mb(path):.0f} | {ppl:.3f} | "
+        print(f"| {name} | {disk_size(path) / 1e3:.0f} | {_peak_rss_mb(path):.0f} | {ppl:.3f} | "
               f"{100 * (ppl / ref - 1):+.2f}% | {result.fraction:.3f} |", flush=True)
     print(f"\n`python bench/bench_deploy.py schemes --model {args.model}` (held-out: 200 TinyTales stories, seed "
           f"987654321, first {args.eval_tokens} tokens; {args.stories} stories of {args.story_tokens} tokens)")
@@ -159,11 +162,11 @@ def llama_cpp_check(args: argparse.Namespace) -> None:
     import llama_cpp
     import numpy as np
 
-    from tinylm.quantize import perplexity
+    from tinylm.stages.quantize import perplexity
 
     loaded = checkpoint.load(args.model)
     tok, model = loaded.tokenizer, loaded.model
-    path = export.export_gguf(model, Path(tempfile.mkdtemp()) / "m.gguf", tok, "f32")
+    path = gguf_format.export_gguf(model, Path(tempfile.mkdtemp()) / "m.gguf", tok, "f32")
     n_ctx = model.config.max_seq_len
     llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False)
     texts = list(tinytales.generate(50, seed=4242))

@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from tinylm import checkpoint
-from tinylm.grow import inherit, random_like, select
-from tinylm.model import Llama
-from tinylm.prune import (calib_batches, open_tokens, prune_model, target_for_params, train_steps, trim_vocab,
-                          trimmed_tokenizer)
-from tinylm.tinytales import write_corpus
-from tinylm.train import eval_nats
+from tinylm.data.tinytales import write_corpus
+from tinylm.data.vocab import trimmed_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.model.growth import inherit, random_like, select
+from tinylm.model.llama import Llama
+from tinylm.model.surgery import trim_vocab
+from tinylm.stages.prune import calib_batches, open_tokens, prune_model, target_for_params, train_steps
+from tinylm.train.losses import eval_nats
 
 
 def val_loss(model: Llama, data, seq_len: int, windows: int) -> float:

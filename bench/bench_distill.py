@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from tinylm.distill import DistillConfig, build_cache, distill
-from tinylm.train import load_config, read_metrics
+from tinylm.core.recipe import load_config
+from tinylm.stages.distill import DistillConfig, build_cache, distill
+from tinylm.train.metrics import read_metrics
 
 TEACHER = "smollm2-135m"
 LOSSES = [{"kind": "fkl", "weight": 0.9, "top_k": 64}, {"kind": "ce", "weight": 0.1}]
@@ -64,8 +65,10 @@ def prepare(work: Path, stories: int, keep: int, corpus: str = "tinytales") -> P
     the teacher knows more than a small student can learn from the data, unlike TinyTales, whose
     procedural grammar a student learns below the teacher's loss).
     """
-    from tinylm import tinytales
-    from tinylm.data import PrepareConfig, prepare as prepare_data, trim_tokenizer_on
+    from tinylm.data import tinytales
+    from tinylm.data.prepare import PrepareConfig
+    from tinylm.data.prepare import prepare as prepare_data
+    from tinylm.data.vocab import trim_tokenizer_on
 
     work.mkdir(parents=True, exist_ok=True)
     text = work / ("tinytales.txt" if corpus == "tinytales" else "pydoc.jsonl")
@@ -122,7 +125,7 @@ def speed(data: Path, work: Path, cache: Path, meta: dict, steps: int, repeats: 
                 distill(config(data, out, preset, steps, SEQ, BATCH, **extra))
                 rates.append(step_rate(out))
         params = json.loads((work / f"speed-{preset}-cached" / "final" / "config.json").read_text())
-        from tinylm.config import ModelConfig
+        from tinylm.model.config import ModelConfig
 
         n = ModelConfig.from_hf(params).param_count()
         on, ca = statistics.median(online), statistics.median(cached)
@@ -155,8 +158,8 @@ def quality(data: Path, work: Path, cache: Path, steps: int) -> None:
 
 
 def prune_part(data: Path, work: Path, cache: Path, keep: int, distill_steps: int, scratch_steps: int) -> None:
-    from tinylm.checkpoint import load, save
-    from tinylm.prune import PruneConfig, prune
+    from tinylm.formats.checkpoint import load, save
+    from tinylm.stages.prune import PruneConfig, prune
 
     pruned = work / "smollm2-pruned-45m"
     if not pruned.exists():

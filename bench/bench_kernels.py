@@ -26,10 +26,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinylm import generate as G  # noqa: E402
-from tinylm.config import preset  # noqa: E402
-from tinylm.model import Llama  # noqa: E402
-from tinylm.quantize import quantize_model  # noqa: E402
+from tinylm.infer import generate as G
+from tinylm.model.config import preset
+from tinylm.model.llama import Llama
+from tinylm.stages.quantize import quantize_model
 
 
 def best_us(fn, n: int = 50) -> float:
@@ -120,7 +120,7 @@ def step(args: argparse.Namespace) -> None:
 
 def teacher(args: argparse.Namespace) -> None:
     """Seconds per forward of SmolLM2-135M over 8 x 128 tokens: all 49,152 logits, or only 4,096 rows."""
-    from tinylm import checkpoint
+    from tinylm.formats import checkpoint
 
     model = checkpoint.load("smollm2-135m").model.eval()
     x, kept = torch.randint(0, 49152, (8, 128)), torch.randperm(49152)[:4096]

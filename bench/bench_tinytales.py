@@ -18,7 +18,7 @@ import statistics
 import sys
 import time
 
-from tinylm import tinytales as T
+from tinylm.data import tinytales as T
 
 
 def _unigram_bytes(n_bytes: int, seed: int) -> float:

@@ -28,7 +28,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tinylm.train import TrainConfig, lm_loss, load_config, matmul_flops, setup, train_step  # noqa: E402
+from tinylm.core.devices import matmul_flops
+from tinylm.core.recipe import load_config
+from tinylm.train.config import TrainConfig
+from tinylm.train.loop import setup, train_step
+from tinylm.train.losses import lm_loss
 
 
 def make_data(directory: Path, vocab: int, n_tokens: int = 1 << 20) -> Path:

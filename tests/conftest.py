@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from tinylm.config import ModelConfig
-from tinylm.model import Llama
+from tinylm.model.config import ModelConfig
+from tinylm.model.llama import Llama
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))

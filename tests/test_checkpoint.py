@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from tests.conftest import hf_model, tiny_model
-from tinylm import checkpoint, export
 from tinylm.cli import main
+from tinylm.formats import checkpoint
+from tinylm.formats import gguf as gguf_format
+from tinylm.model.surgery import export_state_dict
 
 
 def _logits(model, x):
@@ -47,9 +49,10 @@ def test_transformers_save_pretrained_then_load(tmp_path, tie):
 
 
 def test_round_trip_keeps_tokenizer_and_train_state(tmp_path):
-    from tokenizers import Tokenizer as Backend, models, pre_tokenizers, decoders, trainers
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    from tinylm.tokenizer import Tokenizer
+    from tinylm.data.tokenizer import Tokenizer
 
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -99,16 +102,16 @@ def write_gguf(path: Path, model, qtype: str = "F32", arch: str = "llama") -> No
 
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
-    export._add_gguf_hparams(w, model, "test", "f32")  # the exporter's hparams; tensors below by hand
+    gguf_format._add_gguf_hparams(w, model, "test", "f32")  # the exporter's hparams; tensors below by hand
     rng = np.random.default_rng(0)
-    for name, t in checkpoint._export_state_dict(model).items():
+    for name, t in export_state_dict(model).items():
         a = t.float().numpy()
-        gname = checkpoint.hf_to_gguf_name(name)
-        assert checkpoint._hf_name(gname) == name
+        gname = gguf_format.hf_to_gguf_name(name)
+        assert gguf_format._hf_name(gname) == name
         if name.endswith("q_proj.weight"):
-            a = export._permute(a, cfg.n_heads)
+            a = gguf_format._permute(a, cfg.n_heads)
         elif name.endswith("k_proj.weight"):
-            a = export._permute(a, cfg.n_kv_heads)
+            a = gguf_format._permute(a, cfg.n_kv_heads)
         if a.ndim == 1 or qtype == "F32":
             w.add_tensor(gname, a)
         elif qtype == "Q4_K":
@@ -262,11 +265,11 @@ def test_gguf_parser_agrees_with_gguf_reader(tmp_path):
     import gguf
 
     write_gguf(tmp_path / "m.gguf", _gguf_model(), "Q8_0")
-    ours = checkpoint._open_gguf(tmp_path / "m.gguf")
+    ours = gguf_format._open_gguf(tmp_path / "m.gguf")
     ref = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     for key, f in ref.fields.items():
         if not key.startswith("GGUF."):
-            assert checkpoint._field(ours, key) == f.contents(), key
+            assert gguf_format._field(ours, key) == f.contents(), key
     assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
     for a, b in zip(ours.tensors, ref.tensors):
         assert a.tensor_type == b.tensor_type and tuple(a.shape) == tuple(int(n) for n in b.shape)

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinylm.data import FORMAT, TokenData, read_meta
-
+from tinylm.data.tokens import FORMAT, TokenData, read_meta
 
 # ----- loader on a hand-written data dir (the stream is arange, so every window is checkable) ---------
 
@@ -101,9 +100,11 @@ def test_loader_errors(stream_dir, tmp_path):
 import random  # noqa: E402
 
 from tinylm.cli import main  # noqa: E402
-from tinylm.config import TinylmError  # noqa: E402
-from tinylm.data import NearDedup, PrepareConfig, clean_text, prepare  # noqa: E402
-from tinylm.tokenizer import Tokenizer, train_tokenizer  # noqa: E402
+from tinylm.core.errors import TinylmError
+from tinylm.data.dedup import NearDedup
+from tinylm.data.prepare import PrepareConfig, prepare
+from tinylm.data.sources import clean_text
+from tinylm.data.tokenizer import Tokenizer, train_tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "Lily", "Tom", "happy", "tree", "ran", "park", "über", "café",
          "said", "played", "with", "ball", "sun", "big", "red", "dog", "jumped", "over", "fence"]
@@ -213,7 +214,7 @@ def test_filters_and_near_dedup(tmp_path, tok_dir):
 
 
 def test_minhash_signatures_equal_datasketch():
-    from datasketch import MinHash, MinHashLSH, LeanMinHash
+    from datasketch import LeanMinHash, MinHash, MinHashLSH
 
     nd = NearDedup(0.7)
     texts = _docs(40, seed=6, words=25) + ["one two", "a b c d e f"]
@@ -250,7 +251,7 @@ def test_parquet_and_saved_dataset_inputs(tmp_path, tok_dir):
 
 
 def test_tinytales_input(tmp_path, tok_dir):
-    tinytales = pytest.importorskip("tinylm.tinytales")
+    tinytales = pytest.importorskip("tinylm.data.tinytales")
     meta = prepare(PrepareConfig(["tinytales:50"], str(tok_dir), str(tmp_path / "out"), seed=3, val_fraction=0,
                                  dedup=False))
     assert meta["splits"]["train"]["documents"] == 50
@@ -264,7 +265,7 @@ def _big_vocab_tokenizer(d: Path) -> Path:
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
 
-    from tinylm.tokenizer import bytes_to_unicode
+    from tinylm.data.tokenizer import bytes_to_unicode
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode())}
     vocab.update({f"tok{i}": 256 + i for i in range(70_000 - 256)})

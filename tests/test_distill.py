@@ -19,13 +19,25 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from test_train import REPO, assert_bitwise, make_data, run_and_kill, weights
 
-from tinylm import checkpoint
 from tinylm.cli import main
-from tinylm.config import TinylmError
-from tinylm.distill import (DistillConfig, LossTerm, OnlineTeacher, TeacherSignal, build_cache, distill, kd_term,
-                            make_loss_fn, parse_losses, vocab_map)
-from tinylm.tokenizer import train_tokenizer, trim_tokenizer
-from tinylm.train import latest_checkpoint, load_config, read_metrics
+from tinylm.core.errors import TinylmError
+from tinylm.core.recipe import load_config
+from tinylm.data.tokenizer import train_tokenizer, trim_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.stages.distill import (
+    DistillConfig,
+    LossTerm,
+    OnlineTeacher,
+    TeacherSignal,
+    build_cache,
+    distill,
+    kd_term,
+    make_loss_fn,
+    parse_losses,
+    vocab_map,
+)
+from tinylm.train.metrics import read_metrics
+from tinylm.train.state import latest_checkpoint
 
 # ----- losses against references ------------------------------------------------------------------------
 
@@ -266,8 +278,8 @@ def test_recipes_parse() -> None:
 
 
 def test_int8_teacher_is_close_to_the_float_one(teacher: Path) -> None:
-    from tinylm.distill import DistillSection, load_teacher
-    from tinylm.qlinear import QLinear
+    from tinylm.model.qlinear import QLinear
+    from tinylm.stages.distill import DistillSection, load_teacher
 
     tokens = torch.randint(0, 64, (3, 17))
     signals = {}

@@ -12,12 +12,16 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from test_train import make_data
 
-from tinylm import checkpoint, cli, tinytales
-from tinylm.config import ModelConfig, TinylmError
-from tinylm.data import TokenData
-from tinylm.evaluate import evaluate, sample_tinytales
-from tinylm.model import Llama
-from tinylm.tokenizer import train_tokenizer
+from tinylm import cli
+from tinylm.core.errors import TinylmError
+from tinylm.data import tinytales
+from tinylm.data.tokenizer import train_tokenizer
+from tinylm.data.tokens import TokenData
+from tinylm.evals.perplexity import evaluate
+from tinylm.evals.tinytales import sample_tinytales
+from tinylm.formats import checkpoint
+from tinylm.model.config import ModelConfig
+from tinylm.model.llama import Llama
 
 
 def direct_nats(model: Llama, ids: torch.Tensor, seq_len: int) -> tuple[float, int]:

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import needs_smollm2, tiny_model
-from tinylm import checkpoint, export
 from tinylm.cli import main
-from tinylm.qlinear import quantization_of
-from tinylm.quantize import quantize_model
-from tinylm.tokenizer import train_tokenizer
+from tinylm.data.tokenizer import train_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.formats import gguf as gguf_format
+from tinylm.formats import onnx as onnx_format
+from tinylm.model.qlinear import quantization_of
+from tinylm.stages.quantize import quantize_model
 
 TEXTS = ["Once upon a time, a little cat named Tom sat on the mat. 12345 apples!",
          "The dog said: \"hello\" and ran away.\n\nThen   it  rained 3.5 days.", "café naïve 日本語 🤖"] * 20
@@ -38,7 +39,7 @@ def _logits(m, x):
 
 @pytest.mark.parametrize("gguf_type, tol", [("f32", 1e-5), ("f16", 2e-3), ("q8_0", 2e-2), ("q4_0", 0.25)])
 def test_gguf_round_trip(tmp_path, tok, model, gguf_type, tol):
-    path = export.export_gguf(model, tmp_path / "m.gguf", tok, gguf_type)
+    path = gguf_format.export_gguf(model, tmp_path / "m.gguf", tok, gguf_type)
     loaded = checkpoint.load(path)
     x = torch.randint(0, model.config.vocab_size, (2, 30))
     ref = _logits(model, x)
@@ -55,7 +56,7 @@ def test_gguf_round_trip(tmp_path, tok, model, gguf_type, tol):
 def test_gguf_metadata_and_types(tmp_path, tok, model):
     import gguf
 
-    export.export_gguf(model, tmp_path / "m.gguf", tok, "q4_0", name="tiny")
+    gguf_format.export_gguf(model, tmp_path / "m.gguf", tok, "q4_0", name="tiny")
     r = gguf.GGUFReader(str(tmp_path / "m.gguf"))
     field = lambda k: r.fields[k].contents()  # noqa: E731
     assert field("general.architecture") == "llama" and field("general.name") == "tiny"
@@ -76,7 +77,7 @@ def test_gguf_f32_matches_transformers_gguf_loader(tmp_path, tok, model):
     pytest.importorskip("accelerate")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    export.export_gguf(model, tmp_path / "m.gguf", tok, "f32")
+    gguf_format.export_gguf(model, tmp_path / "m.gguf", tok, "f32")
     ref = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
     x = torch.randint(0, model.config.vocab_size, (2, 30))
     assert (_logits(ref, x) - _logits(model, x)).abs().max().item() <= 1e-5
@@ -117,7 +118,7 @@ def test_cli_gguf_export_refuses_to_overwrite(tmp_path, capsys, tok, model):
 
 @needs_smollm2
 def test_smollm2_tokenizer_keeps_its_pre_tokenizer_name():
-    assert export._pre_tokenizer_name(checkpoint.load_tokenizer("smollm2-135m")) == "smollm"
+    assert gguf_format._pre_tokenizer_name(checkpoint.load_tokenizer("smollm2-135m")) == "smollm"
 
 
 # ----- ONNX ----------------------------------------------------------------------------------------
@@ -126,7 +127,7 @@ def test_onnx_logits_equal_torch_with_kv_cache(tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     m = tiny_model(max_seq_len=32)
-    path = export.export_onnx(m, tmp_path / "m.onnx")
+    path = onnx_format.export_onnx(m, tmp_path / "m.onnx")
     sess = ort.InferenceSession(str(path))
     x = torch.randint(0, 97, (2, 12))
     ref = _logits(m, x).numpy()
@@ -150,10 +151,10 @@ def test_llama_cpp_runs_the_f32_gguf_as_tinylm_does(tmp_path, tok, model):
     """Same tokens, same greedy continuation, same perplexity (within 1%). Skips without llama-cpp-python
     (it builds from source in minutes; bench/bench_deploy.py --llama-cpp runs the same check on a trained model)."""
     llama_cpp = pytest.importorskip("llama_cpp")
-    from tinylm.generate import generate_ids
-    from tinylm.quantize import perplexity
+    from tinylm.infer.generate import generate_ids
+    from tinylm.stages.quantize import perplexity
 
-    export.export_gguf(model, tmp_path / "m.gguf", tok, "f32")
+    gguf_format.export_gguf(model, tmp_path / "m.gguf", tok, "f32")
     llm = llama_cpp.Llama(str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
     for text in TEXTS[:3]:
         assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
-from tinylm.generate import StaticDecoder, _one_query_attention, decode_weights, generate_ids
-from tinylm.quantize import quantize_model
+from tinylm.infer.decode import StaticDecoder, _one_query_attention, decode_weights
+from tinylm.infer.generate import generate_ids
+from tinylm.stages.quantize import quantize_model
 
 
 @pytest.mark.parametrize("rows", [2, 1])  # one row: the decode_weights layouts and the written-out attention

@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from tests.conftest import hf_model, tiny_model
-from tinylm import checkpoint
 from tinylm.cli import main
-from tinylm.config import TinylmError
-from tinylm.generate import (SamplingConfig, TextStream, filter_logits, generate, generate_ids, penalize_repetition,
-                             sample_next)
-from tinylm.tokenizer import bytes_to_unicode, train_tokenizer
+from tinylm.core.errors import TinylmError
+from tinylm.data.tokenizer import bytes_to_unicode, train_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.infer.generate import TextStream, generate, generate_ids
+from tinylm.infer.sampling import SamplingConfig, filter_logits, penalize_repetition, sample_next
 
 CORPUS = ["the cat sat on the mat. " * 3, "café naïve façade 日本語 🤖 <END> stop here", "hello world " * 4] * 20
 

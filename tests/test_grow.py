@@ -9,12 +9,14 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
-from tinylm import checkpoint
 from tinylm.cli import main
-from tinylm.config import TinylmError
-from tinylm.grow import derive, hypercloning, inherit, select, selection_keep, stack
-from tinylm.surgery import evenly_spaced, target_shape
-from tinylm.train import OptimSection, lm_loss, make_optimizer
+from tinylm.core.errors import TinylmError
+from tinylm.formats import checkpoint
+from tinylm.model.growth import derive, hypercloning, inherit, select, selection_keep, stack
+from tinylm.model.surgery import evenly_spaced, target_shape
+from tinylm.train.config import OptimSection
+from tinylm.train.losses import lm_loss
+from tinylm.train.optim import make_optimizer
 
 
 def logits(model, x):

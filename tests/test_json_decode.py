@@ -10,12 +10,12 @@ pytest.importorskip("outlines_core")
 jsonschema = pytest.importorskip("jsonschema")
 
 from tests.conftest import tiny_model  # noqa: E402
-from tinylm import checkpoint  # noqa: E402
 from tinylm.cli import main  # noqa: E402
-from tinylm.config import TinylmError  # noqa: E402
-from tinylm.generate import generate_ids  # noqa: E402
-from tinylm.jsonschema_fsm import JsonConstraint, JsonIndex, check_schema, constraint_factory  # noqa: E402
-from tinylm.tokenizer import train_tokenizer  # noqa: E402
+from tinylm.core.errors import TinylmError
+from tinylm.data.tokenizer import train_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.infer.constrained import JsonConstraint, JsonIndex, check_schema, constraint_factory
+from tinylm.infer.generate import generate_ids
 
 SCHEMA = {
     "type": "object",

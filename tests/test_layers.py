@@ -1,65 +1,123 @@
-"""ARCHITECTURE.md's layers, kept true by parsing imports: a module imports only from layers to its left,
-and stage modules of one layer do not import each other."""
+"""ARCHITECTURE.md's layers, kept true by parsing imports.
+
+Every module of the package (walked recursively) belongs to exactly one group of LAYERS; a module may
+import only from groups to its left, so two modules of one group never import each other. The packages
+follow the pipeline (core -> model -> data's tokenizer -> formats -> data -> infer -> train -> evals ->
+stages -> cli); inside a package, the modules others build on come first (model.config before
+model.llama, data.sources before data.prepare), so the order inside a package is checked as strictly
+as the order between packages. There are no exceptions: a lazy import inside a function counts too.
+"""
 
 from __future__ import annotations
 
 import ast
+import textwrap
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tinylm"
 
-# ARCHITECTURE.md: config, model, tokenizer -> checkpoint, data, generate, tinytales -> train, evaluate
-# -> distill, prune, grow, quantize, export, ... -> cli. config is the base every module may import.
-LAYERS = [
-    {"config"},
-    {"model", "tokenizer", "qlinear"},
-    {"checkpoint", "data", "generate", "tinytales"},
-    {"train", "evaluate", "surgery"},
-    {"distill", "prune", "grow", "quantize", "export", "finetune", "serve", "quickstart", "jsonschema_fsm"},
-    {"cli", "__main__", "__init__"},
+LAYERS: list[tuple[str, ...]] = [
+    ("core", "model", "formats", "data", "infer", "train", "evals", "stages"),  # empty package faces
+    ("core.errors",),
+    ("core.fs", "core.recipe", "core.devices"),
+    ("model.config",),
+    ("model.kvcache", "model.qlinear"),
+    ("model.llama",),
+    ("model.surgery",),
+    ("model.growth",),
+    ("data.tinytales.words", "data.tinytales.plots"),
+    # the tokenizer comes before formats: every model source carries one (a GGUF file holds its vocabulary)
+    ("data.tinytales", "data.tokenizer"),
+    ("formats.gguf",),
+    ("formats.checkpoint",),
+    ("data.sources", "data.dedup", "data.tokens"),
+    ("data.prepare",),
+    ("data.vocab",),
+    ("infer.sampling", "infer.constrained", "infer.decode"),
+    ("infer.generate", "formats.onnx"),
+    ("train.config",),
+    ("train.schedule", "train.optim", "train.metrics", "train.losses"),
+    ("train.state",),
+    ("train.loop",),
+    ("evals.perplexity", "evals.tinytales"),
+    ("stages.*",),
+    ("cli",),
+    ("__main__", ""),  # "" is the package's face, tinylm/__init__.py
 ]
-BASE = {"config"}
-# Documented exceptions, each one-directional and lazy (imported inside the function that needs it):
-ALLOWED: set[tuple[str, str]] = {
-    # `data prepare` reads `tinytales:<n>` as an input source; tinytales imports nothing but config.
-    ("data", "tinytales"),
-    # `data prepare --tokenizer` takes any model source (.gguf, alias); resolving sources is checkpoint's job.
-    ("data", "checkpoint"),
-    # `tinylm eval` and training's validation are one computation (train.eval_nats), not two that drift.
-    ("evaluate", "train"),
-}
 
 
-def _layer_of(name: str) -> int:
-    owner = name.lstrip("_").split("_")[0] if name.startswith("_") else name  # _tinytales_words -> tinytales
-    for i, layer in enumerate(LAYERS):
-        if owner in layer or name in layer:
-            return i
-    raise AssertionError(f"tinylm/{name}.py is in no layer of ARCHITECTURE.md; add it to LAYERS")
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
+def layer_of(name: str, layers: list[tuple[str, ...]]) -> int:
+    """The index of the group naming `name` (a `pkg.*` entry covers every module of pkg)."""
+    for i, group in enumerate(layers):
+        for entry in group:
+            if entry == name or (entry.endswith(".*") and name.startswith(entry[:-1])):
+                return i
+    return -1
+
+
+def imports(path: Path, me: str, root: Path) -> set[str]:
+    """Modules of the package that `path` imports, as dotted names below `tinylm`."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tinylm"):
-            parts = node.module.split(".")
-            found |= {parts[1]} if len(parts) > 1 else {a.name for a in node.names}
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tinylm":
+            base = node.module.partition(".")[2]
+            for alias in node.names:  # `from tinylm.formats import checkpoint` imports a module
+                found.add(f"{base}.{alias.name}".strip(".") if _is_module(f"{base}.{alias.name}", root) else base)
         elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("tinylm.")}
-    return found
+            found |= {a.name.partition(".")[2] for a in node.names if a.name.startswith("tinylm.")}
+    return {f for f in found if f != me}
 
 
-def _owner(name: str) -> str:
-    return name.lstrip("_").split("_")[0] if name.startswith("_") else name
+def _is_module(dotted: str, root: Path) -> bool:
+    path = root.joinpath(*dotted.strip(".").split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
 
 
-def test_every_import_points_left():
+def violations(root: Path, layers: list[tuple[str, ...]]) -> list[str]:
+    """Every import that does not point left, and every module that is in no group."""
     problems = []
-    for path in sorted(PACKAGE.glob("*.py")):
-        me = path.stem
-        for dep in _imports(path) - {"__version__"}:
-            if (me, dep) in ALLOWED or dep in BASE or _owner(dep) == _owner(me):
+    for path in sorted(root.rglob("*.py")):
+        me = module_name(path, root)
+        mine = layer_of(me, layers)
+        if mine < 0:
+            problems.append(f"tinylm.{me} is in no layer; add it to LAYERS")
+            continue
+        for dep in sorted(imports(path, me, root)):
+            if me.startswith(dep + ".") or dep == "":  # a module's own package face, or __version__
                 continue
-            if _layer_of(dep) >= _layer_of(me) and me not in {"__init__", "__main__"}:
-                problems.append(f"{me} imports {dep}")
-    assert not problems, "layer violations: " + "; ".join(problems)
+            theirs = layer_of(dep, layers)
+            if theirs < 0 or theirs >= mine:
+                problems.append(f"tinylm.{me} imports tinylm.{dep}, which is not to its left")
+    return problems
+
+
+def test_every_import_points_left() -> None:
+    assert not violations(PACKAGE, LAYERS), "\n".join(violations(PACKAGE, LAYERS))
+
+
+@pytest.mark.parametrize("bad", [
+    "from tinylm.train.loop import fit",  # model -> train: to the right
+    "from tinylm.model import surgery",  # a module of the same package to its right, as a module import
+    "def f():\n    from tinylm.stages.prune import prune",  # lazy imports count too
+])
+def test_a_bad_import_is_caught(tmp_path: Path, bad: str) -> None:
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "__init__.py").write_text("")
+    (tmp_path / "model" / "llama.py").write_text(textwrap.dedent(bad) + "\n")
+    (tmp_path / "model" / "surgery.py").write_text("")
+    found = violations(tmp_path, [("model.llama",), ("model.surgery",), ("model",)])
+    assert len(found) == 1 and "tinylm.model.llama imports" in found[0], found
+
+
+def test_a_module_in_no_layer_is_caught(tmp_path: Path) -> None:
+    (tmp_path / "extra.py").write_text("")
+    assert violations(tmp_path, [("core.errors",)]) == ["tinylm.extra is in no layer; add it to LAYERS"]

@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from tests.conftest import hf_model, tiny_config, tiny_model
-from tinylm.config import ModelConfig, preset, PRESETS, TinylmError
-from tinylm.model import KVCache, Llama
+from tinylm.core.errors import TinylmError
+from tinylm.model.config import PRESETS, ModelConfig, preset
+from tinylm.model.kvcache import KVCache
+from tinylm.model.llama import Llama
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -117,7 +119,7 @@ def test_bad_config_is_one_line_error(bad):
 def test_logits_for_a_subset_of_the_vocabulary(quantized):
     model = tiny_model(n_kv_heads=2)
     if quantized:
-        from tinylm.qlinear import swap_in, target_modules
+        from tinylm.model.qlinear import swap_in, target_modules
 
         swap_in(model, {"scheme": "int4", "group_size": 16, "modules": target_modules(model)})
     x, ids = torch.randint(0, 97, (2, 9)), torch.tensor([5, 0, 96, 41, 41])

@@ -11,13 +11,19 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import tiny_config, tiny_model
-from tinylm import checkpoint
 from tinylm.cli import main
-from tinylm.config import TinylmError
-from tinylm.prune import (calib_batches, importance, open_tokens, prune_iterative, prune_model, target_for_params,
-                          trim_vocab)
-from tinylm.surgery import target_shape
-from tinylm.tokenizer import train_tokenizer, trim_tokenizer
+from tinylm.core.errors import TinylmError
+from tinylm.data.tokenizer import train_tokenizer, trim_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.model.surgery import target_shape, trim_vocab
+from tinylm.stages.prune import (
+    calib_batches,
+    importance,
+    open_tokens,
+    prune_iterative,
+    prune_model,
+    target_for_params,
+)
 
 TEXTS = [f"The cat number {i} sat on the mat and looked at the {w} dog." for i, w in
          zip(range(60), ["red", "big", "small", "old", "happy", "sad"] * 10)]
@@ -153,7 +159,7 @@ def test_iterative_pruning_reaches_the_target(tmp_path):
 
 
 def open_tokens_from_ids(ids: torch.Tensor):
-    from tinylm.data import TokenData
+    from tinylm.data.tokens import TokenData
 
     return TokenData({"vocab_size": 97, "splits": {"train": {"bytes": len(ids)}}}, [ids.numpy()], "train")
 
@@ -250,7 +256,7 @@ def test_cli_trim_vocab_from_token_map(tmp_path, source, corpus, tok):
 
 
 def test_cli_prune_on_a_data_dir_trims_the_vocabulary_last(tmp_path, source, corpus):
-    from tinylm.data import PrepareConfig, prepare
+    from tinylm.data.prepare import PrepareConfig, prepare
 
     prepare(PrepareConfig(inputs=[corpus], tokenizer=source, out=str(tmp_path / "data"), val_fraction=0.0))
     assert main(["tokenizer", "trim", source, "--corpus", corpus, "--keep", "300", "--out", str(tmp_path / "t")]) == 0
@@ -285,8 +291,8 @@ def test_cli_impossible_prune_is_one_line_error(tmp_path, source, corpus, capsys
 def test_target_params_with_a_token_map_budgets_the_trimmed_vocabulary(tmp_path, source, corpus):
     import dataclasses
 
-    from tinylm.data import PrepareConfig, prepare
-    from tinylm.prune import target_for_params
+    from tinylm.data.prepare import PrepareConfig, prepare
+    from tinylm.stages.prune import target_for_params
 
     prepare(PrepareConfig(inputs=[corpus], tokenizer=source, out=str(tmp_path / "data"), val_fraction=0.0))
     assert main(["tokenizer", "trim", source, "--corpus", corpus, "--keep", "300", "--out", str(tmp_path / "t")]) == 0

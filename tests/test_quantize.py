@@ -10,13 +10,17 @@ import pytest
 import torch
 
 from tests.conftest import tiny_model
-from tinylm import checkpoint, tinytales
 from tinylm.cli import main
-from tinylm.config import TinylmError
-from tinylm.generate import generate_ids
-from tinylm.qlinear import QLinear, pack, quantization_of, unpack
-from tinylm.quantize import QuantizeConfig, perplexity, quantize_model, weight_bytes
-from tinylm.tokenizer import train_tokenizer
+from tinylm.core.errors import TinylmError
+from tinylm.core.fs import disk_size
+from tinylm.data import tinytales
+from tinylm.data.tokenizer import train_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.infer.generate import generate_ids
+from tinylm.model.qlinear import QLinear, pack, quantization_of, unpack
+from tinylm.model.surgery import export_state_dict
+from tinylm.stages.info import describe
+from tinylm.stages.quantize import QuantizeConfig, perplexity, quantize_model, weight_bytes
 
 
 def test_int4_pack_unpack_is_lossless_for_every_code():
@@ -103,12 +107,12 @@ def test_quantized_perplexity_within_budget_and_checkpoint_reloads(tmp_path, tra
         assert torch.equal(loaded.model(x), q(x))  # exactly the same codes and scales
     assert isinstance(loaded.model.model.layers[0].mlp.up_proj, QLinear)
     assert isinstance(loaded.model.lm_head, QLinear)  # the tied head has codes of its own
-    info = checkpoint.describe(tmp_path / "q", as_json=True)  # `tinylm info`: the float model's count
+    info = describe(tmp_path / "q", as_json=True)  # `tinylm info`: the float model's count
     assert info["parameters"] == model.num_params() and info["quantization"].startswith(scheme)
     assert all(m.qweight.data_ptr() % 64 == 0 for m in loaded.model.modules() if isinstance(m, QLinear))
     assert generate_ids(loaded.model, ids[:5], 12, temperature=0.0) == generate_ids(q, ids[:5], 12, temperature=0.0)
     # bytes: float tensors (embedding, norms) stay 4 per value; each linear: codes + one fp16 scale per group
-    expected = sum(4 * t.numel() for n, t in checkpoint._export_state_dict(model).items() if "_proj" not in n)
+    expected = sum(4 * t.numel() for n, t in export_state_dict(model).items() if "_proj" not in n)
     for m in q.modules():
         if isinstance(m, QLinear):
             per_code = 1 if scheme == "int8" else 0.5
@@ -126,7 +130,7 @@ def test_cli_quantize_reports_and_writes(tmp_path, capsys, trained):
     assert "int4 (group 32)" in out and "perplexity" in out
     cfg = json.loads((tmp_path / "q" / "config.json").read_text())
     assert cfg["tinylm"]["quantization"]["scheme"] == "int4" and cfg["tinylm"]["quantization"]["group_size"] == 32
-    assert checkpoint.disk_size(tmp_path / "q" / "model.safetensors") < checkpoint.disk_size(tmp_path / "m" / "model.safetensors")
+    assert disk_size(tmp_path / "q" / "model.safetensors") < disk_size(tmp_path / "m" / "model.safetensors")
 
 
 @pytest.mark.parametrize("argv, words", [

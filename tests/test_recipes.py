@@ -9,12 +9,14 @@ import pytest
 import yaml
 
 from tinylm import cli
-from tinylm.config import PRESETS, TinylmError
-from tinylm.train import TrainConfig, load_config
+from tinylm.core.errors import TinylmError
+from tinylm.core.recipe import load_config
+from tinylm.model.config import PRESETS
+from tinylm.train.config import TrainConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 # recipe file prefix -> (module, config class); anything else is a pretraining recipe
-STAGES = {"distill-": ("tinylm.distill", "DistillConfig")}
+STAGES = {"distill-": ("tinylm.stages.distill", "DistillConfig")}
 
 
 def config_class(recipe: Path) -> type:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.conftest import needs_smollm2
-from tinylm import checkpoint
+from tinylm.formats import checkpoint
 
 pytestmark = needs_smollm2
 
@@ -76,7 +76,7 @@ def test_same_greedy_continuation(ours, theirs):
     ids = tok("Once upon a time, in a small village,", return_tensors="pt").input_ids
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=32, do_sample=False, min_new_tokens=32)[0, ids.shape[1]:]
-    from tinylm.generate import generate_ids
+    from tinylm.infer.generate import generate_ids
 
     got = generate_ids(ours.model, ids[0].tolist(), max_new_tokens=32, temperature=0.0, stop_ids=())
     assert got == ref.tolist()
@@ -98,7 +98,7 @@ def test_chat_template_matches_transformers(ours, theirs):
 
 
 def test_answers_a_question(ours):
-    from tinylm.generate import generate
+    from tinylm.infer.generate import generate
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     prompt = ours.tokenizer.apply_chat_template(messages)

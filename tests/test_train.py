@@ -17,10 +17,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tinylm import checkpoint
-from tinylm.config import TinylmError
-from tinylm.train import (ScheduleSection, TrainConfig, branch_total, decay_steps, fit, latest_checkpoint,
-                          lm_loss, load_config, lr_factor, read_metrics, setup)
+from tinylm.core.errors import TinylmError
+from tinylm.core.recipe import load_config
+from tinylm.formats import checkpoint
+from tinylm.train.config import ScheduleSection, TrainConfig
+from tinylm.train.loop import fit, setup
+from tinylm.train.losses import lm_loss
+from tinylm.train.metrics import read_metrics
+from tinylm.train.schedule import branch_total, decay_steps, lr_factor
+from tinylm.train.state import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -253,7 +258,7 @@ def _ddp_worker(rank: int, world: int, port: int, args: dict[str, object]) -> No
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from tinylm.train import pretrain
+    from tinylm.stages.pretrain import pretrain
 
     pretrain(load_config(TrainConfig, None, args))
 

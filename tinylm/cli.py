@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Callable
 
-from tinylm.config import TinylmError
+from tinylm.core.errors import TinylmError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -26,7 +26,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> None:
-    from tinylm.checkpoint import describe
+    from tinylm.stages.info import describe
 
     describe(args.source, as_json=args.json)
 
@@ -55,8 +55,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from tinylm.checkpoint import load
-    from tinylm.generate import GenerateConfig, read_prompts, run
+    from tinylm.formats.checkpoint import load
+    from tinylm.stages.generate import GenerateConfig, read_prompts, run
 
     cfg = GenerateConfig(
         prompts=read_prompts(args.prompt, args.prompt_file), chat=args.chat, system=args.system,
@@ -65,7 +65,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         n=args.n, stop=args.stop, add_bos=args.add_bos, fast=args.fast)
     schema = None
     if args.json_schema:
-        from tinylm.jsonschema_fsm import constraint_factory, load_schema, validate
+        from tinylm.infer.constrained import constraint_factory, load_schema, validate
 
         schema = load_schema(args.json_schema)  # a bad schema fails before the model loads
     loaded = load(args.source)
@@ -126,7 +126,7 @@ def _add_data_prepare(dsub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_prepare(args: argparse.Namespace) -> None:
-    from tinylm.data import PrepareConfig, prepare
+    from tinylm.data.prepare import PrepareConfig, prepare
 
     cfg = PrepareConfig(**{k: v for k, v in vars(args).items()
                            if k not in ("command", "data_command", "run")})
@@ -147,7 +147,7 @@ def _add_tokenizer_train(tsub: argparse._SubParsersAction) -> None:
 
 
 def _run_tokenizer_train(args: argparse.Namespace) -> None:
-    from tinylm.data import train_tokenizer_on
+    from tinylm.data.vocab import train_tokenizer_on
 
     tok = train_tokenizer_on(args.inputs, args.vocab_size, args.out, args.min_frequency, args.text_field,
                              args.overwrite)
@@ -165,7 +165,7 @@ def _add_tokenizer_stats(tsub: argparse._SubParsersAction) -> None:
 def _run_tokenizer_stats(args: argparse.Namespace) -> None:
     import json
 
-    from tinylm.data import tokenizer_stats_on
+    from tinylm.data.vocab import tokenizer_stats_on
 
     print(json.dumps(tokenizer_stats_on(args.tokenizer, args.corpus, args.text_field), indent=2))
 
@@ -182,7 +182,7 @@ def _add_tokenizer_trim(tsub: argparse._SubParsersAction) -> None:
 
 
 def _run_tokenizer_trim(args: argparse.Namespace) -> None:
-    from tinylm.data import trim_tokenizer_on
+    from tinylm.data.vocab import trim_tokenizer_on
 
     tok, kept = trim_tokenizer_on(args.source, args.corpus, args.keep, args.out, args.text_field, args.overwrite)
     print(f"wrote {args.out}: {tok.vocab_size} tokens kept")
@@ -226,7 +226,9 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> None:
-    from tinylm.train import TrainConfig, load_config, parse_overrides, pretrain
+    from tinylm.core.recipe import load_config, parse_overrides
+    from tinylm.stages.pretrain import pretrain
+    from tinylm.train.config import TrainConfig
 
     overrides = parse_overrides(args.overrides)
     if args.resume is not None:
@@ -253,7 +255,7 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> None:
-    from tinylm.evaluate import evaluate_source
+    from tinylm.stages.evaluate import evaluate_source
 
     evaluate_source(args.source, args.data, split=args.split, max_tokens=args.max_tokens, seq_len=args.seq_len,
                     batch_size=args.batch_size, tinytales=args.tinytales, device=args.device, as_json=args.json)
@@ -274,7 +276,7 @@ def _add_data_tinytales(dsub: argparse._SubParsersAction) -> None:
 
 
 def _run_data_tinytales(args: argparse.Namespace) -> None:
-    from tinylm import tinytales
+    from tinylm.data import tinytales
 
     if args.out:
         stats = tinytales.write_corpus(args.out, args.stories, args.seed, args.overwrite)
@@ -327,7 +329,7 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_prune(args: argparse.Namespace) -> None:
-    from tinylm.prune import PruneConfig, prune
+    from tinylm.stages.prune import PruneConfig, prune
 
     target = int(args.target_params) if args.target_params is not None else None
     cfg = PruneConfig(args.source, args.calib, args.out, target, **_shape_kwargs(args), trim_vocab=args.trim_vocab,
@@ -350,7 +352,7 @@ def _add_trim_vocab(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_trim_vocab(args: argparse.Namespace) -> None:
-    from tinylm.prune import TrimConfig, trim
+    from tinylm.stages.trim_vocab import TrimConfig, trim
 
     print(f"wrote {trim(TrimConfig(args.source, args.out, args.token_map, args.corpus, args.keep, args.overwrite))}")
 
@@ -368,7 +370,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_init(args: argparse.Namespace) -> None:
-    from tinylm.grow import InitConfig, init
+    from tinylm.stages.init import InitConfig, init
 
     cfg = InitConfig(args.source, args.out, args.method, args.preset, **_shape_kwargs(args), seed=args.seed,
                      overwrite=args.overwrite)
@@ -389,7 +391,7 @@ def _add_grow(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_grow(args: argparse.Namespace) -> None:
-    from tinylm.grow import GrowConfig, grow
+    from tinylm.stages.grow import GrowConfig, grow
 
     cfg = GrowConfig(args.source, args.out, args.method, args.dim, args.factor, args.noise, args.seed, args.overwrite)
     print(f"wrote {grow(cfg)}")
@@ -441,8 +443,8 @@ def _distill_common(p: argparse.ArgumentParser) -> None:
 
 
 def _distill_config(args: argparse.Namespace, flags: dict[str, str]):  # type: ignore[no-untyped-def]
-    from tinylm.distill import DistillConfig
-    from tinylm.train import load_config, parse_overrides
+    from tinylm.core.recipe import load_config, parse_overrides
+    from tinylm.stages.distill import DistillConfig
 
     overrides = parse_overrides(args.overrides)
     for attr, key in flags.items():
@@ -452,7 +454,7 @@ def _distill_config(args: argparse.Namespace, flags: dict[str, str]):  # type: i
 
 
 def _run_distill(args: argparse.Namespace) -> None:
-    from tinylm.distill import distill
+    from tinylm.stages.distill import distill
 
     cfg = _distill_config(args, {"teacher": "distill.teacher", "cache": "distill.cache", "data": "data.dir",
                                  "out": "run.out", "student": "model.init", "preset": "model.preset",
@@ -461,7 +463,7 @@ def _run_distill(args: argparse.Namespace) -> None:
 
 
 def _run_distill_cache(args: argparse.Namespace) -> None:
-    from tinylm.distill import build_cache
+    from tinylm.stages.distill import build_cache
 
     cfg = _distill_config(args, {"teacher": "distill.teacher", "data": "data.dir"})
     if not args.out:
@@ -489,7 +491,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quantize(args: argparse.Namespace) -> None:
-    from tinylm.quantize import QuantizeConfig, format_report, quantize
+    from tinylm.stages.quantize import QuantizeConfig, format_report, quantize
 
     cfg = QuantizeConfig(source=args.source, scheme=args.scheme, out=args.out, group_size=args.group_size,
                          skip_lm_head=args.skip_lm_head, eval_text=args.eval_text, overwrite=args.overwrite)
@@ -508,7 +510,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> None:
-    from tinylm.export import ExportConfig, export
+    from tinylm.stages.export import ExportConfig, export
 
     cfg = ExportConfig(source=args.source, format=args.format, out=args.out, gguf_type=args.gguf_type,
                        overwrite=args.overwrite)
@@ -530,7 +532,7 @@ def _add_quickstart(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_quickstart(args: argparse.Namespace) -> None:
-    from tinylm.quickstart import QuickstartConfig, quickstart
+    from tinylm.stages.quickstart import QuickstartConfig, quickstart
 
     quickstart(QuickstartConfig(out=args.out, minutes=args.minutes, stories=args.stories,
                                 vocab_size=args.vocab_size, samples=args.samples, seed=args.seed,

@@ -1,0 +1,95 @@
+"""Devices and processes: torchrun ranks, device choice, autocast, measured matmul peak."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from tinylm.core.errors import TinylmError
+
+# ----- devices, distribution, FLOPs ------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> tuple[Dist, torch.device]:
+    """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) and pick this rank's device.
+
+    Args:
+        device: run.device: auto | cpu | cuda.
+    """
+    if device not in ("auto", "cpu", "cuda"):
+        raise TinylmError(f"run.device must be auto, cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise TinylmError("run.device is cuda but no CUDA device is available")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return d, dev
+
+
+_PEAK_CACHE: dict[tuple[str, torch.dtype], float] = {}
+
+
+def measure_peak_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048) -> float:
+    """An achievable peak: the best of 5 timed n x n matmuls (2 n^3 FLOPs each) in `dtype`.
+
+    On a CPU this is the fp32 matmul rate of the current thread count (torch.get_num_threads()), the
+    ceiling a training step's matmuls can reach, which makes MFU comparable between machines where a
+    datasheet figure (clock x FMA units) is unknown. On GPUs prefer run.peak_flops (datasheet dense
+    bf16, e.g. 989e12 for an H100 SXM).
+
+    Args:
+        device: where to measure.
+        dtype: matmul dtype (float32 on CPU; bfloat16 on GPUs).
+        n: matrix size.
+    """
+    key = (str(device), dtype)
+    if key not in _PEAK_CACHE:
+        _PEAK_CACHE[key] = matmul_flops(device, dtype, n)
+    return _PEAK_CACHE[key]
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 6) -> float:
+    """FLOP/s of the fastest of `repeats` timed n x n matmuls (uncached; see measure_peak_flops)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)

@@ -1,0 +1,144 @@
+"""Token shards written by `tinylm data prepare`, and the deterministic batch loader over them."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from tinylm.core.errors import TinylmError
+from tinylm.data.tokenizer import _read_json
+
+FORMAT = "tinylm-tokens-v1"
+
+
+# ----- reading: the batch loader ---------------------------------------------------------------------
+
+def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed meta.json of a data dir written by `prepare`.
+
+    Args:
+        directory: the data dir.
+    """
+    path = Path(directory) / "meta.json"
+    if not path.is_file():
+        raise TinylmError(f"{directory} is not a tinylm data dir (no meta.json); make one with `tinylm data prepare`")
+    meta = _read_json(path)
+    if meta.get("format") != FORMAT:
+        raise TinylmError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    return meta
+
+
+class TokenData:
+    """One split of a data dir as a single token stream, memory-mapped (nothing is copied into RAM).
+
+    Batches are a pure function of (seed, step, global_batch, seq_len), so one process and N DDP ranks
+    (each reading its own slice of the global batch) see the same tokens, and a resumed run sees the
+    batches it would have seen.
+    """
+
+    def __init__(self, meta: dict[str, Any], shards: list[np.ndarray], split: str) -> None:
+        self.meta = meta
+        self.split = split
+        self.shards = shards
+        info = meta["splits"][split]
+        self.n_tokens = int(sum(len(s) for s in shards))
+        self.n_bytes = int(info["bytes"])
+        self.vocab_size = int(meta["vocab_size"])
+        # starts[k] = position of shard k's first token in the concatenated stream; starts[-1] = n_tokens
+        self._starts = np.cumsum([0] + [len(s) for s in shards])
+
+    @classmethod
+    def open(cls, directory: str | os.PathLike, split: str = "train") -> "TokenData":
+        """Memory-map the shards of `split` in a data dir.
+
+        Args:
+            directory: a data dir written by `prepare`.
+            split: "train" or "val".
+        """
+        d = Path(directory)
+        meta = read_meta(d)
+        if split not in meta["splits"]:
+            raise TinylmError(f"{d}: no split {split!r} (has {', '.join(meta['splits'])})")
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+        shards = []
+        for shard in meta["splits"][split]["shards"]:
+            path = d / shard["file"]
+            if not path.is_file() or path.stat().st_size != shard["tokens"] * dtype.itemsize:
+                raise TinylmError(f"{path}: missing or not {shard['tokens']} tokens long; prepare the data again")
+            if shard["tokens"]:  # np.memmap refuses empty files
+                shards.append(np.memmap(path, dtype=dtype, mode="r"))
+        return cls(meta, shards, split)
+
+    def _read(self, pos: int, length: int) -> np.ndarray:
+        """Tokens [pos, pos + length) of the concatenated stream; a window may span shards."""
+        out = np.empty(length, dtype=np.int64)
+        filled = 0
+        k = int(np.searchsorted(self._starts, pos, side="right")) - 1
+        while filled < length:
+            local = pos + filled - int(self._starts[k])
+            piece = self.shards[k][local:local + length - filled]
+            out[filled:filled + len(piece)] = piece
+            filled += len(piece)
+            k += 1
+        return out
+
+    def _check_len(self, seq_len: int) -> int:
+        span = self.n_tokens - seq_len - 1  # number of valid window starts
+        if seq_len < 1 or span < 1:
+            raise TinylmError(f"the {self.split} split has {self.n_tokens} tokens, too few for windows of "
+                              f"seq_len {seq_len}; use more data or a shorter --seq-len")
+        return span
+
+    def offsets(self, step: int, seed: int, global_batch: int, seq_len: int,
+                sequential: bool = False) -> np.ndarray:
+        """Start positions (global_batch,) of the windows of step `step`'s global batch."""
+        span = self._check_len(seq_len)
+        if sequential:
+            i = np.arange(global_batch, dtype=np.int64)
+            return ((step * global_batch + i) * seq_len) % span
+        return np.random.default_rng([seed, step]).integers(0, span, global_batch)
+
+    def windows(self, step: int, seed: int, global_batch: int, seq_len: int, start: int = 0,
+                count: int | None = None, sequential: bool = False) -> torch.Tensor:
+        """Windows [start, start + count) of the global batch of step `step`, as (count, seq_len + 1) int64.
+
+        Inputs are `w[:, :-1]`, targets `w[:, 1:]`. DDP rank r with micro-batch b of grad-accum
+        micro-step m reads its own slice (start = (m * world + r) * b, count = b, or any fixed layout),
+        so every layout reads the same global batch.
+
+        Args:
+            step: optimizer step; the batch depends only on (seed, step, global_batch, seq_len).
+            seed: data seed.
+            global_batch: windows per step over all ranks and micro-steps.
+            seq_len: tokens per input row; a window holds seq_len + 1 tokens.
+            start, count: the slice of the global batch to return (count None: to the end).
+            sequential: consecutive windows through the stream instead of uniformly random ones;
+                window i of step s starts at ((s * global_batch + i) * seq_len) mod (n_tokens - seq_len - 1).
+        """
+        count = global_batch - start if count is None else count
+        if start < 0 or count < 0 or start + count > global_batch:
+            raise TinylmError(f"windows [{start}, {start + count}) are outside a global batch of {global_batch}")
+        offs = self.offsets(step, seed, global_batch, seq_len, sequential)[start:start + count]
+        out = np.stack([self._read(int(o), seq_len + 1) for o in offs]) if count else np.empty((0, seq_len + 1))
+        return torch.from_numpy(out.astype(np.int64, copy=False))
+
+    def eval_windows(self, seq_len: int, max_windows: int | None = None) -> Iterator[torch.Tensor]:
+        """Non-overlapping consecutive (seq_len + 1,) windows from the start of the stream (stride seq_len).
+
+        Window j covers tokens [j * seq_len, j * seq_len + seq_len + 1), so every token after the first
+        is predicted exactly once.
+
+        Args:
+            seq_len: tokens per input row.
+            max_windows: stop after this many windows (None: the whole split).
+        """
+        self._check_len(seq_len)
+        n = (self.n_tokens - 1) // seq_len
+        if max_windows is not None:
+            n = min(n, max_windows)
+        for j in range(n):
+            yield torch.from_numpy(self._read(j * seq_len, seq_len + 1))

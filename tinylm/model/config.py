@@ -1,0 +1,219 @@
+"""Model configuration: one flat dataclass, presets as plain dicts; and the two things every layer\nshares: the user-error type and atomic directory writes.\n\nNo torch here: this module sits at the bottom of the layer stack and everything imports it.\n"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from tinylm.core.errors import TinylmError
+
+
+def _ffn_dim_for(dim: int, multiple_of: int = 32) -> int:
+    # llama2.c / Llama rule: SwiGLU hidden = 2/3 * 4 * dim, rounded up to a multiple (llama2.c model.py).
+    hidden = int(2 * (4 * dim) / 3)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass
+class ModelConfig:
+    """Shape and numerics of a Llama-style decoder; maps one-to-one onto HF `LlamaConfig`.
+
+    Args:
+        vocab_size: number of token embeddings (rows of embed_tokens and lm_head).
+        dim: residual stream width (HF hidden_size).
+        n_layers: decoder blocks (HF num_hidden_layers).
+        n_heads: query heads (HF num_attention_heads).
+        n_kv_heads: key/value heads for grouped-query attention; None means n_heads (plain MHA).
+        head_dim: width of one head; None means dim // n_heads. Pruned heads keep head_dim.
+        ffn_dim: SwiGLU hidden width (HF intermediate_size); None derives the llama2.c value.
+        max_seq_len: longest sequence the model is meant for (HF max_position_embeddings).
+        rope_theta: RoPE base frequency.
+        norm_eps: RMSNorm epsilon.
+        tie_embeddings: lm_head shares the embedding matrix.
+        init_std: std of the normal initialisation of linear and embedding weights.
+        bos_token_id, eos_token_id, pad_token_id: written to config.json for HF tools.
+    """
+
+    vocab_size: int = 512
+    dim: int = 64
+    n_layers: int = 5
+    n_heads: int = 8
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int = 512
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None:
+            if self.n_heads <= 0 or self.dim % self.n_heads:
+                raise TinylmError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+            self.head_dim = self.dim // self.n_heads
+        if self.ffn_dim is None:
+            self.ffn_dim = _ffn_dim_for(self.dim)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise a one-line TinylmError for an impossible shape."""
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise TinylmError(f"model config: {name} must be a positive integer, got {value!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise TinylmError(
+                f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.dim % self.n_heads:  # transformers' LlamaConfig refuses it even with an explicit head_dim
+            raise TinylmError(f"model config: dim {self.dim} is not divisible by n_heads {self.n_heads} "
+                              "(transformers cannot load such a Llama)")
+        if self.head_dim % 2:
+            raise TinylmError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+
+    # ----- derived figures -------------------------------------------------------------------
+
+    def param_count(self, include_embeddings: bool = True) -> int:
+        """Number of parameters. Tied embeddings count once.
+
+        Args:
+            include_embeddings: count the token embedding (and an untied lm_head).
+        """
+        d, hd = self.dim, self.head_dim
+        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o + k, v
+        mlp = 3 * d * self.ffn_dim  # gate, up, down
+        per_layer = attn + mlp + 2 * d  # + two RMSNorm weights
+        total = self.n_layers * per_layer + d  # + final norm
+        if include_embeddings:
+            total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return total
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = False) -> int:
+        """Matmul FLOPs to process one token, PaLM convention (Chowdhery et al. 2022, app. B).
+
+        Forward = 2 * (matmul weights, lm_head included, embedding lookup excluded)
+                  + 4 * n_layers * seq_len * n_heads * head_dim (scores QK^T and weighted sum AV,
+                  counted over the full context, not halved for causality).
+        Training (forward + backward) is three times the forward.
+
+        Args:
+            seq_len: context length used for the attention term; default max_seq_len.
+            training: return forward + backward FLOPs.
+        """
+        t = self.max_seq_len if seq_len is None else seq_len
+        matmul = self.param_count(include_embeddings=False) - self.n_layers * 2 * self.dim - self.dim
+        matmul += self.vocab_size * self.dim  # lm_head is a matmul even when tied
+        forward = 2 * matmul + 4 * self.n_layers * t * self.n_heads * self.head_dim
+        return 3 * forward if training else forward
+
+    # ----- conversion --------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Build from a plain dict; an unknown key is a one-line error naming it."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise TinylmError(f"model config: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        return cls(**d)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF `LlamaConfig` keys for config.json."""
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.dim,
+            "intermediate_size": self.ffn_dim,
+            "num_hidden_layers": self.n_layers,
+            "num_attention_heads": self.n_heads,
+            "num_key_value_heads": self.n_kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_seq_len,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "pretraining_tp": 1,
+            "initializer_range": self.init_std,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+        }
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+        """Read an HF Llama config.json dict; anything tinylm cannot express is a one-line error."""
+        if hf.get("model_type", "llama") != "llama":
+            raise TinylmError(f"unsupported model_type {hf.get('model_type')!r}: tinylm loads Llama models")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise TinylmError(f"unsupported hidden_act {hf['hidden_act']!r}: tinylm uses SwiGLU (silu)")
+        if hf.get("attention_bias") or hf.get("mlp_bias"):
+            raise TinylmError("unsupported Llama variant: biases in attention or MLP")
+        rope_scaling = hf.get("rope_scaling")
+        if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
+            raise TinylmError(f"unsupported rope_scaling {rope_scaling!r}")
+        theta = hf.get("rope_theta")
+        if theta is None:  # transformers >= 5 may nest it under rope_parameters
+            theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        try:
+            return cls(
+                vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
+                n_heads=hf["num_attention_heads"],
+                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+                head_dim=hf.get("head_dim"), ffn_dim=hf["intermediate_size"],
+                max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
+                norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                init_std=hf.get("initializer_range", 0.02), bos_token_id=_first(hf.get("bos_token_id")),
+                eos_token_id=_first(hf.get("eos_token_id")), pad_token_id=_first(hf.get("pad_token_id")),
+            )
+        except KeyError as e:
+            raise TinylmError(f"config.json lacks the key {e.args[0]!r}") from None
+
+
+def _first(x: Any) -> int | None:
+    # HF allows a list of eos ids; tinylm keeps the first.
+    return x[0] if isinstance(x, list) and x else (x if isinstance(x, int) else None)
+
+
+# Presets. 260k/15m/42m/110m are the llama2.c TinyStories shapes (karpathy/llama2.c README, "models"
+# table); 1m and 5m fill the gap between them; smollm2-135m is HuggingFaceTB/SmolLM2-135M's config.json.
+# vocab_size is the natural one for each; pretraining replaces it with the tokenizer's size.
+PRESETS: dict[str, dict[str, Any]] = {
+    "260k": dict(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512, max_seq_len=512),
+    "1m": dict(dim=128, n_layers=4, n_heads=4, vocab_size=2048, max_seq_len=256),
+    "5m": dict(dim=256, n_layers=5, n_heads=8, vocab_size=4096, max_seq_len=256),
+    "15m": dict(dim=288, n_layers=6, n_heads=6, vocab_size=32000, max_seq_len=256),
+    "42m": dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, max_seq_len=1024),
+    "110m": dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, max_seq_len=1024),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536, vocab_size=49152,
+                         max_seq_len=8192, rope_theta=100000.0, norm_eps=1e-5, tie_embeddings=True,
+                         init_std=0.041666666666666664, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+}
+
+
+def preset(name: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig from a preset name, with field overrides.
+
+    Args:
+        name: a key of PRESETS.
+        overrides: ModelConfig fields that replace the preset's.
+    """
+    if name not in PRESETS:
+        raise TinylmError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return ModelConfig.from_dict({**PRESETS[name], **overrides})

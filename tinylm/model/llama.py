@@ -1,0 +1,211 @@
+"""The Llama decoder in one file: RMSNorm -> RoPE -> grouped-query attention -> SwiGLU -> block -> model.
+
+Parameter names are HF `LlamaForCausalLM`'s, so a state dict saved from here loads there unchanged and
+the other way round. No I/O, no training code, no transformers import (STYLE.md rule 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinylm.model.config import ModelConfig
+from tinylm.model.kvcache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (Zhang & Sennrich 2019), computed in fp32 as HF Llama does."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, length: int, theta: float, device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """cos and sin tables, each (length, head_dim), in fp32 (Su et al. 2021, HF "rotate_half" layout).
+
+    Args:
+        head_dim: width of one attention head (even).
+        length: number of positions.
+        theta: RoPE base frequency.
+        device: where to build the tables.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    pos = torch.arange(length, dtype=torch.int64, device=device).float()
+    freqs = torch.outer(pos, inv_freq)  # (length, head_dim/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (length, head_dim): first half and second half share angles
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate (B, H, T, head_dim) by position; cos/sin are (T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention (Ainslie et al. 2023) through `scaled_dot_product_attention`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer, self.n_heads, self.n_kv_heads, self.head_dim = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, hd)
+        mask = None
+        if past and T > 1:  # chunked prefill: query i sees keys [0, past + i]
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer 2020): down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Embeddings, blocks and final norm: HF's `LlamaModel` (the `model.` prefix of parameter names)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        # _weight skips nn.Embedding's own N(0, 1) init: Llama.init_weights sets every weight anyway.
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim, _weight=torch.empty(cfg.vocab_size, cfg.dim))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+
+
+class Llama(nn.Module):
+    """A Llama-style causal language model with HF `LlamaForCausalLM` parameter names.
+
+    Args:
+        cfg: the model's shape and numerics.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        # Built on the CPU even under a meta-device context (checkpoint.build), where it would be empty.
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, torch.device("cpu"))
+        # Not in the state dict: derived from the config, rebuilt on load.
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise as GPT-2 / nanoGPT do, the scheme llama2.c trains its TinyStories models with.
+
+        Linear and embedding weights ~ N(0, init_std); the two projections that write into the residual
+        stream (o_proj, down_proj) ~ N(0, init_std / sqrt(2 * n_layers)), so the residual's variance does
+        not grow with depth (Radford et al. 2019, GPT-2 section 2.3); RMSNorm weights = 1.
+        """
+        if self.lm_head.weight.is_meta:  # a shell about to receive loaded weights
+            return
+        std = self.config.init_std
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.normal_(0.0, std / math.sqrt(2 * self.config.n_layers))
+            else:
+                p.normal_(0.0, std)
+
+    def _rope(self, start: int, length: int) -> tuple[Tensor, Tensor]:
+        end = start + length
+        if end > self.rope_cos.shape[0]:  # longer than max_seq_len: extend the tables (same formula)
+            cos, sin = rope_tables(self.config.head_dim, max(end, 2 * self.rope_cos.shape[0]),
+                                   self.config.rope_theta, self.rope_cos.device)
+            self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
+        return self.rope_cos[start:end], self.rope_sin[start:end]
+
+    def forward(self, input_ids: Tensor, cache: KVCache | None = None, output_hidden_states: bool = False,
+                logits_for: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """Next-token logits.
+
+        Args:
+            input_ids: (B, T) token ids; with a cache, the tokens after the cache's `pos`.
+            cache: a KVCache to read past keys/values from and append to; its `pos` advances by T.
+            output_hidden_states: also return [embeddings, block 1 output, ..., block L output],
+                each (B, T, dim), the residual stream before the final norm.
+            logits_for: (V',) vocabulary ids: compute only these columns of the logits (a teacher
+                restricted to a trimmed vocabulary skips the rest of its head).
+
+        Returns:
+            logits (B, T, vocab_size) or (B, T, V'), or (logits, hidden_states).
+        """
+        B, T = input_ids.shape
+        start = cache.pos if cache is not None else 0
+        cos, sin = self._rope(start, T)
+        x = self.model.embed_tokens(input_ids)  # (B, T, dim)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per forward, not once per block
+        hidden = [x] if output_hidden_states else None
+        for block in self.model.layers:
+            x = block(x, cos, sin, cache)
+            if hidden is not None:
+                hidden.append(x)
+        if cache is not None:
+            cache.pos += T
+        x = self.model.norm(x)
+        if logits_for is not None and isinstance(self.lm_head, nn.Linear):
+            logits = F.linear(x, self.lm_head.weight[logits_for])  # (B, T, V')
+        elif logits_for is not None:  # a quantised head: all columns, then the chosen ones
+            logits = self.lm_head(x)[..., logits_for]
+        else:
+            logits = self.lm_head(x)  # (B, T, vocab_size)
+        return (logits, hidden) if hidden is not None else logits
+
+    def num_params(self) -> int:
+        """Parameters, a tied matrix counted once."""
+        return sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())

@@ -1,0 +1,49 @@
+"""`tinylm trim-vocab`: keep only some tokens' embedding and LM-head rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinylm.core.errors import TinylmError
+from tinylm.core.fs import check_out
+from tinylm.data.tokenizer import read_token_map
+from tinylm.data.vocab import trimmed_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.model.surgery import trim_vocab
+
+
+@dataclass
+class TrimConfig:
+    """`tinylm trim-vocab`: keep the rows of a token map, or of the K most used tokens of a corpus.
+
+    Args:
+        source: model source.
+        out: checkpoint dir to write.
+        token_map: a `tinylm tokenizer trim` dir; or corpus and keep.
+        corpus: text to count token use on (anything `tinylm data prepare` reads).
+        keep: tokens to keep.
+        overwrite: replace an existing out.
+    """
+
+    source: str
+    out: str
+    token_map: str | None = None
+    corpus: str | None = None
+    keep: int | None = None
+    overwrite: bool = False
+
+
+def trim(cfg: TrimConfig) -> Path:
+    """Load, trim the vocabulary, save with the trimmed tokenizer; returns the checkpoint dir."""
+    if (cfg.token_map is None) == (cfg.corpus is None or cfg.keep is None):
+        raise TinylmError("trim-vocab: give either --token-map DIR, or --corpus DATA and --keep K")
+    check_out(cfg.out, cfg.overwrite)
+    loaded = checkpoint.load(cfg.source)
+    if cfg.token_map:
+        kept, tok = read_token_map(cfg.token_map, loaded.config.vocab_size)
+    else:
+        kept, tok = trimmed_tokenizer(loaded.tokenizer, cfg.corpus, cfg.keep)
+    model = trim_vocab(loaded.model, kept)
+    meta = {"derived_from": str(cfg.source), "method": "trim-vocab", "vocab_trimmed_from": loaded.config.vocab_size}
+    return checkpoint.save(model, cfg.out, tokenizer=tok, meta=meta)

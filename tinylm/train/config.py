@@ -1,0 +1,100 @@
+"""The sections every training stage shares: model, data, optim, schedule, run."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# ----- configuration -------------------------------------------------------------------------------
+# Each section is a flat dataclass; YAML sections and `--section.key value` map onto their fields.
+
+
+@dataclass
+class ModelSection:
+    """The model to train: a preset (vocab_size becomes the data tokenizer's) or a source to continue."""
+
+    preset: str | None = "1m"  # a key of tinylm.config.PRESETS
+    init: str | None = None  # continue from this model source (checkpoint dir, HF dir, .gguf, alias)
+    dim: int | None = None  # the shape fields below override the preset's when set
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int | None = None  # None: the preset's, raised to data.seq_len if shorter
+    tie_embeddings: bool | None = None
+
+
+@dataclass
+class DataSection:
+    """Where the tokens come from and how they are batched."""
+
+    dir: str | None = None  # a data dir written by `tinylm data prepare`
+    seq_len: int = 256  # tokens per training row (the model predicts seq_len targets per row)
+    batch_tokens: int = 32768  # GLOBAL batch in tokens per optimizer step (all ranks, all micro-steps)
+    micro_batch: int = 16  # rows per forward/backward on one device; the rest is gradient accumulation
+    seed: int = 0  # data order seed: the batch of step s depends only on (seed, s)
+
+
+@dataclass
+class OptimSection:
+    """AdamW (Loshchilov & Hutter 2019) with width-aware learning rates."""
+
+    lr: float = 3e-3  # peak lr at width base_width (hidden matrices are scaled by base_width / dim)
+    width_scaling: bool = True  # muP-style: hidden-matrix lr * base_width / dim (see param_groups)
+    base_width: int = 256  # MiniCPM's dim_model_base (Hu et al. 2024, sec. 3.1)
+    weight_decay: float = 0.1  # on hidden matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95  # LLaMA / MiniCPM value (Touvron et al. 2023, sec. 2.2)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping (the norm is still checked)
+
+
+@dataclass
+class ScheduleSection:
+    """Learning-rate schedule: wsd (warmup-stable-decay), cosine or constant."""
+
+    kind: str = "wsd"  # wsd | cosine | constant
+    steps: int | None = None  # optimizer steps; or give tokens
+    tokens: int | None = None  # token budget; steps = ceil(tokens / data.batch_tokens)
+    warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
+    decay_fraction: float = 0.1  # wsd: the last round(decay_fraction * steps) steps decay (MiniCPM ~10%)
+    decay_shape: str = "1-sqrt"  # wsd: exponential | linear | 1-sqrt (Hagele et al. 2024 find 1-sqrt best)
+    min_lr_ratio: float = 0.0  # lr at the end of the decay / peak lr (exponential needs > 0)
+
+
+@dataclass
+class RunSection:
+    """Outputs, devices, evaluation and checkpointing."""
+
+    out: str = "runs/pretrain"  # OUT/checkpoints/step_XXXXXXX/, OUT/final/, OUT/metrics.jsonl, OUT/loss.png
+    resume: str = "never"  # never | auto (latest complete checkpoint in OUT, or a fresh start) | a checkpoint dir
+    decay_from: str | None = None  # wsd: a stable-phase checkpoint; run only the decay from it
+    seed: int = 0  # model initialisation seed
+    device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
+    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
+    compile: bool | None = None  # torch.compile; None: on for cuda, and on cpu from 1M parameters (use_compile)
+    fsdp: bool = False  # shard parameters with FSDP2 fully_shard (models that do not fit one device)
+    eval_every: int = 200  # steps between validation passes (0: only at the end)
+    eval_tokens: int = 65536  # validation tokens per pass
+    ckpt_every: int = 500  # steps between resumable checkpoints (0: only on a signal)
+    keep_last: int = 2  # resumable checkpoints kept
+    log_every: int = 10  # steps between metrics.jsonl lines
+    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: measured (measure_peak_flops)
+    progress: bool = True  # tqdm progress bar
+    tensorboard: bool = False  # also write OUT/tensorboard/ (needs the tensorboard package)
+    plot: bool = True  # OUT/loss.png at the end
+
+
+@dataclass
+class TrainConfig:
+    """Everything `tinylm pretrain` needs; YAML sections (model, data, optim, schedule, run) set defaults."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    run: RunSection = field(default_factory=RunSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

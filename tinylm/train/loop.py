@@ -1,0 +1,383 @@
+"""Pretraining: TrainConfig, learning-rate schedules, the loop, checkpoint/resume, DDP/FSDP2.
+
+`pretrain(cfg)` is `fit(setup(cfg))`: `setup` builds everything (model, optimizer, data, devices) and
+checks the config before any output is written; `fit` is one plain loop whose loss step is a function
+argument, so `distill.py` reuses this loop, the schedules, the evaluation step, checkpointing and
+logging, and writes only its loss (STYLE.md rules 4 and 5).
+
+Determinism: a step's batch depends only on (data seed, step) (`TokenData.windows`), the model has no
+dropout, and checkpoints hold the exact fp32 weights and AdamW moments, so a run killed and resumed
+with `--resume auto` ends with the same bits as one that never stopped, compiled or not (a compiled CPU
+run needs deterministic algorithms for that, see `_wrap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops
+from tinylm.core.errors import TinylmError
+from tinylm.data.tokenizer import Tokenizer
+from tinylm.data.tokens import TokenData
+from tinylm.formats import checkpoint
+from tinylm.model.config import PRESETS, preset
+from tinylm.model.llama import Llama
+from tinylm.train.config import DataSection, ModelSection, RunSection
+from tinylm.train.losses import eval_nats, lm_loss
+from tinylm.train.metrics import MetricsLog, plot_metrics
+from tinylm.train.optim import make_optimizer, set_lr
+from tinylm.train.schedule import _check_schedule, branch_total, decay_steps, lr_factor
+from tinylm.train.state import (
+    LossFn,
+    Run,
+    _prune_checkpoints,
+    _train_info,
+    checkpoint_dir,
+    latest_checkpoint,
+    restore,
+    save_checkpoint,
+)
+
+
+def setup(cfg: Any, aux: Callable[[Llama], nn.Module] | None = None) -> Run:
+    """Check the config, build model, optimizer and data, and restore a checkpoint if asked.
+
+    Every user error is raised here, before anything is written.
+
+    Args:
+        cfg: a TrainConfig (or any config with model, data, optim, schedule and run sections).
+        aux: builds extra trainable modules from the model (run.aux, e.g. distillation's projections);
+            they get their own AdamW at the model's lr and are saved in train_state/ only.
+    """
+    _check_schedule(cfg.schedule)
+    d, device = init_distributed(cfg.run.device)
+    if not cfg.data.dir:
+        raise TinylmError("no training data: set data.dir (a dir made by `tinylm data prepare`)")
+    train = TokenData.open(cfg.data.dir, "train")
+    val = TokenData.open(cfg.data.dir, "val") if "val" in train.meta["splits"] else None
+    tokenizer = data_tokenizer(cfg.data.dir)
+    rows, micro, accum = batch_layout(cfg.data, d.world)
+    torch.manual_seed(cfg.run.seed)
+    model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train.vocab_size, tokenizer)
+    out = Path(cfg.run.out)
+    resume_from, total = _plan_start(cfg, out, rows)
+    model.to(device)
+    train_model = _wrap(model, cfg.run, d, device)
+    optimizer = make_optimizer(model, cfg.optim, device)
+    amp = _amp_dtype(cfg.run.dtype, device)
+    run = Run(cfg, model, train_model, optimizer, train, val, tokenizer, d, device, amp, total,
+              rows, micro, accum, out)
+    if aux is not None:
+        _attach_aux(run, aux(model))
+    if resume_from is not None:
+        restore(run, resume_from)
+    run.peak_flops = cfg.run.peak_flops or measure_peak_flops(device, torch.float32 if amp is None else amp)
+    return run
+
+
+def data_tokenizer(data_dir: str) -> Tokenizer | None:
+    path = Path(data_dir) / "tokenizer"
+    return Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+
+
+def batch_layout(data: DataSection, world: int) -> tuple[int, int, int]:
+    """(rows per global batch, rows per micro-step, micro-steps per step) from the data section."""
+    if data.seq_len < 1 or data.batch_tokens < data.seq_len or data.batch_tokens % data.seq_len:
+        raise TinylmError(f"data.batch_tokens {data.batch_tokens} must be a positive multiple of "
+                          f"data.seq_len {data.seq_len}")
+    rows = data.batch_tokens // data.seq_len
+    if rows % world:
+        raise TinylmError(f"the global batch of {rows} rows does not split over {world} processes")
+    per_rank = rows // world
+    micro = min(max(1, data.micro_batch), per_rank)
+    if per_rank % micro:
+        raise TinylmError(f"{per_rank} rows per process is not a multiple of data.micro_batch {micro}")
+    return rows, micro, per_rank // micro
+
+
+def build_model(m: ModelSection, seq_len: int, vocab_size: int,
+                tokenizer: Tokenizer | None) -> tuple[Llama, Tokenizer | None]:
+    """The model to train, on the CPU in fp32, and the tokenizer to save beside it.
+
+    Args:
+        m: the model section: a preset with shape overrides, or `init` (a model source to continue).
+        seq_len: training context; the model's max_seq_len is raised to it if shorter.
+        vocab_size: the data's vocabulary size.
+        tokenizer: the data's tokenizer (None if the data dir has none).
+    """
+    if m.init:
+        loaded = checkpoint.load(m.init)
+        if vocab_size > loaded.config.vocab_size:
+            raise TinylmError(f"the data's vocabulary ({vocab_size}) is larger than {m.init}'s "
+                              f"({loaded.config.vocab_size}); prepare the data with the model's tokenizer")
+        loaded.model.train()
+        return loaded.model, tokenizer or loaded.tokenizer
+    if m.preset not in PRESETS:
+        raise TinylmError(f"model.preset {m.preset!r} is unknown (known: {', '.join(PRESETS)}), or set model.init")
+    shape = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
+                                         "tie_embeddings") if getattr(m, k) is not None}
+    if "max_seq_len" not in shape:
+        shape["max_seq_len"] = max(PRESETS[m.preset].get("max_seq_len", 512), seq_len)
+    if ("dim" in shape or "n_heads" in shape) and "n_kv_heads" not in shape:
+        shape["n_kv_heads"] = None  # derived from n_heads again
+    if tokenizer is not None:
+        shape.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+    cfg = preset(m.preset, vocab_size=vocab_size, **shape)
+    return Llama(cfg), tokenizer
+
+
+def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
+    """(checkpoint to restore or None, total steps) from run.resume / run.decay_from and the schedule."""
+    s, r = cfg.schedule, cfg.run
+    if r.decay_from:
+        if s.kind != "wsd":
+            raise TinylmError("run.decay_from needs schedule.kind wsd")
+        src = Path(r.decay_from)
+        info = _train_info(src)
+        start, src_total = int(info["step"]), int(info["total_steps"])
+        if start < s.warmup_steps or start > src_total - decay_steps(src_total, s.decay_fraction):
+            raise TinylmError(f"{src} (step {start}) is not in the stable phase of its WSD schedule")
+        latest = latest_checkpoint(out) if r.resume == "auto" else None  # a killed branch continues
+        return latest or src, branch_total(start, s.decay_fraction)
+    if (s.steps is None) == (s.tokens is None):
+        raise TinylmError("set exactly one of schedule.steps and schedule.tokens")
+    total = s.steps if s.steps is not None else math.ceil(s.tokens / (rows * cfg.data.seq_len))
+    if total < 1:
+        raise TinylmError("the schedule has no steps; raise schedule.steps or schedule.tokens")
+    if r.resume == "never":
+        if latest_checkpoint(out) is not None:
+            raise TinylmError(f"{out} already holds checkpoints: pass --resume auto to continue, or another run.out")
+        return None, total
+    if r.resume == "auto":
+        return latest_checkpoint(out), total
+    src = Path(r.resume)
+    _train_info(src)
+    return src, total
+
+
+def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    if name not in ("auto", "float32", "bfloat16"):
+        raise TinylmError(f"run.dtype must be auto, float32 or bfloat16, got {name!r}")
+    if name == "bfloat16" or (name == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def use_compile(flag: bool | None, model: Llama, device: torch.device) -> bool:
+    """run.compile, or its default: on for CUDA; on a CPU, on from 1M parameters, where compiling is
+    faster (bench/bench_train.py), and off below, where the compile time outweighs the gain."""
+    if flag is not None:
+        return flag
+    return device.type == "cuda" or model.num_params() >= COMPILE_MIN_PARAMS
+
+
+COMPILE_MIN_PARAMS = 1_000_000
+
+
+def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device) -> nn.Module:
+    """The module the loss step calls: FSDP2-sharded or DDP-wrapped under torchrun, then compiled."""
+    wrapped: nn.Module = model
+    if r.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        if d.world == 1 and not dist.is_initialized():
+            raise TinylmError("run.fsdp needs torchrun with several processes")
+        for block in model.model.layers:
+            fully_shard(block)
+        fully_shard(model)
+    elif d.world > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if use_compile(r.compile, model, device):
+        if device.type == "cpu":
+            # Inductor's CPU code for the embedding's backward (an index_put with accumulate) adds from
+            # parallel threads in no fixed order: two identical compiled runs ended 4e-7 apart after 12
+            # steps. With deterministic algorithms it lowers that op to the ordered ATen kernel, and a
+            # compiled run killed and resumed ends bit for bit where the straight run does (test_train).
+            # This is process-wide PyTorch state; warn_only keeps ops without a deterministic kernel usable.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        wrapped = torch.compile(wrapped)
+    return wrapped
+
+
+def validate(run: Run) -> float | None:
+    """Mean validation loss over run.eval_tokens tokens of the val split (ranks share the windows)."""
+    if run.val is None:
+        return None
+    n = max(1, run.cfg.run.eval_tokens // run.cfg.data.seq_len)
+    windows = run.val.eval_windows(run.cfg.data.seq_len, max_windows=n)
+    split = dist.is_initialized() and not run.cfg.run.fsdp  # FSDP ranks must run the same forwards
+    mine = (w for i, w in enumerate(windows) if not split or i % run.dist.world == run.dist.rank)
+    run.model.eval()
+    nats, count = eval_nats(run.model, mine, run.micro, run.device, run.amp_dtype)
+    run.model.train()
+    totals = torch.tensor([nats, float(count)], dtype=torch.float64, device=run.device)
+    if split:
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1])
+
+
+# ----- aux modules: trainable, but not part of the model (distillation's hidden-state projections) -----
+
+def _attach_aux(run: Run, module: nn.Module) -> None:
+    if not any(True for _ in module.parameters()):
+        return
+    o = run.cfg.optim
+    run.aux = module.to(run.device)
+    run.aux_optimizer = torch.optim.AdamW([dict(params=list(module.parameters()), lr_scale=1.0)], lr=o.lr,
+                                          betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
+
+
+def _step_aux(run: Run, factor: float) -> None:
+    """Step run.aux at the model's lr; their gradients are averaged over ranks here (DDP does not see them)."""
+    if run.aux_optimizer is None:
+        return
+    for p in run.aux.parameters():
+        if p.grad is not None and dist.is_initialized():
+            dist.all_reduce(p.grad)
+            p.grad /= run.dist.world
+    set_lr(run.aux_optimizer, run.cfg.optim.lr, factor)
+    run.aux_optimizer.step()
+    run.aux_optimizer.zero_grad(set_to_none=True)
+
+
+# ----- the loop ------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _catch_signals(run: Run) -> Iterator[None]:
+    """SIGINT/SIGTERM set run.stop_signal; the loop checkpoints after the current step and stops."""
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        run.stop_signal = signum
+
+    try:
+        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        old = {}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _grad_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce on all but the last micro-step (DDP no_sync / FSDP2 flag)."""
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "set_requires_gradient_sync"):  # FSDP2
+        inner.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    if isinstance(inner, nn.parallel.DistributedDataParallel) and not last:
+        return inner.no_sync()
+    return contextlib.nullcontext()
+
+
+def train_step(run: Run, loss_fn: LossFn) -> tuple[float, float]:
+    """One optimizer step over the global batch of run.step: (mean loss, gradient norm before clipping).
+
+    A non-finite loss or gradient raises TinylmError before the weights change.
+
+    Args:
+        run: the run (its step selects the batch).
+        loss_fn: (model, tokens (B, T + 1)) -> scalar loss of the micro-batch.
+    """
+    cfg, d = run.cfg, run.dist
+    loss_sum = torch.zeros((), device=run.device)
+    for m in range(run.accum):
+        start = (m * d.world + d.rank) * run.micro  # this rank's slice of the global batch
+        run.batch_start = start
+        tokens = run.train.windows(run.step, cfg.data.seed, run.rows, cfg.data.seq_len, start, run.micro)
+        tokens = tokens.to(run.device, non_blocking=True)
+        with _grad_sync(run.train_model, m == run.accum - 1):
+            with _autocast(run.device, run.amp_dtype):
+                loss = loss_fn(run.train_model, tokens) / run.accum
+            loss.backward()
+        loss_sum += loss.detach()
+    if dist.is_initialized():
+        dist.all_reduce(loss_sum)
+        loss_sum /= d.world
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
+    loss_value = float(loss_sum)
+    for what, value in (("loss", loss_value), ("gradient norm", norm)):
+        if not math.isfinite(value):
+            run.optimizer.zero_grad(set_to_none=True)
+            if run.aux_optimizer is not None:
+                run.aux_optimizer.zero_grad(set_to_none=True)
+            last = latest_checkpoint(run.out)
+            raise TinylmError(f"non-finite {what} ({value}) at step {run.step + 1}; stopped before updating the "
+                              f"weights; last good checkpoint: {last or 'none'}")
+    set_lr(run.optimizer, cfg.optim.lr, lr_factor(run.step, run.total_steps, cfg.schedule))
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    _step_aux(run, lr_factor(run.step, run.total_steps, cfg.schedule))
+    run.step += 1
+    return loss_value, norm
+
+
+def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
+    """Train from run.step to run.total_steps; write checkpoints, metrics, OUT/final and the plot.
+
+    Args:
+        run: the run built by setup().
+        loss_fn: the loss step, (model, tokens (B, T + 1)) -> scalar; distillation passes its own.
+
+    Returns:
+        OUT/final, or the signal checkpoint (after which KeyboardInterrupt is raised).
+    """
+    from tqdm import tqdm
+
+    cfg, out = run.cfg.run, run.out
+    log = MetricsLog(out, run.step, run.dist.main, cfg.tensorboard)
+    tokens_per_step = run.rows * run.cfg.data.seq_len
+    flops_per_token = run.model.config.flops_per_token(run.cfg.data.seq_len, training=True)
+    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (cfg.progress and run.dist.main),
+               unit="step", dynamic_ncols=True)
+    window_s, window_steps = 0.0, 0  # time spent in training steps since the last log line
+    with _catch_signals(run):
+        while run.step < run.total_steps:
+            t0 = time.perf_counter()
+            loss, norm = train_step(run, loss_fn)
+            _sync(run.device)
+            window_s, window_steps = window_s + time.perf_counter() - t0, window_steps + 1
+            tps = tokens_per_step * window_steps / max(window_s, 1e-9)
+            mfu = tps * flops_per_token / run.peak_flops
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
+            record: dict[str, Any] = {}
+            if run.step % max(1, cfg.log_every) == 0 or run.step == run.total_steps:
+                lr = run.cfg.optim.lr * lr_factor(run.step - 1, run.total_steps, run.cfg.schedule)
+                record = dict(step=run.step, tokens=run.step * tokens_per_step, loss=loss, lr=lr,
+                              grad_norm=norm, tokens_per_s=tps, mfu=mfu)
+                window_s, window_steps = 0.0, 0
+            if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total_steps:
+                run.last_val = validate(run)
+                if run.last_val is not None:
+                    run.best_val = min(run.best_val or run.last_val, run.last_val)
+                    record.update(step=run.step, val_loss=run.last_val, val_ppl=math.exp(min(run.last_val, 50)))
+                    bar.write(f"step {run.step}: val loss {run.last_val:.4f}")
+            if record:
+                log.write(record)
+            if run.stop_signal is not None or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):
+                path = save_checkpoint(run, checkpoint_dir(out, run.step))
+                if run.dist.main:
+                    _prune_checkpoints(out, cfg.keep_last)
+                if run.stop_signal is not None:
+                    bar.close()
+                    log.close()
+                    print(f"tinylm: stopped at step {run.step}; checkpoint {path}; continue with --resume auto")
+                    raise KeyboardInterrupt
+    bar.close()
+    log.close()
+    final = save_checkpoint(run, out / "final", resumable=False)
+    if run.dist.main and cfg.plot and log.path.is_file():
+        plot_metrics(log.path, out / "loss.png")
+    return final

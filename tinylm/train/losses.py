@@ -1,0 +1,121 @@
+"""Loss functions over a batch and the summed negative log-likelihood of evaluation."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from tinylm.core.devices import _autocast
+
+# ----- the loss step and evaluation ------------------------------------------------------------------
+
+def lm_loss(model: nn.Module, tokens: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of one micro-batch, in fp32.
+
+    Args:
+        model: the (wrapped) language model.
+        tokens: (B, T + 1) token ids; inputs tokens[:, :-1], targets tokens[:, 1:].
+    """
+    logits = model(tokens[:, :-1])  # (B, T, V)
+    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+
+
+# exp(-1e4) is 0 in fp32 and bf16: a log-probability of -inf (a token of probability 0) is clamped to it
+# so that 0 * log 0 terms are 0 with finite gradients instead of NaN.
+_LOG_ZERO = -1e4
+
+
+@torch.no_grad()
+def eval_nats(model: nn.Module, windows: Iterable[Tensor], batch_size: int = 8,
+              device: torch.device | str = "cpu", amp_dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood (nats) and the number of predicted tokens.
+
+    Args:
+        model: the language model (called in no-grad mode; switch it to eval() yourself if it matters).
+        windows: (T + 1,) token tensors; each predicts its T last tokens. Lengths may differ.
+        batch_size: windows per forward pass (equal-length windows are batched together).
+        device: where to run.
+        amp_dtype: autocast dtype, or None for the model's own.
+    """
+    total, count = 0.0, 0
+    for batch in _batches(windows, batch_size):
+        batch = batch.to(device)
+        with _autocast(torch.device(device), amp_dtype):
+            logits = model(batch[:, :-1])  # (B, T, V)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten(), reduction="sum")
+        total += float(nll)
+        count += batch[:, 1:].numel()
+    return total, count
+
+
+def _batches(windows: Iterable[Tensor], size: int) -> Iterator[Tensor]:
+    pending: list[Tensor] = []
+    for w in windows:
+        if pending and (len(pending) == size or len(w) != len(pending[0])):
+            yield torch.stack(pending)
+            pending = []
+        pending.append(w)
+    if pending:
+        yield torch.stack(pending)
+
+
+# ----- divergences -------------------------------------------------------------------------------------
+
+def kl_div(p_log: Tensor, q_log: Tensor) -> Tensor:
+    """KL(p || q) = sum_i p_i (log p_i - log q_i) over the last dim, from log-probabilities.
+
+    Args:
+        p_log, q_log: (..., C) log-probabilities; -inf entries (probability 0) are allowed.
+
+    Returns:
+        (...,) divergences.
+    """
+    p_log, q_log = p_log.clamp_min(_LOG_ZERO), q_log.clamp_min(_LOG_ZERO)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def js_div(p_log: Tensor, q_log: Tensor, beta: float) -> Tensor:
+    """Generalised Jensen-Shannon divergence of GKD (Agarwal et al. 2024, eq. 1):
+    beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q. beta = 0.5 is the usual JSD.
+
+    Args:
+        p_log, q_log: (..., C) log-probabilities (teacher, student).
+        beta: mixing weight in (0, 1).
+    """
+    p_log, q_log = p_log.clamp_min(_LOG_ZERO), q_log.clamp_min(_LOG_ZERO)
+    m_log = torch.logaddexp(p_log + math.log(beta), q_log + math.log1p(-beta))  # (..., C)
+    return beta * kl_div(p_log, m_log) + (1 - beta) * kl_div(q_log, m_log)
+
+
+def divergence(kind: str, p_log: Tensor, q_log: Tensor, beta: float = 0.5) -> Tensor:
+    """The divergence `kind` (fkl | rkl | jsd) between teacher p and student q, per position."""
+    if kind == "fkl":
+        return kl_div(p_log, q_log)
+    if kind == "rkl":
+        return kl_div(q_log, p_log)
+    return js_div(p_log, q_log, beta)
+
+
+def truncate(log_probs: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The top-k tokens of a distribution plus one bucket for the rest.
+
+    Args:
+        log_probs: (N, V) log-probabilities.
+        k: tokens to keep (k < V).
+
+    Returns:
+        ids (N, k) most probable first, and (N, k + 1) log-probabilities: the k tokens, then log(rest).
+    """
+    top, ids = log_probs.topk(k, dim=-1)  # (N, k)
+    rest = log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # (N, 1)
+    return ids, torch.cat([top, rest], dim=-1)
+
+
+def coarse_grain(log_probs: Tensor, ids: Tensor) -> Tensor:
+    """A distribution over (N, V) restricted to the tokens `ids` (N, K) plus a bucket for the rest: (N, K + 1)."""
+    rest = log_probs.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)  # (N, 1)
+    return torch.cat([log_probs.gather(-1, ids), rest], dim=-1)

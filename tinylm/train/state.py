@@ -1,0 +1,196 @@
+"""The run record and its checkpoints: save, find the latest, restore for a resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from tinylm.core.devices import Dist
+from tinylm.core.errors import TinylmError
+from tinylm.data.tokenizer import Tokenizer
+from tinylm.data.tokens import TokenData
+from tinylm.formats import checkpoint
+from tinylm.model.llama import Llama
+from tinylm.model.surgery import build
+
+# ----- the run: everything setup() builds and fit() advances ----------------------------------------
+
+LossFn = Callable[[nn.Module, Tensor], Tensor]
+
+
+@dataclass
+class Run:
+    """The state of one training run. A plain record: setup() fills it, fit() advances it."""
+
+    cfg: Any  # TrainConfig (or a stage's config with the same model/data/optim/schedule/run sections)
+    model: Llama  # the unwrapped model (its parameters are the ones being trained)
+    train_model: nn.Module  # what the loss step calls: the model, compiled and/or DDP/FSDP-wrapped
+    optimizer: torch.optim.Optimizer
+    train: TokenData
+    val: TokenData | None
+    tokenizer: Tokenizer | None
+    dist: Dist
+    device: torch.device
+    amp_dtype: torch.dtype | None  # autocast dtype, None for plain fp32
+    total_steps: int
+    rows: int  # rows (windows) per global batch
+    micro: int  # rows per micro-step on one rank
+    accum: int  # micro-steps per optimizer step on one rank
+    out: Path
+    step: int = 0  # optimizer steps done
+    best_val: float | None = None
+    last_val: float | None = None
+    peak_flops: float = 0.0
+    stop_signal: int | None = None  # set by SIGINT/SIGTERM: checkpoint and stop after this step
+    meta: dict[str, Any] = field(default_factory=dict)  # extra facts for the checkpoints' tinylm block
+    batch_start: int = 0  # first row (of the global batch) of the micro-batch being computed, for loss steps
+    # that read per-window data by (step, row), e.g. distillation from cached teacher logits
+    aux: nn.Module | None = None  # trainable modules beside the model (distillation's hidden-state projections):
+    aux_optimizer: torch.optim.Optimizer | None = None  # stepped with the model, saved in train_state/ only
+
+
+def _train_info(ckpt: Path) -> dict[str, Any]:
+    path = ckpt / "train_state" / "state.json"
+    if not checkpoint.is_complete(ckpt) or not path.is_file():
+        raise TinylmError(f"{ckpt} is not a complete resumable checkpoint (no train_state/state.json)")
+    return json.loads(path.read_text())
+
+
+# ----- checkpoints -----------------------------------------------------------------------------------
+
+def checkpoint_dir(out: Path, step: int) -> Path:
+    return out / "checkpoints" / f"step_{step:07d}"
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest complete resumable checkpoint under OUT/checkpoints/, or None.
+
+    Temporary dirs of an interrupted write (".step_*.tmp-*") and dirs missing any file are skipped.
+
+    Args:
+        out: the run's output dir.
+    """
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return None
+    found = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for p in reversed(found):
+        if checkpoint.is_complete(p) and (p / "train_state" / "state.json").is_file():
+            return p
+    return None
+
+
+def _full_state(run: Run) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Full (unsharded) model and optimizer state dicts, on every rank (collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=run.cfg.run.fsdp)
+    return get_state_dict(run.model, run.optimizer, options=opts)
+
+
+def _flatten_optimizer(osd: dict[str, Any]) -> dict[str, Tensor]:
+    # {"state": {param: {"step", "exp_avg", "exp_avg_sq"}}} -> {"param.exp_avg": tensor, ...}; the
+    # 0-d "step" becomes shape (1,) for safetensors.
+    flat = {}
+    for name, st in osd["state"].items():
+        for key, value in st.items():
+            flat[f"{name}.{key}"] = value.reshape(1) if value.ndim == 0 else value
+    return flat
+
+
+def _unflatten_optimizer(flat: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    state: dict[str, dict[str, Tensor]] = {}
+    for key, value in flat.items():
+        name, _, part = key.rpartition(".")
+        state.setdefault(name, {})[part] = value.reshape(()) if part == "step" else value
+    return state
+
+
+def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> Path:
+    """Write a checkpoint of the run (rank 0 writes; every rank takes part under FSDP).
+
+    Args:
+        run: the run.
+        path: the checkpoint dir (written atomically).
+        resumable: include the optimizer state and the training position (train_state/).
+    """
+    msd, osd = _full_state(run) if (resumable or run.cfg.run.fsdp) else (None, None)
+    if run.dist.main:
+        model = run.model
+        if run.cfg.run.fsdp:  # a plain CPU copy of the gathered weights to save
+            model = build(run.model.config, msd)
+        info = dict(step=run.step, tokens=run.step * run.rows * run.cfg.data.seq_len, total_steps=run.total_steps,
+                    best_val=run.best_val, world=run.dist.world, config=run.cfg.to_dict()) if resumable else None
+        checkpoint.save(model, path, run.tokenizer, meta=_meta(run), train_info=info,
+                        train_state={**_flatten_optimizer(osd), **_aux_state(run)} if resumable else None)
+    _barrier()
+    return path
+
+
+def _meta(run: Run) -> dict[str, Any]:
+    return {"stage": "pretrain", "step": run.step, "tokens": run.step * run.rows * run.cfg.data.seq_len,
+            "val_loss": run.last_val, "config": run.cfg.to_dict(), **run.meta}
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def restore(run: Run, ckpt: Path) -> None:
+    """Load weights, optimizer moments and the step from a resumable checkpoint into the run."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    flat, info = checkpoint.load_train_state(ckpt)
+    _load_aux(run, flat)  # pops the aux entries
+    weights = checkpoint.load(ckpt).model.state_dict()
+    opts = StateDictOptions(full_state_dict=True)
+    _, osd = get_state_dict(run.model, run.optimizer, options=opts)  # the param_groups layout to fill
+    osd["state"] = _unflatten_optimizer(flat)
+    try:
+        set_state_dict(run.model, run.optimizer, model_state_dict=weights, optim_state_dict=osd, options=opts)
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise TinylmError(f"{ckpt} does not match this model/optimizer ({str(e).splitlines()[0]})") from None
+    run.step, run.best_val = int(info["step"]), info.get("best_val")
+
+
+def _prune_checkpoints(out: Path, keep: int) -> None:
+    root = out / "checkpoints"
+    done = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _aux_state(run: Run) -> dict[str, Tensor]:
+    """run.aux's weights and AdamW state as flat train_state/ entries "_aux.weights.<name>", "_aux.optim.<name>.<key>"."""
+    if run.aux is None:
+        return {}
+    names = [n for n, _ in run.aux.named_parameters()]
+    flat = {f"_aux.weights.{n}": p.detach() for n, p in run.aux.named_parameters()}
+    for i, st in run.aux_optimizer.state_dict()["state"].items():
+        flat.update({f"_aux.optim.{names[i]}.{k}": v.reshape(1) if v.ndim == 0 else v for k, v in st.items()})
+    return flat
+
+
+def _load_aux(run: Run, flat: dict[str, Tensor]) -> None:
+    """Pop the "_aux." entries of a train_state into run.aux (missing ones: the modules start fresh)."""
+    saved = {k: flat.pop(k) for k in [k for k in flat if k.startswith("_aux.")]}
+    if run.aux is None:
+        return
+    osd = run.aux_optimizer.state_dict()
+    with torch.no_grad():
+        for i, (n, p) in enumerate(run.aux.named_parameters()):
+            if f"_aux.weights.{n}" in saved:
+                p.copy_(saved[f"_aux.weights.{n}"])
+            st = {k.rpartition(".")[2]: v for k, v in saved.items() if k.rpartition(".")[0] == f"_aux.optim.{n}"}
+            if st:
+                osd["state"][i] = {k: v.reshape(()) if k == "step" else v for k, v in st.items()}
+    run.aux_optimizer.load_state_dict(osd)
