@@ -160,3 +160,16 @@ def test_cli_impossible_requests_are_one_line_errors(tmp_path, source, capsys, a
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("tinylm: error: ") and err.count("\n") == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_init_preset_keeps_at_most_the_sources_kv_heads() -> None:
+    # 15m is multi-head (6 of 6); SmolLM2 has 3 key/value groups: selection keeps 3, which divides 6.
+    from tinylm.model.config import preset
+    from tinylm.stages.init import InitConfig, _sizes
+
+    sizes = _sizes(InitConfig(source="smollm2-135m", out="x", preset="15m"), preset("smollm2-135m"))
+    assert sizes["n_heads"] == 6 and sizes["n_kv_heads"] == 3
+    two_kv = preset("smollm2-135m", n_heads=9, n_kv_heads=1)
+    assert _sizes(InitConfig(source="s", out="x", preset="15m"), two_kv)["n_kv_heads"] == 1
+    explicit = InitConfig(source="s", out="x", preset="15m", n_kv_heads=2)  # an explicit size wins
+    assert _sizes(explicit, preset("smollm2-135m"))["n_kv_heads"] == 2

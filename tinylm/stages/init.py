@@ -8,7 +8,7 @@ from pathlib import Path
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
 from tinylm.formats import checkpoint
-from tinylm.model.config import PRESETS, preset
+from tinylm.model.config import PRESETS, ModelConfig, preset
 from tinylm.model.growth import INIT_METHODS, derive
 
 
@@ -40,12 +40,20 @@ class InitConfig:
     overwrite: bool = False
 
 
-def _sizes(cfg: InitConfig) -> dict[str, int | None]:
-    """Target sizes: the preset's, overridden by the explicit ones."""
+def _sizes(cfg: InitConfig, source: ModelConfig) -> dict[str, int | None]:
+    """Target sizes: the preset's, overridden by the explicit ones.
+
+    A preset's key/value heads are capped at the source's: selection keeps whole key/value groups, so
+    a multi-head preset (15m: 6 heads, 6 kv heads) taken from a grouped-query source (SmolLM2: 3 kv
+    heads) keeps the largest number of groups that divides its heads and the source has.
+    """
     sizes: dict[str, int | None] = {}
     if cfg.preset is not None:
         p = preset(cfg.preset)  # a one-line error for an unknown name
-        sizes = dict(dim=p.dim, ffn_dim=p.ffn_dim, n_heads=p.n_heads, n_kv_heads=p.n_kv_heads, n_layers=p.n_layers)
+        kv = p.n_kv_heads
+        if kv > source.n_kv_heads:
+            kv = max(d for d in range(1, source.n_kv_heads + 1) if p.n_heads % d == 0)
+        sizes = dict(dim=p.dim, ffn_dim=p.ffn_dim, n_heads=p.n_heads, n_kv_heads=kv, n_layers=p.n_layers)
     explicit = dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                     n_layers=cfg.n_layers)
     return {**sizes, **{k: v for k, v in explicit.items() if v is not None}}
@@ -59,6 +67,6 @@ def init(cfg: InitConfig) -> Path:
         raise TinylmError(f"init: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")
     check_out(cfg.out, cfg.overwrite)
     loaded = checkpoint.load(cfg.source)
-    model = derive(loaded.model, cfg.method, _sizes(cfg), cfg.seed)
+    model = derive(loaded.model, cfg.method, _sizes(cfg, loaded.config), cfg.seed)
     meta = {"derived_from": str(cfg.source), "method": cfg.method}
     return checkpoint.save(model, cfg.out, tokenizer=loaded.tokenizer, meta=meta)
