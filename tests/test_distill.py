@@ -23,6 +23,7 @@ from tinylm.cli import main
 from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import load_config
 from tinylm.data.tokenizer import train_tokenizer, trim_tokenizer
+from tinylm.data.tokens import Batch
 from tinylm.formats import checkpoint
 from tinylm.stages.distill import (
     DistillConfig,
@@ -98,10 +99,11 @@ def test_every_kd_loss_is_zero_for_the_same_model() -> None:
              {"kind": "fkl", "top_k": 4}, {"kind": "jsd", "top_k": 7, "temperature": 3.0},
              {"kind": "hidden_mse", "pairs": [[0, 0], [1, 1], [2, 2]]}, {"kind": "hidden_cos", "pairs": [[2, 2]]}]
     for spec in specs:
-        loss = make_loss_fn(parse_losses([spec]), teacher)(student, tokens).detach()
-        assert abs(float(loss)) < 1e-5, spec
-    ce = make_loss_fn(parse_losses([{"kind": "ce"}]), teacher)(student, tokens)
-    assert float(ce) > 1.0  # the harness does compute something
+        loss, metrics = make_loss_fn(parse_losses([spec]), teacher)(student, Batch(tokens))
+        assert abs(float(loss.detach())) < 1e-5, spec
+        assert list(metrics) == [spec["kind"]]
+    ce, metrics = make_loss_fn(parse_losses([{"kind": "ce"}]), teacher)(student, Batch(tokens))
+    assert float(ce.detach()) > 1.0 and float(metrics["ce"]) == float(ce.detach())  # the harness computes something
 
 
 # ----- vocabularies ------------------------------------------------------------------------------------------
@@ -110,7 +112,7 @@ def test_trimmed_student_reads_restricted_renormalised_teacher() -> None:
     teacher = tiny_model(seed=4)
     kept = torch.tensor(sorted(np.random.default_rng(0).choice(97, 40, replace=False).tolist()))
     tokens = torch.randint(0, 40, (2, 9), generator=torch.Generator().manual_seed(1))  # student ids
-    sig = OnlineTeacher(teacher, kept)(tokens)
+    sig = OnlineTeacher(teacher, kept)(Batch(tokens))
     _, lp = sig.distribution(1.0, None)
     with torch.no_grad():
         ref = F.log_softmax(teacher(kept[tokens[:, :-1]])[..., kept].float(), -1).flatten(0, 1)
@@ -183,6 +185,9 @@ def test_cache_gives_the_online_step_losses(data: Path, teacher: Path, tmp_path:
     distill(load_config(DistillConfig, None, cached))
     a, b = losses_of(tmp_path / "online"), losses_of(tmp_path / "cached")
     assert len(a) == len(b) == 6
+    for r in read_metrics(tmp_path / "cached" / "metrics.jsonl"):  # each term is logged beside the loss
+        terms = sum(t.get("weight", 1.0) * r[t["kind"]] for t in spec)
+        assert r["loss"] == pytest.approx(terms, rel=1e-5), r
     print('max |online - cached| step loss:', np.abs(np.subtract(a, b)).max())
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
 
@@ -285,7 +290,7 @@ def test_int8_teacher_is_close_to_the_float_one(teacher: Path) -> None:
     signals = {}
     for dtype in ("float32", "int8"):
         loaded = load_teacher(DistillSection(teacher=str(teacher), teacher_dtype=dtype), "cpu")
-        signals[dtype] = OnlineTeacher(loaded.model)(tokens)
+        signals[dtype] = OnlineTeacher(loaded.model)(Batch(tokens))
         n_q = sum(isinstance(m, QLinear) for m in loaded.model.modules())
         assert n_q == (0 if dtype == "float32" else 7 * loaded.model.config.n_layers)  # the head stays float
     p, q = (F.log_softmax(signals[k].logits, -1) for k in ("float32", "int8"))

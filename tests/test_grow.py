@@ -11,6 +11,7 @@ import torch
 from tests.conftest import tiny_model
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
+from tinylm.data.tokens import Batch
 from tinylm.formats import checkpoint
 from tinylm.model.growth import derive, hypercloning, inherit, select, selection_keep, stack
 from tinylm.model.surgery import evenly_spaced, target_shape
@@ -70,7 +71,7 @@ def test_stacked_model_repeats_blocks_and_trains():
     opt = make_optimizer(deep, OptimSection(lr=3e-3), torch.device("cpu"))
     losses = []
     for _ in range(8):
-        loss = lm_loss(deep, batch)
+        loss, _ = lm_loss(deep, Batch(batch))
         loss.backward()
         opt.step()
         opt.zero_grad()

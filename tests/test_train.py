@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import tiny_model
 from safetensors.torch import load_file
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import load_config
 from tinylm.formats import checkpoint
-from tinylm.train.config import ScheduleSection, TrainConfig
-from tinylm.train.loop import fit, setup
+from tinylm.data.tokens import TokenData
+from tinylm.train.config import DataSection, RunSection, ScheduleSection, TrainConfig
+from tinylm.train.loop import Batch, BatchSource, fit, setup, setup_model, train_step
 from tinylm.train.losses import lm_loss
 from tinylm.train.metrics import read_metrics
 from tinylm.train.schedule import branch_total, decay_steps, lr_factor
@@ -128,6 +131,67 @@ def test_decay_branch_equals_straight_run(data: Path, tmp_path: Path) -> None:
         setup(load_config(TrainConfig, None, tiny_args(data, tmp_path / "b2", **{"run.decay_from": str(late)})))
 
 
+# ----- losses and micro-batches ----------------------------------------------------------------------
+
+def masked_batches(data: Path, rows: int, seq_len: int) -> BatchSource:
+    """The pretraining windows with uneven masks: row i of the global batch leaves out its first
+    3i mod seq_len targets, so micro-batches count different numbers of targets."""
+    windows = TokenData.open(data).batches(0, rows, seq_len)
+
+    def source(step: int, start: int, count: int) -> Batch:
+        b = windows(step, start, count)
+        skip = torch.tensor([3 * (start + i) % seq_len for i in range(count)])
+        return Batch(b.tokens, b.index, mask=torch.arange(seq_len)[None, :] >= skip[:, None])  # (count, T)
+
+    return source
+
+
+def test_masked_lm_loss_is_the_mean_over_unmasked_targets() -> None:
+    model = tiny_model(seed=1, vocab_size=64)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 64, (3, 13), generator=g)
+    mask = torch.rand(3, 12, generator=g) < 0.6
+    print("unmasked targets:", int(mask.sum()))
+    with torch.no_grad():
+        loss, _ = lm_loss(model, Batch(tokens, mask=mask))
+        logits = model(tokens[:, :-1]).float()  # (B, T, V)
+        labels = tokens[:, 1:].masked_fill(~mask, -100)
+        ref = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100)
+        nll = -F.log_softmax(logits, -1).gather(-1, tokens[:, 1:, None])[..., 0]  # (B, T)
+        by_hand = nll[mask].sum() / mask.sum()
+        plain, _ = lm_loss(model, Batch(tokens))
+        nothing, _ = lm_loss(model, Batch(tokens, mask=torch.zeros_like(mask)))
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(loss, by_hand)
+    torch.testing.assert_close(plain, nll.mean())
+    assert float(nothing) == 0.0  # nothing counted: 0, not NaN
+
+
+def test_micro_batches_average_as_one_batch(data: Path) -> None:
+    rows, seq_len = 8, 16
+    runs = {}
+    for micro in (8, 2):  # one micro-batch of 8 rows, or 4 of 2 rows each with its own count of targets
+        cfg = TrainConfig(data=DataSection(seq_len=seq_len, batch_tokens=rows * seq_len, micro_batch=micro),
+                          schedule=ScheduleSection(kind="constant", steps=3, warmup_steps=1),
+                          run=RunSection(device="cpu", compile=False))
+        run = setup_model(cfg, tiny_model(seed=2, vocab_size=64), masked_batches(data, rows, seq_len))
+        stats = [train_step(run, lm_loss) for _ in range(3)]
+        runs[micro] = (run, [s["loss"] for s in stats], [s["grad_norm"] for s in stats])
+    (one, one_losses, one_norms), (acc, acc_losses, acc_norms) = runs[8], runs[2]
+    assert acc.accum == 4
+    # the same losses and gradients (their norms; AdamW's first steps magnify float noise in the weights)
+    np.testing.assert_allclose(acc_losses, one_losses, rtol=1e-5)
+    np.testing.assert_allclose(acc_norms, one_norms, rtol=1e-5)
+    # the reference: the masked mean over the whole first batch, computed at once
+    first = masked_batches(data, rows, seq_len)(0, 0, rows)
+    with torch.no_grad():
+        want = lm_loss(tiny_model(seed=2, vocab_size=64).train(), first)[0]
+        naive = np.mean([float(lm_loss(tiny_model(seed=2, vocab_size=64), masked_batches(data, rows, seq_len)(
+            0, i, 2))[0]) for i in range(0, rows, 2)])
+    assert acc_losses[0] == pytest.approx(float(want), rel=1e-5)
+    assert abs(naive - float(want)) > 1e-3  # the mean of micro-batch means would differ: the test can fail
+
+
 # ----- resume ----------------------------------------------------------------------------------------
 
 def cli_words(args: dict[str, object]) -> list[str]:
@@ -230,12 +294,12 @@ def test_non_finite_stops_with_last_checkpoint_intact(data: Path, tmp_path: Path
     calls = {"n": 0}
     bad_from = 11 * 2  # micro-steps: 2 per optimizer step, so step 12 goes bad
 
-    def poisoned(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    def poisoned(model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict]:
         calls["n"] += 1
-        loss = lm_loss(model, tokens)
+        loss, metrics = lm_loss(model, batch)
         if calls["n"] > bad_from:
-            return loss * float("nan") if what == "loss" else _InfGrad.apply(loss)
-        return loss
+            return (loss * float("nan") if what == "loss" else _InfGrad.apply(loss)), metrics
+        return loss, metrics
 
     out = tmp_path / what
     with pytest.raises(TinylmError, match=f"non-finite {what}.* at step 12") as err:

@@ -27,17 +27,36 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(name: str | torch.device) -> torch.device:
+    """The device a `--device` value names: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
+
+    Args:
+        name: the value; a torch.device passes through.
+    """
+    if isinstance(name, torch.device):
+        return name
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise TinylmError(f"not a device: {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise TinylmError(f"not a device: {name!r} (auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TinylmError(f"device {name} asked for but no CUDA device is available")
+    return device
+
+
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) and pick this rank's device.
 
     Args:
-        device: run.device: auto | cpu | cuda.
+        device: run.device: auto | cpu | cuda (each rank takes cuda:LOCAL_RANK).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise TinylmError(f"run.device must be auto, cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise TinylmError("run.device is cuda but no CUDA device is available")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    use_cuda = resolve_device(device).type == "cuda"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     dev = torch.device("cuda", d.local_rank) if use_cuda else torch.device("cpu")

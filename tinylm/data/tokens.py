@@ -1,10 +1,12 @@
-"""Token shards written by `tinylm data prepare`, and the deterministic batch loader over them."""
+"""Token shards written by `tinylm data prepare`, the deterministic batch loader over them, and `Batch`,
+what every training stage's batch source yields to the one training loop (`train.loop`)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -13,6 +15,65 @@ from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import _read_json
 
 FORMAT = "tinylm-tokens-v1"
+
+IGNORE_INDEX = -100  # the label of a target left out of the loss (F.cross_entropy's default ignore_index)
+
+
+# ----- batches: what a batch source yields to the training loop ----------------------------------------
+
+@dataclass
+class Batch:
+    """A micro-batch of training rows, and where it sits in the run.
+
+    The loop weights each micro-batch's loss by `weight`, so the loss of a step is the mean over the
+    whole global batch (all micro-steps and ranks) of whatever the loss averages: with a mask, the
+    unmasked targets, exactly as one large batch would average them.
+
+    Args:
+        tokens: (B, T + 1) token ids; inputs tokens[:, :-1], targets tokens[:, 1:].
+        index: the global row number of its first row: step * rows per global batch + its first row in
+            that batch, so per-row data prepared beforehand (a cached teacher) is addressed by the batch.
+        mask: (B, T) bool, True where the target tokens[:, 1:] counts in the loss (None: every target).
+        extras: per-row data a loss needs beside the tokens (a preference pair's rejected half, ...).
+        weight: what the loss averages over in this micro-batch; default the number of counted targets.
+    """
+
+    tokens: torch.Tensor
+    index: int = 0
+    mask: torch.Tensor | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+    weight: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.weight is None:
+            n = self.mask.sum() if self.mask is not None else self.tokens[:, 1:].numel()
+            self.weight = float(n)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.tokens[:, :-1]  # (B, T)
+
+    @property
+    def targets(self) -> torch.Tensor:
+        return self.tokens[:, 1:]  # (B, T)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """(B, T) targets with IGNORE_INDEX where the mask leaves them out."""
+        return self.targets if self.mask is None else self.targets.masked_fill(~self.mask, IGNORE_INDEX)
+
+    def to(self, device: torch.device | str) -> "Batch":
+        def move(v: Any) -> Any:
+            return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+
+        return Batch(move(self.tokens), self.index, move(self.mask), {k: move(v) for k, v in self.extras.items()},
+                     self.weight)
+
+
+# (step, first row of the global batch, row count) -> the Batch of those rows. A pure function of its
+# arguments (and the data and seed it closes over), so DDP ranks, micro-steps and a resumed run read the
+# same global batches.
+BatchSource = Callable[[int, int, int], Batch]
 
 
 # ----- reading: the batch loader ---------------------------------------------------------------------
@@ -50,6 +111,31 @@ class TokenData:
         self.vocab_size = int(meta["vocab_size"])
         # starts[k] = position of shard k's first token in the concatenated stream; starts[-1] = n_tokens
         self._starts = np.cumsum([0] + [len(s) for s in shards])
+
+    def check_vocab(self, model_vocab: int, model: str = "the model") -> None:
+        """A one-line error when the data holds ids the model has no embedding for.
+
+        Args:
+            model_vocab: the model's vocabulary size.
+            model: what to call the model in the error.
+        """
+        if self.vocab_size > model_vocab:
+            raise TinylmError(f"the data's vocabulary ({self.vocab_size}) is larger than {model}'s ({model_vocab}): "
+                              f"prepare the data with the model's tokenizer")
+
+    @classmethod
+    def from_ids(cls, ids: np.ndarray | torch.Tensor | list[int], vocab_size: int, n_bytes: int = 0,
+                 split: str = "train") -> "TokenData":
+        """A token stream held in memory (text tokenised on the spot), read as a data dir's split is.
+
+        Args:
+            ids: the token ids, in order.
+            vocab_size: the tokenizer's vocabulary size.
+            n_bytes: UTF-8 bytes of the text the ids encode (for bits per byte).
+            split: the split's name.
+        """
+        array = np.asarray(ids.numpy() if isinstance(ids, torch.Tensor) else ids, dtype=np.int64)
+        return cls({"vocab_size": vocab_size, "splits": {split: {"bytes": n_bytes}}}, [array], split)
 
     @classmethod
     def open(cls, directory: str | os.PathLike, split: str = "train") -> "TokenData":
@@ -126,19 +212,40 @@ class TokenData:
         out = np.stack([self._read(int(o), seq_len + 1) for o in offs]) if count else np.empty((0, seq_len + 1))
         return torch.from_numpy(out.astype(np.int64, copy=False))
 
-    def eval_windows(self, seq_len: int, max_windows: int | None = None) -> Iterator[torch.Tensor]:
+    def batches(self, seed: int, global_batch: int, seq_len: int) -> BatchSource:
+        """The batch source of pretraining: random windows of the stream (`windows`), nothing masked.
+
+        Args:
+            seed: data seed.
+            global_batch: windows per step over all ranks and micro-steps.
+            seq_len: tokens per input row.
+        """
+        def source(step: int, start: int, count: int) -> Batch:
+            tokens = self.windows(step, seed, global_batch, seq_len, start, count)  # (count, seq_len + 1)
+            return Batch(tokens, index=step * global_batch + start)
+
+        return source
+
+    def eval_windows(self, seq_len: int, max_windows: int | None = None,
+                     partial: bool = False) -> Iterator[torch.Tensor]:
         """Non-overlapping consecutive (seq_len + 1,) windows from the start of the stream (stride seq_len).
 
         Window j covers tokens [j * seq_len, j * seq_len + seq_len + 1), so every token after the first
-        is predicted exactly once.
+        is predicted exactly once (the last few only with `partial`).
 
         Args:
             seq_len: tokens per input row.
             max_windows: stop after this many windows (None: the whole split).
+            partial: end with a shorter window over the tokens a whole window leaves (a text file is
+                scored to its end); without it the stream must hold one whole window.
         """
-        self._check_len(seq_len)
+        if not partial:
+            self._check_len(seq_len)
         n = (self.n_tokens - 1) // seq_len
+        if partial and (self.n_tokens - 1) % seq_len:
+            n += 1
         if max_windows is not None:
             n = min(n, max_windows)
         for j in range(n):
-            yield torch.from_numpy(self._read(j * seq_len, seq_len + 1))
+            start = j * seq_len
+            yield torch.from_numpy(self._read(start, min(seq_len + 1, self.n_tokens - start)))

@@ -46,7 +46,7 @@ def evaluate(model: Llama, data: TokenData | str | os.PathLike, tokenizer: Token
     seq_len = seq_len or min(model.config.max_seq_len, 1024)
     if isinstance(data, TokenData) or Path(data).is_dir():
         split_data = data if isinstance(data, TokenData) else TokenData.open(data, split)
-        _check_vocab(model, split_data.vocab_size)
+        split_data.check_vocab(model.config.vocab_size)
         n_windows = None if max_tokens is None else max(1, max_tokens // seq_len)
         windows = split_data.eval_windows(seq_len, n_windows)
         byte_count = None  # scaled from the split's bytes below
@@ -61,12 +61,6 @@ def evaluate(model: Llama, data: TokenData | str | os.PathLike, tokenizer: Token
     loss = nats / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "bits_per_byte": nats / (math.log(2) * byte_count),
             "tokens": tokens, "bytes": byte_count, "seq_len": seq_len}
-
-
-def _check_vocab(model: Llama, vocab_size: int) -> None:
-    if vocab_size > model.config.vocab_size:
-        raise TinylmError(f"the data's vocabulary ({vocab_size}) is larger than the model's "
-                          f"({model.config.vocab_size}): it was prepared with another tokenizer")
 
 
 def _text_windows(path: Path, tokenizer: Tokenizer | None, seq_len: int,
@@ -88,6 +82,5 @@ def _text_windows(path: Path, tokenizer: Tokenizer | None, seq_len: int,
         # end may count a byte or two off).
         ids = ids[:max_tokens + 1]
         n_bytes = float(len(tokenizer.decode(ids, skip_special_tokens=True).encode("utf-8")))
-    ids_t = torch.tensor(ids, dtype=torch.long)
-    windows = (ids_t[i:i + seq_len + 1] for i in range(0, len(ids) - 1, seq_len))
+    windows = TokenData.from_ids(ids, tokenizer.vocab_size).eval_windows(seq_len, partial=True)
     return windows, n_bytes

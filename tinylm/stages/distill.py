@@ -1,17 +1,17 @@
 """Knowledge distillation: KD losses, an online teacher, and an offline one read from cached top-K logits.
 
-`distill(cfg)` is train.py's `fit(setup(cfg))` with another loss step (STYLE.md rule 5, after torchtune's
-knowledge_distillation_single_device recipe): schedules, checkpoint/resume, DDP, logging and plots are
-the pretraining ones. The loss step closes over a teacher signal, which is either
+`distill(cfg)` is `train.loop`'s `fit(setup(cfg), loss)` with another loss step (STYLE.md rule 5, after
+torchtune's knowledge_distillation_single_device recipe): batches, schedules, checkpoint/resume, DDP,
+logging and plots are the pretraining ones. The loss step closes over a teacher signal, which is either
 
 - online: the teacher model, in eval mode without gradients (fp32 or bf16, on its own device if asked),
   run on each micro-batch; or
 - offline: a cache written once by `build_cache` (`tinylm distill cache`) holding, for every window of
   the planned run, the teacher's top-K ids and log-probabilities and the log of the remaining mass.
   The cache holds exactly the windows the run will read (same data, seed, global batch, seq_len and
-  steps), addressed by (step, row of the global batch), so training from it sees the same batches as
-  online distillation and needs no teacher in memory. A K-of-V top-K stores K * (id + log-prob) + 4
-  bytes per token; K >= V stores the full log-prob rows (no ids).
+  steps), addressed by the batch's index (its global row number, step * rows + row), so training from it
+  sees the same batches as online distillation and needs no teacher in memory. A K-of-V top-K stores
+  K * (id + log-prob) + 4 bytes per token; K >= V stores the full log-prob rows (no ids).
 
 Losses (a weighted list, `distill.losses`): `ce` (next-token cross-entropy), `fkl` KL(p_T || q_T), `rkl`
 KL(q_T || p_T), `jsd` the generalised Jensen-Shannon divergence JSD(beta) of GKD (Agarwal et al. 2024,
@@ -19,7 +19,8 @@ eq. 1), each on distributions softened by a temperature and scaled by T^2 (Hinto
 with `top_k` the teacher's K most likely tokens plus one bucket for the rest (KL of the coarse-grained
 distributions: equal to the full loss when K = V, and never larger); and `hidden_mse` / `hidden_cos` on
 (student layer, teacher layer) pairs of the residual stream, through a learned linear projection where
-the widths differ (trained with the student, saved in train_state/ only, not in the student checkpoint).
+the widths differ (the loop's extra trainable modules: trained with the student, saved in train_state/
+only, not in the student checkpoint).
 
 Vocabularies: the student's tokenizer must be the teacher's, or a trim of it (`tinylm tokenizer trim`):
 then the teacher reads the tokens mapped back to its ids, and its distributions are restricted to the
@@ -31,7 +32,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -43,18 +43,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tinylm.core.devices import resolve_device
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir
-from tinylm.data.tokenizer import Tokenizer
-from tinylm.data.tokens import TokenData
+from tinylm.data.tokenizer import Tokenizer, read_token_map
+from tinylm.data.tokens import Batch, TokenData
 from tinylm.formats import checkpoint
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
 from tinylm.model.qlinear import quantization_of, swap_in, target_modules
 from tinylm.train.config import TrainConfig
 from tinylm.train.loop import batch_layout, data_tokenizer, fit, setup
-from tinylm.train.losses import coarse_grain, divergence, truncate
-from tinylm.train.state import LossFn, Run
+from tinylm.train.losses import LossFn, coarse_grain, divergence, truncate
+from tinylm.train.schedule import planned_steps
 
 KD_KINDS = ("fkl", "rkl", "jsd")
 
@@ -189,7 +190,7 @@ class TeacherSignal:
         return self.ids[:, :k].long(), F.log_softmax(torch.cat([lp[:, :k], rest[:, None]], -1), dim=-1)
 
 
-TeacherFn = Callable[[Tensor], TeacherSignal]
+TeacherFn = Callable[[Batch], TeacherSignal]  # the teacher's signal for a micro-batch
 
 
 class OnlineTeacher:
@@ -208,16 +209,17 @@ class OnlineTeacher:
         self.layers = layers
 
     @torch.no_grad()
-    def __call__(self, tokens: Tensor) -> TeacherSignal:
-        inputs = tokens[:, :-1].to(self.device)  # (B, T) student ids
+    def __call__(self, batch: Batch) -> TeacherSignal:
+        inputs = batch.inputs.to(self.device)  # (B, T) student ids
         if self.kept is not None:
             inputs = self.kept[inputs]  # teacher ids: the trimmed tokenizer's tokens renumbered
         # restricted to the student's tokens (log_softmax renormalises): (B, T, V_student), or V_teacher
         out = self.model(inputs, output_hidden_states=bool(self.layers), logits_for=self.kept)
         logits, hidden = out if self.layers else (out, [])
         logits = logits.float()
-        return TeacherSignal(logits=logits.flatten(0, 1).to(tokens.device),
-                             hidden={j: hidden[j].float().to(tokens.device) for j in self.layers})
+        device = batch.tokens.device
+        return TeacherSignal(logits=logits.flatten(0, 1).to(device),
+                             hidden={j: hidden[j].float().to(device) for j in self.layers})
 
 
 # ----- the loss step --------------------------------------------------------------------------------------
@@ -257,34 +259,42 @@ def hidden_term(term: LossTerm, student_hidden: list[Tensor], signal: TeacherSig
 
 
 def make_loss_fn(terms: list[LossTerm], teacher: TeacherFn, projections: nn.ModuleDict | None = None) -> LossFn:
-    """The distillation loss step for train.fit: (model, tokens (B, T + 1)) -> weighted sum of the terms.
+    """The distillation loss step for train.fit: (model, batch) -> (weighted sum of the terms, each term).
 
     Args:
         terms: the weighted loss terms.
-        teacher: tokens -> TeacherSignal (an OnlineTeacher or a CachedTeacher).
+        teacher: batch -> TeacherSignal (an OnlineTeacher or a CachedTeacher).
         projections: the learned student -> teacher width projections of the hidden-state terms.
     """
     projections = projections if projections is not None else nn.ModuleDict()
     need_hidden = any(t.kind in HIDDEN_KINDS for t in terms)
     need_teacher = any(t.kind != "ce" for t in terms)
+    names = _metric_names(terms)
 
-    def loss_fn(model: nn.Module, tokens: Tensor) -> Tensor:
-        signal = teacher(tokens) if need_teacher else TeacherSignal()
-        out = model(tokens[:, :-1], output_hidden_states=need_hidden)
+    def loss_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        signal = teacher(batch) if need_teacher else TeacherSignal()
+        out = model(batch.inputs, output_hidden_states=need_hidden)
         logits, hidden = out if need_hidden else (out, [])
         logits = logits.float().flatten(0, 1)  # (N, V)
-        total = logits.new_zeros(())
-        for term in terms:
+        total, metrics = logits.new_zeros(()), {}
+        for name, term in zip(names, terms):
             if term.kind == "ce":
-                value = F.cross_entropy(logits, tokens[:, 1:].flatten())
+                value = F.cross_entropy(logits, batch.targets.flatten())
             elif term.kind in HIDDEN_KINDS:
                 value = hidden_term(term, hidden, signal, projections)
             else:
                 value = kd_term(term, logits, signal)
             total = total + term.weight * value
-        return total
+            metrics[name] = value.detach()
+        return total, metrics
 
     return loss_fn
+
+
+def _metric_names(terms: list[LossTerm]) -> list[str]:
+    """metrics.jsonl keys of the terms' unweighted values: the kind, numbered where a kind repeats."""
+    kinds = [t.kind for t in terms]
+    return [k if kinds.count(k) == 1 else f"{k}_{i}" for i, k in enumerate(kinds)]
 
 
 def _proj_key(student_layer: int, teacher_layer: int) -> str:
@@ -334,23 +344,13 @@ def vocab_map(student: Tokenizer | None, teacher: Tokenizer | None, student_voca
         return None if student_vocab == teacher_vocab else torch.arange(student_vocab)
     t_token = {i: tok for tok, i in t_vocab.items()}
     if token_map is not None:
-        kept = _read_token_map(token_map)
+        kept = read_token_map(token_map, teacher_vocab)[0]
     else:
         kept = [t_vocab.get(tok, -1) for tok, _ in sorted(s_vocab.items(), key=lambda kv: kv[1])]
     bad = [tok for tok, i in s_vocab.items() if i >= len(kept) or t_token.get(kept[i]) != tok]
     if bad or len(kept) != student_vocab or max(kept) >= teacher_vocab:
         raise TinylmError(f"{what} ({len(bad)} tokens differ, e.g. {bad[:1]})")
     return torch.tensor(kept, dtype=torch.long)
-
-
-def _read_token_map(directory: str) -> list[int]:
-    path = Path(directory) / "token_map.json"
-    try:
-        return [int(i) for i in json.loads(path.read_text())["kept"]]
-    except FileNotFoundError:
-        raise TinylmError(f"{directory} has no token_map.json (make it with `tinylm tokenizer trim`)") from None
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise TinylmError(f"{path}: not a token map ({type(e).__name__})") from None
 
 
 # ----- the teacher -----------------------------------------------------------------------------------------
@@ -364,25 +364,13 @@ def load_teacher(d: DistillSection, student_device: str) -> checkpoint.Loaded:
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "int8": torch.float32}
     if d.teacher_dtype not in dtypes:
         raise TinylmError(f"distill.teacher_dtype must be float32, bfloat16 or int8, got {d.teacher_dtype!r}")
-    device = _device(student_device if d.teacher_device == "auto" else d.teacher_device)
+    device = resolve_device(student_device if d.teacher_device == "auto" else d.teacher_device)
     loaded = checkpoint.load(d.teacher, device=device, dtype=dtypes[d.teacher_dtype])
     if d.teacher_dtype == "int8" and quantization_of(loaded.model) is None:
         swap_in(loaded.model, {"scheme": "int8", "group_size": 0,
                                "modules": target_modules(loaded.model, skip_lm_head=True)})
     loaded.model.eval().requires_grad_(False)
     return loaded
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise TinylmError(f"not a device: {name!r} (cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TinylmError(f"device {name} asked for but no CUDA device is available")
-    return device
 
 
 def _teacher_layers(terms: list[LossTerm]) -> tuple[int, ...]:
@@ -402,13 +390,7 @@ def _data_fingerprint(data_dir: str) -> str:
 def _plan(cfg: DistillConfig) -> tuple[int, int]:
     """(rows per global batch, total steps) of the run `cfg` describes; the cache covers exactly these."""
     rows = batch_layout(cfg.data, 1)[0]
-    s = cfg.schedule
-    if (s.steps is None) == (s.tokens is None):
-        raise TinylmError("set exactly one of schedule.steps and schedule.tokens")
-    steps = s.steps if s.steps is not None else math.ceil(s.tokens / (rows * cfg.data.seq_len))
-    if steps < 1:
-        raise TinylmError("the schedule has no steps; raise schedule.steps or schedule.tokens")
-    return rows, steps
+    return rows, planned_steps(cfg.schedule, rows * cfg.data.seq_len)
 
 
 @dataclass
@@ -454,14 +436,13 @@ class TeacherCache:
 
 
 class CachedTeacher:
-    """Reads the cached signal of the micro-batch train_step is on: (run.step, run.batch_start) -> windows."""
+    """Reads the cached signal of a micro-batch: the cache's windows [batch.index, batch.index + B)."""
 
-    def __init__(self, cache: TeacherCache, run: Run) -> None:
-        self.cache, self.run = cache, run
+    def __init__(self, cache: TeacherCache) -> None:
+        self.cache = cache
 
-    def __call__(self, tokens: Tensor) -> TeacherSignal:
-        first = self.run.step * self.run.rows + self.run.batch_start
-        return self.cache.signal(first, tokens.shape[0], tokens.device)
+    def __call__(self, batch: Batch) -> TeacherSignal:
+        return self.cache.signal(batch.index, batch.tokens.shape[0], batch.tokens.device)
 
 
 def check_cache(cache: TeacherCache, cfg: DistillConfig, terms: list[LossTerm], rows: int, steps: int,
@@ -490,8 +471,9 @@ def build_cache(cfg: DistillConfig, top_k: int, out: str | os.PathLike, dtype: s
                 temperature: float = 1.0, batch_size: int = 8, overwrite: bool = False) -> dict[str, Any]:
     """Run the teacher once over every window the run `cfg` will read and store its top-K distributions.
 
-    Windows are the run's own (TokenData.windows at the run's seed, global batch, seq_len, for all its
-    steps), so training from the cache reads by (step, row) and sees exactly what online distillation sees.
+    Windows are the run's own batches (TokenData.batches at the run's seed, global batch, seq_len, for
+    all its steps), stored at each batch's index, so training from the cache reads by batch.index and sees
+    exactly what online distillation sees.
 
     Args:
         cfg: the distillation config of the planned run (data, schedule and distill.teacher are used).
@@ -552,14 +534,15 @@ def _fill_cache(tmp: Path, meta: dict[str, Any], data: TokenData, teacher: Onlin
         id_dtype = np.uint16 if meta["vocab_size"] <= 65536 else np.int32
         ids_out = open_memmap(tmp / "ids.npy", mode="w+", dtype=id_dtype, shape=(n, t, k))
         rest_out = open_memmap(tmp / "log_rest.npy", mode="w+", dtype=np.float32, shape=(n, t))
+    source = data.batches(meta["seed"], meta["rows"], t)  # the run's batch source
     start = time.perf_counter()
     for step in tqdm(range(meta["steps"]), unit="step", desc="teacher cache"):
         for b in range(0, meta["rows"], batch_size):
             count = min(batch_size, meta["rows"] - b)
-            tokens = data.windows(step, meta["seed"], meta["rows"], t, b, count)
-            sig = teacher(tokens)
+            batch = source(step, b, count)
+            sig = teacher(batch)
             ids, lp = sig.distribution(meta["temperature"], None if meta["full"] else k)
-            first = step * meta["rows"] + b
+            first = batch.index
             if meta["full"]:
                 lp_out[first:first + count] = lp.view(count, t, k).cpu().numpy()
                 continue
@@ -594,7 +577,7 @@ def distill(cfg: DistillConfig) -> Path:
         raise TinylmError("no training data: set data.dir (--data, a dir made by `tinylm data prepare`)")
     teacher_fn: TeacherFn | None = None
     cache = TeacherCache.open(d.cache) if uses_teacher and d.cache else None
-    aux = None
+    extra = None
     if uses_teacher and d.teacher:
         teacher = load_teacher(d, cfg.run.device)
         data = TokenData.open(cfg.data.dir, "train")
@@ -602,18 +585,18 @@ def distill(cfg: DistillConfig) -> Path:
                          (f"{cfg.data.dir}/tokenizer", d.teacher), d.token_map)
         teacher_fn = OnlineTeacher(teacher.model, kept, _teacher_layers(terms))
         t_cfg, t_vocab = teacher.config, teacher.config.vocab_size if kept is None else len(kept)
-        aux = lambda model: make_projections(terms, model.config, t_cfg)  # noqa: E731
-    run = setup(cfg, aux=aux)
+        extra = lambda model: make_projections(terms, model.config, t_cfg)  # noqa: E731
+    run = setup(cfg, extra_modules=extra)
     try:
         if teacher_fn is not None and run.model.config.vocab_size != t_vocab:
             raise TinylmError(f"the student's vocabulary ({run.model.config.vocab_size}) is not the teacher's "
                               f"({t_vocab}, after any trim): give the student the data's tokenizer")
         if cache is not None:
             check_cache(cache, cfg, terms, run.rows, run.total_steps, run.model.config.vocab_size)
-            teacher_fn = CachedTeacher(cache, run)
+            teacher_fn = CachedTeacher(cache)
         run.meta.update(stage="distill", teacher=d.teacher or (cache.meta["teacher"] if cache else None),
                         losses=[dataclasses.asdict(t) for t in terms])
-        return fit(run, make_loss_fn(terms, teacher_fn or (lambda tokens: TeacherSignal()), run.aux))
+        return fit(run, make_loss_fn(terms, teacher_fn or (lambda batch: TeacherSignal()), run.extra_modules))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from tinylm.core.devices import resolve_device
 from tinylm.core.errors import TinylmError
 from tinylm.evals.perplexity import evaluate
 from tinylm.evals.tinytales import sample_tinytales
@@ -24,15 +25,14 @@ def evaluate_source(source: str, data: str, split: str = "val", max_tokens: int 
         data: a data dir or a UTF-8 text file.
         split, max_tokens, seq_len, batch_size: see `evaluate`.
         tinytales: also sample this many stories and score them (0: no).
-        device: auto, cpu or cuda.
+        device: auto, cpu, cuda or cuda:N.
         as_json: print JSON instead of a table.
     """
     if not Path(data).exists():
         raise TinylmError(f"no data at {data}: expected a data dir or a UTF-8 text file")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     loaded = checkpoint.load(source, device=device)
-    amp = torch.bfloat16 if torch.device(device).type == "cuda" else None
+    amp = torch.bfloat16 if device.type == "cuda" else None
     result = {"source": str(source), "data": str(data),
               **evaluate(loaded.model, data, loaded.tokenizer, split, max_tokens, seq_len, batch_size, device, amp)}
     if tinytales:

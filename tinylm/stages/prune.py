@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,15 +33,15 @@ from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
 from tinylm.data.sources import iter_texts
 from tinylm.data.tokenizer import Tokenizer, read_token_map
-from tinylm.data.tokens import TokenData
+from tinylm.data.tokens import Batch, TokenData
 from tinylm.data.vocab import trimmed_tokenizer
 from tinylm.formats import checkpoint
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
 from tinylm.model.surgery import Keep, slice_model, target_shape, trim_vocab
-from tinylm.train.config import OptimSection
+from tinylm.train.config import DataSection, OptimSection, RunSection, ScheduleSection, TrainConfig
+from tinylm.train.loop import setup_model, train_step
 from tinylm.train.losses import lm_loss
-from tinylm.train.optim import make_optimizer
 
 # ----- calibration data ----------------------------------------------------------------------------
 
@@ -76,8 +75,7 @@ def open_tokens(spec: str, tokenizer: Tokenizer | None, max_tokens: int = 2_000_
             if len(ids) >= max_tokens:
                 break
     _extend(ids, tokenizer.encode_batch(chunk), bos, eos)
-    meta = {"vocab_size": tokenizer.vocab_size, "splits": {split: {"bytes": n_bytes}}}
-    return TokenData(meta, [np.asarray(ids, dtype=np.int64)], split)
+    return TokenData.from_ids(ids, tokenizer.vocab_size, n_bytes, split)
 
 
 def _extend(ids: list[int], encoded: list[list[int]], bos: list[int], eos: list[int]) -> None:
@@ -95,12 +93,6 @@ def calib_batches(data: TokenData, n_batches: int, batch_size: int, seq_len: int
         seed: data seed (training between pruning steps uses another).
     """
     return [data.windows(i, seed, batch_size, seq_len) for i in range(n_batches)]
-
-
-def _check_vocab(data: TokenData, model: Llama, spec: str) -> None:
-    if data.vocab_size > model.config.vocab_size:
-        raise TinylmError(f"{spec} was tokenised with a vocabulary of {data.vocab_size}, the model has "
-                          f"{model.config.vocab_size}; use data made with the model's tokenizer, or text")
 
 
 # ----- importance ----------------------------------------------------------------------------------
@@ -155,7 +147,7 @@ def _block_influence(hidden: list[Tensor]) -> Tensor:
 
 @torch.no_grad()
 def _loss(model: Llama, batches: list[Tensor]) -> float:
-    return sum(float(lm_loss(model, b)) for b in batches) / len(batches)
+    return sum(float(lm_loss(model, Batch(b))[0]) for b in batches) / len(batches)
 
 
 @torch.no_grad()
@@ -295,26 +287,25 @@ def interpolate(src: ModelConfig, target: ModelConfig, t: float) -> ModelConfig:
 
 def train_steps(model: Llama, data: TokenData, steps: int, batch_size: int, seq_len: int, lr: float,
                 seed: int = 1, start: int = 0) -> list[float]:
-    """A few AdamW steps of next-token loss (train.py's optimizer groups and loss); returns the losses.
+    """A few steps of the training loop's `train_step` (next-token loss, AdamW with its parameter groups,
+    gradient clipping at 1, constant lr) on a model in memory; returns the step losses.
 
     Args:
-        model: trained in place.
-        data: the token stream; step s reads `data.windows(start + s, seed, ...)`.
+        model: trained in place (left in eval mode).
+        data: the token stream; step s reads the batch of data step start + s (`TokenData.batches`).
         steps, batch_size, seq_len: how much to train on.
-        lr: constant learning rate (width-scaled per train.param_groups).
+        lr: constant learning rate (width-scaled per train.optim.param_groups).
         seed: data seed (keep it apart from the calibration seed).
         start: the first data step.
     """
-    model.train()
-    opt = make_optimizer(model, OptimSection(lr=lr), torch.device("cpu"))
-    losses = []
-    for s in range(steps):
-        loss = lm_loss(model, data.windows(start + s, seed, batch_size, seq_len))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+    cfg = TrainConfig(data=DataSection(seq_len=seq_len, batch_tokens=batch_size * seq_len, micro_batch=batch_size,
+                                       seed=seed),
+                      optim=OptimSection(lr=lr), schedule=ScheduleSection(kind="constant", steps=start + steps,
+                                                                           warmup_steps=1),
+                      run=RunSection(device="cpu", compile=False, progress=False))
+    run = setup_model(cfg, model, data.batches(seed, batch_size, seq_len))
+    run.step = start
+    losses = [train_step(run, lm_loss)["loss"] for _ in range(steps)]
     model.eval()
     return losses
 
@@ -489,7 +480,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], object] = print) -> Path:
     if not is_dir:
         model, tok, vocab_meta = _vocab_step(cfg, model, tok)
     data = open_tokens(cfg.calib, tok, max_tokens=max(2_000_000, 4 * cfg.calib_batches * cfg.batch_size * cfg.seq_len))
-    _check_vocab(data, model, cfg.calib)
+    data.check_vocab(model.config.vocab_size, str(cfg.source))
     sizes = dict(dim=cfg.dim, ffn_dim=cfg.ffn_dim, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, n_layers=cfg.n_layers)
     target = (_target_after_trim(cfg, model.config, is_dir) if cfg.target_params is not None
               else target_shape(model.config, **sizes))

@@ -20,6 +20,7 @@ import torch
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import disk_size
 from tinylm.data.tokenizer import Tokenizer
+from tinylm.data.tokens import TokenData
 from tinylm.formats import checkpoint
 from tinylm.model.llama import Llama
 from tinylm.model.qlinear import QMAX, quantization_of, swap_in, target_modules
@@ -93,11 +94,9 @@ def perplexity(model: Llama, ids: list[int], seq_len: int = 256, batch_size: int
         batch_size: windows per forward pass.
     """
     seq_len = min(seq_len, model.config.max_seq_len)
-    n = (len(ids) - 1) // seq_len
-    if n < 1:
+    if len(ids) <= seq_len:
         raise TinylmError(f"perplexity needs more than {seq_len} tokens of text, got {len(ids)}")
-    data = torch.tensor(ids[: n * seq_len + 1])
-    windows = (data[i * seq_len:(i + 1) * seq_len + 1] for i in range(n))  # each (seq_len + 1,)
+    windows = TokenData.from_ids(ids, model.config.vocab_size).eval_windows(seq_len)  # each (seq_len + 1,)
     nats, count = eval_nats(model, windows, batch_size)
     return math.exp(nats / count)
 

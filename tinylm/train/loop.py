@@ -1,11 +1,13 @@
-"""Pretraining: TrainConfig, learning-rate schedules, the loop, checkpoint/resume, DDP/FSDP2.
+"""The one training loop: `setup -> fit`, for every stage that trains.
 
-`pretrain(cfg)` is `fit(setup(cfg))`: `setup` builds everything (model, optimizer, data, devices) and
-checks the config before any output is written; `fit` is one plain loop whose loss step is a function
-argument, so `distill.py` reuses this loop, the schedules, the evaluation step, checkpointing and
-logging, and writes only its loss (STYLE.md rules 4 and 5).
+`setup(cfg)` builds everything (model, optimizer, data, devices) and checks the config before any
+output is written; `fit(run, loss_fn)` is one plain loop. A stage that trains differs from pretraining
+only in its batch source (`run.batches`, (step, first row, rows) -> `Batch`) and its loss function
+(`LossFn`, (model, batch) -> (loss, metrics)); schedules, evaluation, checkpoints, resume, DDP/FSDP2,
+signals, metrics and plots live here once (STYLE.md rules 4 and 5). A stage that trains a model held in
+memory for a few steps (prune's recovery steps) builds its run with `setup_model`.
 
-Determinism: a step's batch depends only on (data seed, step) (`TokenData.windows`), the model has no
+Determinism: a step's batches depend only on (data seed, step) (`TokenData.batches`), the model has no
 dropout, and checkpoints hold the exact fp32 weights and AdamW moments, so a run killed and resumed
 with `--resume auto` ends with the same bits as one that never stopped, compiled or not (a compiled CPU
 run needs deterministic algorithms for that, see `_wrap`).
@@ -23,22 +25,21 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
-from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops
+from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops, resolve_device
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import Tokenizer
-from tinylm.data.tokens import TokenData
+from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
 from tinylm.model.config import PRESETS, preset
 from tinylm.model.llama import Llama
 from tinylm.train.config import DataSection, ModelSection, RunSection
-from tinylm.train.losses import eval_nats, lm_loss
+from tinylm.train.losses import LossFn, eval_nats, lm_loss
 from tinylm.train.metrics import MetricsLog, plot_metrics
 from tinylm.train.optim import make_optimizer, set_lr
-from tinylm.train.schedule import _check_schedule, branch_total, decay_steps, lr_factor
+from tinylm.train.schedule import _check_schedule, branch_total, decay_steps, lr_factor, planned_steps
 from tinylm.train.state import (
-    LossFn,
     Run,
     _prune_checkpoints,
     _train_info,
@@ -48,16 +49,22 @@ from tinylm.train.state import (
     save_checkpoint,
 )
 
+__all__ = ["Batch", "BatchSource", "LossFn", "Run", "fit", "setup", "setup_model", "train_step"]
 
-def setup(cfg: Any, aux: Callable[[Llama], nn.Module] | None = None) -> Run:
+ExtraModules = Callable[[Llama], nn.ModuleDict]  # model -> named trainable modules beside it (see Run)
+
+
+def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     """Check the config, build model, optimizer and data, and restore a checkpoint if asked.
 
-    Every user error is raised here, before anything is written.
+    Every user error is raised here, before anything is written. The batch source is the data dir's
+    train split (`TokenData.batches`).
 
     Args:
         cfg: a TrainConfig (or any config with model, data, optim, schedule and run sections).
-        aux: builds extra trainable modules from the model (run.aux, e.g. distillation's projections);
-            they get their own AdamW at the model's lr and are saved in train_state/ only.
+        extra_modules: builds named trainable modules from the model (run.extra_modules, e.g.
+            distillation's projections); they get their own AdamW at the model's lr and are saved in
+            train_state/ only.
     """
     _check_schedule(cfg.schedule)
     d, device = init_distributed(cfg.run.device)
@@ -66,23 +73,49 @@ def setup(cfg: Any, aux: Callable[[Llama], nn.Module] | None = None) -> Run:
     train = TokenData.open(cfg.data.dir, "train")
     val = TokenData.open(cfg.data.dir, "val") if "val" in train.meta["splits"] else None
     tokenizer = data_tokenizer(cfg.data.dir)
-    rows, micro, accum = batch_layout(cfg.data, d.world)
+    rows = batch_layout(cfg.data, d.world)[0]
     torch.manual_seed(cfg.run.seed)
-    model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train.vocab_size, tokenizer)
+    model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train, tokenizer)
     out = Path(cfg.run.out)
     resume_from, total = _plan_start(cfg, out, rows)
+    run = _assemble(cfg, model, train.batches(cfg.data.seed, rows, cfg.data.seq_len), d, device, total, out)
+    run.val, run.tokenizer = val, tokenizer
+    if extra_modules is not None:
+        _attach_extra(run, extra_modules(model))
+    if resume_from is not None:
+        restore(run, resume_from)
+    amp = run.amp_dtype
+    run.peak_flops = cfg.run.peak_flops or measure_peak_flops(device, torch.float32 if amp is None else amp)
+    return run
+
+
+def setup_model(cfg: Any, model: Llama, batches: BatchSource) -> Run:
+    """A run over a model already in memory, in this process: no data dir, no resume, no validation.
+
+    For a few steps of `train_step` inside another stage (prune's recovery steps); `fit` works too and
+    writes to cfg.run.out.
+
+    Args:
+        cfg: a config with data (seq_len and batch layout), optim, schedule and run sections.
+        model: the model to train in place.
+        batches: the batch source.
+    """
+    _check_schedule(cfg.schedule)
+    rows = batch_layout(cfg.data, 1)[0]
+    total = planned_steps(cfg.schedule, rows * cfg.data.seq_len)
+    model.train()
+    return _assemble(cfg, model, batches, Dist(), resolve_device(cfg.run.device), total, Path(cfg.run.out))
+
+
+def _assemble(cfg: Any, model: Llama, batches: BatchSource, d: Dist, device: torch.device, total: int,
+              out: Path) -> Run:
+    """The Run record: the model on its device and wrapped, its optimizer, the batch layout."""
+    rows, micro, accum = batch_layout(cfg.data, d.world)
     model.to(device)
     train_model = _wrap(model, cfg.run, d, device)
     optimizer = make_optimizer(model, cfg.optim, device)
-    amp = _amp_dtype(cfg.run.dtype, device)
-    run = Run(cfg, model, train_model, optimizer, train, val, tokenizer, d, device, amp, total,
-              rows, micro, accum, out)
-    if aux is not None:
-        _attach_aux(run, aux(model))
-    if resume_from is not None:
-        restore(run, resume_from)
-    run.peak_flops = cfg.run.peak_flops or measure_peak_flops(device, torch.float32 if amp is None else amp)
-    return run
+    return Run(cfg, model, train_model, optimizer, batches, None, None, d, device, _amp_dtype(cfg.run.dtype, device),
+               total, rows, micro, accum, out)
 
 
 def data_tokenizer(data_dir: str) -> Tokenizer | None:
@@ -105,21 +138,20 @@ def batch_layout(data: DataSection, world: int) -> tuple[int, int, int]:
     return rows, micro, per_rank // micro
 
 
-def build_model(m: ModelSection, seq_len: int, vocab_size: int,
+def build_model(m: ModelSection, seq_len: int, data: TokenData,
                 tokenizer: Tokenizer | None) -> tuple[Llama, Tokenizer | None]:
     """The model to train, on the CPU in fp32, and the tokenizer to save beside it.
 
     Args:
         m: the model section: a preset with shape overrides, or `init` (a model source to continue).
         seq_len: training context; the model's max_seq_len is raised to it if shorter.
-        vocab_size: the data's vocabulary size.
+        data: the training data (a new model gets its vocabulary size).
         tokenizer: the data's tokenizer (None if the data dir has none).
     """
+    vocab_size = data.vocab_size
     if m.init:
         loaded = checkpoint.load(m.init)
-        if vocab_size > loaded.config.vocab_size:
-            raise TinylmError(f"the data's vocabulary ({vocab_size}) is larger than {m.init}'s "
-                              f"({loaded.config.vocab_size}); prepare the data with the model's tokenizer")
+        data.check_vocab(loaded.config.vocab_size, str(m.init))
         loaded.model.train()
         return loaded.model, tokenizer or loaded.tokenizer
     if m.preset not in PRESETS:
@@ -149,11 +181,7 @@ def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
             raise TinylmError(f"{src} (step {start}) is not in the stable phase of its WSD schedule")
         latest = latest_checkpoint(out) if r.resume == "auto" else None  # a killed branch continues
         return latest or src, branch_total(start, s.decay_fraction)
-    if (s.steps is None) == (s.tokens is None):
-        raise TinylmError("set exactly one of schedule.steps and schedule.tokens")
-    total = s.steps if s.steps is not None else math.ceil(s.tokens / (rows * cfg.data.seq_len))
-    if total < 1:
-        raise TinylmError("the schedule has no steps; raise schedule.steps or schedule.tokens")
+    total = planned_steps(s, rows * cfg.data.seq_len)
     if r.resume == "never":
         if latest_checkpoint(out) is not None:
             raise TinylmError(f"{out} already holds checkpoints: pass --resume auto to continue, or another run.out")
@@ -226,28 +254,29 @@ def validate(run: Run) -> float | None:
     return float(totals[0] / totals[1])
 
 
-# ----- aux modules: trainable, but not part of the model (distillation's hidden-state projections) -----
+# ----- extra modules: trainable, but not part of the model (distillation's hidden-state projections) -----
 
-def _attach_aux(run: Run, module: nn.Module) -> None:
-    if not any(True for _ in module.parameters()):
+def _attach_extra(run: Run, modules: nn.ModuleDict) -> None:
+    if not any(True for _ in modules.parameters()):
         return
     o = run.cfg.optim
-    run.aux = module.to(run.device)
-    run.aux_optimizer = torch.optim.AdamW([dict(params=list(module.parameters()), lr_scale=1.0)], lr=o.lr,
-                                          betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
+    run.extra_modules = modules.to(run.device)
+    run.extra_optimizer = torch.optim.AdamW([dict(params=list(modules.parameters()), lr_scale=1.0)], lr=o.lr,
+                                            betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
 
 
-def _step_aux(run: Run, factor: float) -> None:
-    """Step run.aux at the model's lr; their gradients are averaged over ranks here (DDP does not see them)."""
-    if run.aux_optimizer is None:
+def _step_extra(run: Run, factor: float) -> None:
+    """Step run.extra_modules at the model's lr; their gradients are averaged over ranks here (DDP does
+    not see them)."""
+    if run.extra_optimizer is None:
         return
-    for p in run.aux.parameters():
+    for p in run.extra_modules.parameters():
         if p.grad is not None and dist.is_initialized():
             dist.all_reduce(p.grad)
             p.grad /= run.dist.world
-    set_lr(run.aux_optimizer, run.cfg.optim.lr, factor)
-    run.aux_optimizer.step()
-    run.aux_optimizer.zero_grad(set_to_none=True)
+    set_lr(run.extra_optimizer, run.cfg.optim.lr, factor)
+    run.extra_optimizer.step()
+    run.extra_optimizer.zero_grad(set_to_none=True)
 
 
 # ----- the loop ------------------------------------------------------------------------------------------
@@ -280,47 +309,80 @@ def _grad_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
-def train_step(run: Run, loss_fn: LossFn) -> tuple[float, float]:
-    """One optimizer step over the global batch of run.step: (mean loss, gradient norm before clipping).
+def _micro_batches(run: Run) -> tuple[list[Batch], float]:
+    """This rank's micro-batches of the global batch of run.step, and the weight of the whole global batch."""
+    d = run.dist
+    # micro-step m of rank r reads rows [(m * world + r) * micro, ... + micro) of the global batch
+    batches = [run.batches(run.step, (m * d.world + d.rank) * run.micro, run.micro) for m in range(run.accum)]
+    total = torch.tensor([sum(b.weight for b in batches)], dtype=torch.float64)
+    if dist.is_initialized():
+        total = total.to(run.device)
+        dist.all_reduce(total)
+    total = float(total)
+    if total <= 0:
+        raise TinylmError(f"the batch of step {run.step + 1} has nothing to learn from (every target is masked)")
+    return batches, total
 
-    A non-finite loss or gradient raises TinylmError before the weights change.
+
+def train_step(run: Run, loss_fn: LossFn) -> dict[str, float]:
+    """One optimizer step over the global batch of run.step.
+
+    Each micro-batch's loss is weighted by its share of the global batch's weight (batch.weight, its
+    counted targets by default), so the step minimises the mean over the whole global batch, as one
+    large batch on one process would. A non-finite loss or gradient raises TinylmError before the
+    weights change.
 
     Args:
-        run: the run (its step selects the batch).
-        loss_fn: (model, tokens (B, T + 1)) -> scalar loss of the micro-batch.
+        run: the run (its step selects the batches).
+        loss_fn: (model, batch) -> (mean loss of the micro-batch, metrics).
+
+    Returns:
+        {"loss": mean loss, "grad_norm": gradient norm before clipping, and the loss's metrics, averaged}.
     """
     cfg, d = run.cfg, run.dist
-    loss_sum = torch.zeros((), device=run.device)
-    for m in range(run.accum):
-        start = (m * d.world + d.rank) * run.micro  # this rank's slice of the global batch
-        run.batch_start = start
-        tokens = run.train.windows(run.step, cfg.data.seed, run.rows, cfg.data.seq_len, start, run.micro)
-        tokens = tokens.to(run.device, non_blocking=True)
+    batches, total = _micro_batches(run)
+    sums: dict[str, Tensor] = {"loss": torch.zeros((), device=run.device)}
+    for m, batch in enumerate(batches):
+        share = batch.weight * d.world / total  # DDP/FSDP average gradients over ranks: undo the 1 / world
         with _grad_sync(run.train_model, m == run.accum - 1):
             with _autocast(run.device, run.amp_dtype):
-                loss = loss_fn(run.train_model, tokens) / run.accum
+                loss, metrics = loss_fn(run.train_model, batch.to(run.device))
+                loss = loss * share
             loss.backward()
-        loss_sum += loss.detach()
-    if dist.is_initialized():
-        dist.all_reduce(loss_sum)
-        loss_sum /= d.world
+        sums["loss"] += loss.detach()
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + torch.as_tensor(v, device=run.device).detach().float() * share
+    stats = _mean_over_ranks(sums, d)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-    norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
-    loss_value = float(loss_sum)
-    for what, value in (("loss", loss_value), ("gradient norm", norm)):
-        if not math.isfinite(value):
-            run.optimizer.zero_grad(set_to_none=True)
-            if run.aux_optimizer is not None:
-                run.aux_optimizer.zero_grad(set_to_none=True)
-            last = latest_checkpoint(run.out)
-            raise TinylmError(f"non-finite {what} ({value}) at step {run.step + 1}; stopped before updating the "
-                              f"weights; last good checkpoint: {last or 'none'}")
-    set_lr(run.optimizer, cfg.optim.lr, lr_factor(run.step, run.total_steps, cfg.schedule))
+    stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip))
+    for what, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
+        if not math.isfinite(stats[key]):
+            _stop_non_finite(run, what, stats[key])
+    factor = lr_factor(run.step, run.total_steps, cfg.schedule)
+    set_lr(run.optimizer, cfg.optim.lr, factor)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
-    _step_aux(run, lr_factor(run.step, run.total_steps, cfg.schedule))
+    _step_extra(run, factor)
     run.step += 1
-    return loss_value, norm
+    return stats
+
+
+def _mean_over_ranks(sums: dict[str, Tensor], d: Dist) -> dict[str, float]:
+    """Each rank's weighted sums, averaged over ranks in one all-reduce (every rank has the same keys)."""
+    values = torch.stack([sums[k] for k in sums])
+    if dist.is_initialized():
+        dist.all_reduce(values)
+        values /= d.world
+    return dict(zip(sums, values.tolist()))
+
+
+def _stop_non_finite(run: Run, what: str, value: float) -> None:
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.extra_optimizer is not None:
+        run.extra_optimizer.zero_grad(set_to_none=True)
+    last = latest_checkpoint(run.out)
+    raise TinylmError(f"non-finite {what} ({value}) at step {run.step + 1}; stopped before updating the "
+                      f"weights; last good checkpoint: {last or 'none'}")
 
 
 def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
@@ -328,7 +390,7 @@ def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
 
     Args:
         run: the run built by setup().
-        loss_fn: the loss step, (model, tokens (B, T + 1)) -> scalar; distillation passes its own.
+        loss_fn: the loss step, (model, batch) -> (loss, metrics); distillation passes its own.
 
     Returns:
         OUT/final, or the signal checkpoint (after which KeyboardInterrupt is raised).
@@ -345,18 +407,18 @@ def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
     with _catch_signals(run):
         while run.step < run.total_steps:
             t0 = time.perf_counter()
-            loss, norm = train_step(run, loss_fn)
+            stats = train_step(run, loss_fn)
             _sync(run.device)
             window_s, window_steps = window_s + time.perf_counter() - t0, window_steps + 1
             tps = tokens_per_step * window_steps / max(window_s, 1e-9)
-            mfu = tps * flops_per_token / run.peak_flops
+            mfu = tps * flops_per_token / run.peak_flops if run.peak_flops else 0.0
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
             record: dict[str, Any] = {}
             if run.step % max(1, cfg.log_every) == 0 or run.step == run.total_steps:
                 lr = run.cfg.optim.lr * lr_factor(run.step - 1, run.total_steps, run.cfg.schedule)
-                record = dict(step=run.step, tokens=run.step * tokens_per_step, loss=loss, lr=lr,
-                              grad_norm=norm, tokens_per_s=tps, mfu=mfu)
+                record = dict(step=run.step, tokens=run.step * tokens_per_step, **stats, lr=lr, tokens_per_s=tps,
+                              mfu=mfu)
                 window_s, window_steps = 0.0, 0
             if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total_steps:
                 run.last_val = validate(run)

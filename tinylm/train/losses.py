@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 import math
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinylm.core.devices import _autocast
+from tinylm.data.tokens import IGNORE_INDEX, Batch
 
 # ----- the loss step and evaluation ------------------------------------------------------------------
 
-def lm_loss(model: nn.Module, tokens: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of one micro-batch, in fp32.
+# (model, micro-batch) -> (scalar loss, metrics to log beside it). The loss is a mean over batch.weight
+# units (its counted targets by default); the loop weights micro-batches by it. Metric values (floats
+# or 0-d tensors) are averaged the same way and written to metrics.jsonl.
+LossFn = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, Tensor | float]]]
+
+
+def lm_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
+    """Mean next-token cross-entropy of one micro-batch over its counted targets, in fp32.
 
     Args:
         model: the (wrapped) language model.
-        tokens: (B, T + 1) token ids; inputs tokens[:, :-1], targets tokens[:, 1:].
+        batch: tokens (B, T + 1), and a (B, T) mask of the targets that count (None: all of them).
+
+    Returns:
+        (the loss, no extra metrics).
     """
-    logits = model(tokens[:, :-1])  # (B, T, V)
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
+    logits = model(batch.inputs).float().flatten(0, 1)  # (B * T, V)
+    if batch.mask is None:
+        return F.cross_entropy(logits, batch.targets.flatten()), {}
+    # sum / count rather than reduction="mean": a micro-batch with every target masked gives 0, not NaN
+    nll = F.cross_entropy(logits, batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll / max(batch.weight, 1.0), {}
 
 
 # exp(-1e4) is 0 in fp32 and bf16: a log-probability of -inf (a token of probability 0) is clamped to it

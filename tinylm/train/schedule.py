@@ -77,3 +77,18 @@ def _check_schedule(s: ScheduleSection) -> None:
         raise TinylmError(f"schedule.decay_fraction must be in (0, 1], got {s.decay_fraction}")
     if not 0 <= s.min_lr_ratio <= 1 or (s.kind == "wsd" and s.decay_shape == "exponential" and s.min_lr_ratio <= 0):
         raise TinylmError(f"schedule.min_lr_ratio must be in [0, 1] (> 0 for exponential), got {s.min_lr_ratio}")
+
+
+def planned_steps(s: ScheduleSection, tokens_per_step: int) -> int:
+    """The run's optimizer steps: schedule.steps, or schedule.tokens over the tokens of a global batch.
+
+    Args:
+        s: the schedule section (exactly one of steps and tokens set).
+        tokens_per_step: rows per global batch times seq_len.
+    """
+    if (s.steps is None) == (s.tokens is None):
+        raise TinylmError("set exactly one of schedule.steps and schedule.tokens")
+    total = s.steps if s.steps is not None else math.ceil(s.tokens / tokens_per_step)
+    if total < 1:
+        raise TinylmError("the schedule has no steps; raise schedule.steps or schedule.tokens")
+    return total

@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,15 +16,12 @@ from torch import Tensor, nn
 from tinylm.core.devices import Dist
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import Tokenizer
-from tinylm.data.tokens import TokenData
+from tinylm.data.tokens import BatchSource, TokenData
 from tinylm.formats import checkpoint
 from tinylm.model.llama import Llama
 from tinylm.model.surgery import build
 
 # ----- the run: everything setup() builds and fit() advances ----------------------------------------
-
-LossFn = Callable[[nn.Module, Tensor], Tensor]
-
 
 @dataclass
 class Run:
@@ -34,7 +31,7 @@ class Run:
     model: Llama  # the unwrapped model (its parameters are the ones being trained)
     train_model: nn.Module  # what the loss step calls: the model, compiled and/or DDP/FSDP-wrapped
     optimizer: torch.optim.Optimizer
-    train: TokenData
+    batches: BatchSource  # (step, first row, rows) -> Batch: the training data, a pure function of its arguments
     val: TokenData | None
     tokenizer: Tokenizer | None
     dist: Dist
@@ -51,10 +48,10 @@ class Run:
     peak_flops: float = 0.0
     stop_signal: int | None = None  # set by SIGINT/SIGTERM: checkpoint and stop after this step
     meta: dict[str, Any] = field(default_factory=dict)  # extra facts for the checkpoints' tinylm block
-    batch_start: int = 0  # first row (of the global batch) of the micro-batch being computed, for loss steps
-    # that read per-window data by (step, row), e.g. distillation from cached teacher logits
-    aux: nn.Module | None = None  # trainable modules beside the model (distillation's hidden-state projections):
-    aux_optimizer: torch.optim.Optimizer | None = None  # stepped with the model, saved in train_state/ only
+    # Trainable modules beside the model that a loss uses (distillation's hidden-state projections): stepped
+    # with the model at its learning rate, saved in train_state/ only, never in the model checkpoint.
+    extra_modules: nn.ModuleDict | None = None
+    extra_optimizer: torch.optim.Optimizer | None = None
 
 
 def _train_info(ckpt: Path) -> dict[str, Any]:
@@ -130,7 +127,7 @@ def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> Path:
         info = dict(step=run.step, tokens=run.step * run.rows * run.cfg.data.seq_len, total_steps=run.total_steps,
                     best_val=run.best_val, world=run.dist.world, config=run.cfg.to_dict()) if resumable else None
         checkpoint.save(model, path, run.tokenizer, meta=_meta(run), train_info=info,
-                        train_state={**_flatten_optimizer(osd), **_aux_state(run)} if resumable else None)
+                        train_state={**_flatten_optimizer(osd), **_extra_state(run)} if resumable else None)
     _barrier()
     return path
 
@@ -150,7 +147,7 @@ def restore(run: Run, ckpt: Path) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     flat, info = checkpoint.load_train_state(ckpt)
-    _load_aux(run, flat)  # pops the aux entries
+    _load_extra(run, flat)  # pops the extra modules' entries
     weights = checkpoint.load(ckpt).model.state_dict()
     opts = StateDictOptions(full_state_dict=True)
     _, osd = get_state_dict(run.model, run.optimizer, options=opts)  # the param_groups layout to fill
@@ -169,28 +166,34 @@ def _prune_checkpoints(out: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _aux_state(run: Run) -> dict[str, Tensor]:
-    """run.aux's weights and AdamW state as flat train_state/ entries "_aux.weights.<name>", "_aux.optim.<name>.<key>"."""
-    if run.aux is None:
+# train_state/ keys of the extra modules: "_aux.weights.<name>" and "_aux.optim.<name>.<key>" (the prefix
+# of the first distillation checkpoints, kept so that they resume)
+EXTRA_PREFIX = "_aux."
+
+
+def _extra_state(run: Run) -> dict[str, Tensor]:
+    """run.extra_modules' weights and AdamW state as flat train_state/ entries under EXTRA_PREFIX."""
+    if run.extra_modules is None:
         return {}
-    names = [n for n, _ in run.aux.named_parameters()]
-    flat = {f"_aux.weights.{n}": p.detach() for n, p in run.aux.named_parameters()}
-    for i, st in run.aux_optimizer.state_dict()["state"].items():
-        flat.update({f"_aux.optim.{names[i]}.{k}": v.reshape(1) if v.ndim == 0 else v for k, v in st.items()})
+    names = [n for n, _ in run.extra_modules.named_parameters()]
+    flat = {f"{EXTRA_PREFIX}weights.{n}": p.detach() for n, p in run.extra_modules.named_parameters()}
+    for i, st in run.extra_optimizer.state_dict()["state"].items():
+        flat.update({f"{EXTRA_PREFIX}optim.{names[i]}.{k}": v.reshape(1) if v.ndim == 0 else v for k, v in st.items()})
     return flat
 
 
-def _load_aux(run: Run, flat: dict[str, Tensor]) -> None:
-    """Pop the "_aux." entries of a train_state into run.aux (missing ones: the modules start fresh)."""
-    saved = {k: flat.pop(k) for k in [k for k in flat if k.startswith("_aux.")]}
-    if run.aux is None:
+def _load_extra(run: Run, flat: dict[str, Tensor]) -> None:
+    """Pop the EXTRA_PREFIX entries of a train_state into run.extra_modules (missing ones start fresh)."""
+    saved = {k: flat.pop(k) for k in [k for k in flat if k.startswith(EXTRA_PREFIX)]}
+    if run.extra_modules is None:
         return
-    osd = run.aux_optimizer.state_dict()
+    osd = run.extra_optimizer.state_dict()
     with torch.no_grad():
-        for i, (n, p) in enumerate(run.aux.named_parameters()):
-            if f"_aux.weights.{n}" in saved:
-                p.copy_(saved[f"_aux.weights.{n}"])
-            st = {k.rpartition(".")[2]: v for k, v in saved.items() if k.rpartition(".")[0] == f"_aux.optim.{n}"}
+        for i, (n, p) in enumerate(run.extra_modules.named_parameters()):
+            if f"{EXTRA_PREFIX}weights.{n}" in saved:
+                p.copy_(saved[f"{EXTRA_PREFIX}weights.{n}"])
+            st = {k.rpartition(".")[2]: v for k, v in saved.items()
+                  if k.rpartition(".")[0] == f"{EXTRA_PREFIX}optim.{n}"}
             if st:
                 osd["state"][i] = {k: v.reshape(()) if k == "step" else v for k, v in st.items()}
-    run.aux_optimizer.load_state_dict(osd)
+    run.extra_optimizer.load_state_dict(osd)
