@@ -16,7 +16,7 @@ import pytest
 
 from tinylm import cli
 from tinylm.core.errors import TinylmError
-from tinylm.core.recipe import Parser, add_options, config_from_args, config_keys, help_text
+from tinylm.core.recipe import Parser, add_options, config_from_args, config_keys, help_text, spelling
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,9 +50,8 @@ def test_help_lists_every_key_with_type_default_and_comment(path, command, capsy
     shown = squeeze(capsys.readouterr().out)
     for key in config_keys(config_of(command)):
         assert key.comment, f"{' '.join(path)}: {key.name} has no comment"
-        spelling = key.name.upper() if key.name in command.positional else \
-            key.name if "." in key.name else key.name.replace("_", "-")
-        assert squeeze(spelling) in shown, key.name
+        shown_as = key.name.upper() if key.name in command.positional else f"--{spelling(key.name)}"
+        assert shown_as in shown, key.name
         assert squeeze(help_text(key).replace("%%", "%")) in shown, key.name
 
 

@@ -25,8 +25,8 @@ class Command:
 
     help: str
     stage: str = ""  # module under tinylm.stages; empty for a group of subcommands
-    config: str = ""
-    run: str = "main"
+    config: str = ""  # its config dataclass
+    run: str = "main"  # its function that takes the config and prints the result
     positional: tuple[str, ...] = ()  # keys also given as positional arguments
     aliases: dict[str, str] = field(default_factory=dict)  # short options: {"--out": "run.out"}
     epilog: str = ""

@@ -289,12 +289,17 @@ def add_options(parser: argparse.ArgumentParser, cls: type, positional: tuple[st
         _add_key(target, key, sectioned, argparse.SUPPRESS if key.name in positional else help_text(key))
     by_name = {key.name: key for key in keys}
     for alias, name in (aliases or {}).items():
-        _add_option(parser, [alias], by_name[name], sectioned, f"same as --{name.replace('_', '-')}"
-                    if not sectioned else f"same as --{name}")
+        _add_option(parser, [alias], by_name[name], sectioned, f"same as --{spelling(name)}")
+
+
+def spelling(name: str) -> str:
+    """The option of a key as --help shows it: `run.decay_from` (recipe keys keep their YAML spelling) or
+    `max-tokens` (a flat key, spelt as the README always did)."""
+    return name if "." in name else name.replace("_", "-")
 
 
 def _add_key(parser: Any, key: Key, sectioned: bool, help: str) -> None:
-    shown = key.name if sectioned else key.name.replace("_", "-")
+    shown = spelling(key.name)
     _add_option(parser, [f"--{shown}"], key, sectioned, help)
     other = key.name.replace("_", "-") if sectioned else key.name
     if other != shown:  # the other spelling works, without a second line in --help
