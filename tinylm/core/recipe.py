@@ -156,15 +156,17 @@ def _coerce_list(value: Any, hint: Any, name: str, from_text: bool) -> list[Any]
     import yaml
 
     item = _item_type(hint)
-    if from_text and isinstance(value, str):
-        if not value.lstrip().startswith("["):  # one word: "width,depth" for a tuple, one path for a list
-            value = [v.strip() for v in value.split(",")] if typing.get_origin(hint) is tuple else [value]
-        else:
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError:
-                raise TinylmError(f"{name} must be a YAML list, e.g. '[{{kind: fkl, weight: 1}}]', "
-                                  f"got {value!r}") from None
+    one_word = from_text and isinstance(value, str) and not value.lstrip().startswith("[")
+    if one_word and typing.get_origin(hint) is tuple:  # "width,depth"
+        value = [v.strip() for v in value.split(",")]
+    elif one_word and item is str:  # one path of a list of paths
+        value = [value]
+    elif from_text and isinstance(value, str):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise TinylmError(f"{name} must be a YAML list, e.g. '[{{kind: fkl, weight: 1}}]', "
+                              f"got {value!r}") from None
     if not isinstance(value, (list, tuple)):
         raise TinylmError(f"{name} must be a list, got {value!r}")
     if item in (str, int, float, bool):
