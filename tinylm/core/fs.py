@@ -21,8 +21,7 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[P
         overwrite: allow replacing an existing `out_dir`; otherwise it is a TinylmError.
     """
     out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise TinylmError(f"{out} already exists (pass --overwrite to replace it)")
+    check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -40,7 +39,13 @@ def atomic_dir(out_dir: str | os.PathLike, overwrite: bool = True) -> Iterator[P
 
 
 def check_out(out: str | os.PathLike, overwrite: bool) -> None:
-    """Refuse to start when `out` exists and may not be replaced (checked before any work is done)."""
+    """Refuse to start when `out` exists and may not be replaced: every stage calls this before any work
+    is done (the one place this message is written).
+
+    Args:
+        out: the file or directory a stage will write.
+        overwrite: the stage's --overwrite.
+    """
     if Path(out).exists() and not overwrite:
         raise TinylmError(f"{out} already exists (pass --overwrite to replace it)")
 

@@ -1,9 +1,24 @@
-"""Sectioned config dataclasses from YAML recipes and `--section.key VALUE` overrides."""
+"""Config dataclasses from YAML recipes and the command line, and the command line from them.
+
+A command's config is a dataclass, flat (`GrowConfig`: fields are values) or sectioned (`TrainConfig`:
+fields are flat dataclasses, one per YAML section). Each field carries its type, its default and a one-line
+`# comment` on its line (or on the comment lines just above it). `add_options` turns a config class into
+argparse options whose --help text is that comment with the type and default, so a default is written once,
+beside its field. The options' own defaults are argparse.SUPPRESS: only what was typed reaches `load_config`,
+which lays it over the YAML recipe (the command line wins) and checks every value the same way.
+"""
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
+import functools
+import inspect
+import io
 import os
+import textwrap
+import tokenize
 import typing
 from pathlib import Path
 from typing import Any
@@ -13,34 +28,43 @@ from tinylm.core.errors import TinylmError
 
 def load_config(cls: type, path: str | os.PathLike | None = None,
                 overrides: list[str] | dict[str, Any] | None = None) -> Any:
-    """Build a sectioned config dataclass from a YAML recipe plus overrides; the command line wins.
+    """Build a config dataclass from a YAML recipe plus overrides; the command line wins.
 
     Args:
-        cls: the config class (TrainConfig, or a stage's own with more sections); its fields are
-            section dataclasses.
-        path: a YAML recipe whose top-level keys are section names.
+        cls: the config class: flat, or sectioned (TrainConfig, or a stage's own with more sections).
+        path: a YAML recipe: a mapping of the fields (flat), or of section names to mappings (sectioned).
         overrides: `["--section.key", "value", ...]` (as typed on the command line; `--a.b=v` works
-            too) or a dict {"section.key": value}.
+            too) or a dict {"section.key": value} ({"key": value} for a flat config); strings are parsed
+            as command-line text, other values are checked as YAML values.
     """
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
     pairs = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+    if not is_sectioned(cls):
+        values = {k: (v, False) for k, v in raw.items()}
+        values.update({k: (v, isinstance(v, str)) for k, v in pairs.items()})
+        return _build_section(cls, "", values)
     sections = {f.name: f for f in dataclasses.fields(cls)}
-    values: dict[str, dict[str, Any]] = {name: {} for name in sections}
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for name, body in raw.items():
         if name not in sections:
             raise TinylmError(f"{path}: unknown section {name!r} (known: {', '.join(sections)})")
         if not isinstance(body, dict):
             raise TinylmError(f"{path}: section {name!r} must be a mapping of keys to values")
-        values[name].update({k: (v, False) for k, v in body.items()})
+        per_section[name].update({k: (v, False) for k, v in body.items()})
     for dotted, value in pairs.items():
         name, _, key = dotted.partition(".")
         if name not in sections or not key:
             raise TinylmError(f"unknown option --{dotted} (use --section.key with a section of: {', '.join(sections)})")
-        values[name][key] = (value, isinstance(value, str))
-    kwargs = {name: _build_section(sections[name].default_factory, name, values[name]) for name in sections}
+        per_section[name][key] = (value, isinstance(value, str))
+    kwargs = {name: _build_section(sections[name].default_factory, name, per_section[name]) for name in sections}
     return cls(**kwargs)
+
+
+def is_sectioned(cls: type) -> bool:
+    """Whether every field of the config class `cls` is itself a dataclass (a YAML section)."""
+    return all(dataclasses.is_dataclass(hint) for hint in _hints(cls).values())
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -53,7 +77,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     except yaml.YAMLError as e:
         raise TinylmError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
-        raise TinylmError(f"{path}: a recipe is a mapping of sections (model, data, optim, ...)")
+        raise TinylmError(f"{path}: a recipe is a mapping of sections (model, data, optim, ...) or of keys")
     return data
 
 
@@ -68,7 +92,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     while i < len(args):
         word = args[i]
         if not word.startswith("--") or len(word) == 2:
-            raise TinylmError(f"unexpected argument {word!r} (options look like --section.key VALUE)")
+            raise TinylmError(f"unexpected argument {word!r} (options look like --key VALUE)")
         key, eq, value = word[2:].partition("=")
         if not eq:
             has_value = i + 1 < len(args) and not args[i + 1].startswith("--")
@@ -80,19 +104,23 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def _build_section(cls: type, section: str, values: dict[str, tuple[Any, bool]]) -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
+    prefix = f"{section}." if section else ""
     kwargs = {}
     for key, (value, from_text) in values.items():
         if key not in hints:
-            raise TinylmError(f"unknown key {section}.{key} (known: {', '.join(hints)})")
-        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", from_text)
+            raise TinylmError(f"unknown key {prefix}{key} (known: {', '.join(hints)})")
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", from_text)
+    for f in dataclasses.fields(cls):
+        if f.init and f.name not in kwargs and _default(f) is dataclasses.MISSING:
+            raise TinylmError(f"{prefix}{f.name} is required (give it on the command line or in the recipe)")
     return cls(**kwargs)
 
 
 def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
     """Check (YAML) or convert (command-line text) one value to its field's type."""
-    if typing.get_origin(hint) is list:  # e.g. distill.losses: a YAML list, or YAML flow text on the command line
-        return _coerce_list(value, name, from_text)
+    if typing.get_origin(hint) in (list, tuple):
+        return _coerce_list(value, hint, name, from_text)
     args = typing.get_args(hint)
     optional = type(None) in args
     base = next((a for a in args if a is not type(None)), hint) if args else hint
@@ -123,14 +151,224 @@ def _coerce(value: Any, hint: Any, name: str, from_text: bool) -> Any:
     raise TinylmError(f"{name} must be {base.__name__}{' or none' if optional else ''}, got {value!r}")
 
 
-def _coerce_list(value: Any, name: str, from_text: bool) -> list[Any]:
+def _coerce_list(value: Any, hint: Any, name: str, from_text: bool) -> list[Any] | tuple[Any, ...]:
+    """A list field (a YAML list, or YAML flow text on the command line) or a tuple field (also "a,b")."""
     import yaml
 
-    if from_text and isinstance(value, str):
+    item = _item_type(hint)
+    one_word = from_text and isinstance(value, str) and not value.lstrip().startswith("[")
+    if one_word and typing.get_origin(hint) is tuple:  # "width,depth"
+        value = [v.strip() for v in value.split(",")]
+    elif one_word and item is str:  # one path of a list of paths
+        value = [value]
+    elif from_text and isinstance(value, str):
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
-            raise TinylmError(f"{name} must be a YAML list, e.g. '[{{kind: fkl, weight: 1}}]', got {value!r}") from None
-    if not isinstance(value, list):
+            raise TinylmError(f"{name} must be a YAML list, e.g. '[{{kind: fkl, weight: 1}}]', "
+                              f"got {value!r}") from None
+    if not isinstance(value, (list, tuple)):
         raise TinylmError(f"{name} must be a list, got {value!r}")
-    return value
+    if item in (str, int, float, bool):
+        value = [_coerce(v, item, f"{name}[{i}]", from_text) for i, v in enumerate(value)]
+    return tuple(value) if typing.get_origin(hint) is tuple else list(value)
+
+
+def _item_type(hint: Any) -> Any:
+    """`list[str]` -> str, `tuple[str, ...]` -> str, `list[dict[...]]` -> dict[...]."""
+    args = typing.get_args(hint)
+    return args[0] if args else Any
+
+
+# ----- keys, their comments, and argparse options made from them ---------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    """One settable value of a config: `name` is "key" (flat) or "section.key" (sectioned)."""
+
+    name: str
+    hint: Any
+    default: Any  # dataclasses.MISSING when the key is required
+    comment: str
+
+
+def config_keys(cls: type) -> list[Key]:
+    """Every key of a config class, in declaration order, with type, default and comment."""
+    if is_sectioned(cls):
+        return [dataclasses.replace(key, name=f"{section}.{key.name}")
+                for section, hint in _hints(cls).items() for key in config_keys(hint)]
+    hints, comments = _hints(cls), field_comments(cls)
+    return [Key(f.name, hints[f.name], _default(f), comments.get(f.name, "")) for f in dataclasses.fields(cls)
+            if f.init]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved type of every init field of a dataclass (its module's `from __future__` strings evaluated)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+@functools.cache
+def field_comments(cls: type) -> dict[str, str]:
+    """{field: comment} from the class source (base classes first): the `# comment` on the field's line,
+    or else the comment lines right above it."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            out.update(_class_comments(klass))
+    return out
+
+
+def _class_comments(klass: type) -> dict[str, str]:
+    try:
+        source = textwrap.dedent(inspect.getsource(klass))
+    except (OSError, TypeError):  # no source (a class made at run time): no comments
+        return {}
+    lines = source.splitlines()
+    comments = {t.start[0]: t.string.lstrip("#").strip()
+                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    out = {}
+    for node in ast.parse(source).body[0].body:  # type: ignore[attr-defined]
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        above, line = [], node.lineno - 1
+        while line in comments and lines[line - 1].lstrip().startswith("#"):
+            above.insert(0, comments[line])
+            line -= 1
+        out[node.target.id] = comments.get(node.end_lineno or node.lineno) or " ".join(above)
+    return out
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are TinylmErrors (one line on stderr, exit 2) and that takes no
+    abbreviations (`--optim.l` must not silently mean `--optim.lr`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise TinylmError(message)
+
+
+def add_options(parser: argparse.ArgumentParser, cls: type, positional: tuple[str, ...] = (),
+                aliases: dict[str, str] | None = None) -> None:
+    """Add `--config FILE` and one option per key of the config class `cls` to `parser`.
+
+    A sectioned config's keys are `--section.key VALUE` (grouped by section in --help); a flat config's
+    are `--key-with-dashes VALUE` (`--key_with_underscores` is accepted too). Booleans: `--flag` /
+    `--no-flag` in a flat config (a flag never takes a value there, so it cannot swallow a positional
+    argument that follows it), `--section.flag [VALUE]` in a sectioned one (recipes set true/false).
+    A `list[str]` key takes several words (`--corpus a b`, or repeated: `--prompt a --prompt b`).
+
+    Args:
+        parser: the command's parser.
+        cls: its config class.
+        positional: keys given as positional arguments (as well as by their option).
+        aliases: extra option spellings, e.g. {"--out": "run.out", "--from": "source"}.
+    """
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help="a YAML recipe that sets defaults; the command line wins")
+    sectioned = is_sectioned(cls)
+    if sectioned:  # the generated usage line would list every key
+        parser.usage = "%(prog)s [--config FILE] [--section.key VALUE ...]"
+    groups: dict[str, Any] = {}
+    keys = config_keys(cls)
+    for key in keys:
+        section = key.name.partition(".")[0] if sectioned else ""
+        if section and section not in groups:
+            doc = (inspect.getdoc(_hints(cls)[section]) or "").splitlines()
+            groups[section] = parser.add_argument_group(section, doc[0] if doc else None)
+        target = groups.get(section, parser)
+        if key.name in positional:
+            target.add_argument(key.name, nargs="*" if _is_list(key.hint) else "?", default=argparse.SUPPRESS,
+                                metavar=key.name.upper(), help=f"{help_text(key)}; or --{key.name}")
+        _add_key(target, key, sectioned, argparse.SUPPRESS if key.name in positional else help_text(key))
+    by_name = {key.name: key for key in keys}
+    for alias, name in (aliases or {}).items():
+        _add_option(parser, [alias], by_name[name], sectioned, f"same as --{spelling(name)}")
+
+
+def spelling(name: str) -> str:
+    """The option of a key as --help shows it: `run.decay_from` (recipe keys keep their YAML spelling) or
+    `max-tokens` (a flat key, spelt as the README always did)."""
+    return name if "." in name else name.replace("_", "-")
+
+
+def _add_key(parser: Any, key: Key, sectioned: bool, help: str) -> None:
+    shown = spelling(key.name)
+    _add_option(parser, [f"--{shown}"], key, sectioned, help)
+    other = key.name.replace("_", "-") if sectioned else key.name
+    if other != shown:  # the other spelling works, without a second line in --help
+        _add_option(parser, [f"--{other}"], key, sectioned, argparse.SUPPRESS)
+
+
+def _add_option(parser: Any, flags: list[str], key: Key, sectioned: bool, help: str) -> None:
+    kwargs: dict[str, Any] = dict(dest=key.name, default=argparse.SUPPRESS, help=help)
+    base = _base(key.hint)
+    if base is bool and not sectioned:
+        parser.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+    elif base is bool:
+        parser.add_argument(*flags, nargs="?", const="true", metavar="BOOL", **kwargs)
+    elif _is_list(key.hint) and _item_type(key.hint) is str:
+        parser.add_argument(*flags, nargs="+", action="extend", metavar="STR", **kwargs)
+    else:
+        parser.add_argument(*flags, metavar=_type_name(key.hint).split()[0].upper(), **kwargs)
+
+
+def _is_list(hint: Any) -> bool:
+    return typing.get_origin(hint) is list
+
+
+def _base(hint: Any) -> Any:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (list, tuple) or not args:
+        return hint
+    return next((a for a in args if a is not type(None)), hint)
+
+
+def help_text(key: Key) -> str:
+    """The --help line of a key: its comment, then its type and default."""
+    default = "required" if key.default is dataclasses.MISSING else f"default {_show(key.default)}"
+    text = f"{key.comment} ({_type_name(key.hint)}; {default})".strip()
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        return "list of str" if args and args[0] is str else "list (YAML)"
+    if origin is tuple:
+        return "str,str,..."
+    if args and type(None) in args:
+        return f"{_type_name(_base(hint))} or none"
+    return getattr(hint, "__name__", str(hint))
+
+
+def _show(value: Any) -> str:
+    if value is None or isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value) if value != "" else "''"
+
+
+def config_from_args(cls: type, args: argparse.Namespace, extra: list[str]) -> Any:
+    """The config of a parsed command line: what was typed (`args`, from `add_options`) over the recipe
+    (`--config`). `extra` holds the words argparse did not know: they are checked as overrides, so an
+    unknown key is the same one-line error as in a recipe.
+
+    Args:
+        cls: the command's config class.
+        args: the parsed options.
+        extra: the words left over.
+    """
+    given = {k: v for k, v in vars(args).items() if k != "config"}
+    return load_config(cls, getattr(args, "config", None), {**given, **parse_overrides(extra)})

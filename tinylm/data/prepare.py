@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,44 +36,31 @@ from tinylm.data.tokens import FORMAT
 
 @dataclass
 class PrepareConfig:
-    """What `tinylm data prepare` does.
+    """What `tinylm data prepare` does: clean, dedup, split and tokenise a corpus into token shards."""
 
-    Args:
-        inputs: files, dirs, `tinytales:<n>`, a `datasets.save_to_disk` dir or hub names.
-        tokenizer: a dir with tokenizer.json, or any model source (.gguf, checkpoint dir, alias).
-        out: the data dir to write (atomically).
-        text_field: JSON field / column holding the text.
-        val_fraction: share of documents that go to the val split (by a hash of text and seed).
-        seed: split seed (and seed of generated corpora).
-        min_chars, max_chars: drop documents shorter / longer than this (characters, after cleaning).
-        dedup: drop exact duplicates and (near_dedup_threshold > 0) MinHash near-duplicates.
-        near_dedup_threshold: Jaccard similarity of word 5-grams above which a document is dropped.
-        near_dedup_window: documents the near-dedup index holds (bounds its ~400 bytes per document).
-        workers: threads of the Rust tokenizer (RAYON_NUM_THREADS); None: all cores.
-        shard_tokens: a shard is closed after the document that takes it to this many tokens.
-        dtype: "auto" (uint16 when the vocabulary fits, else uint32), "uint16" or "uint32".
-        overwrite: replace an existing `out`.
-        batch_docs: documents per tokenizer batch.
-        progress: show a tqdm bar of documents read on stderr.
-    """
-
+    # .txt (blank-line separated documents), .jsonl, .parquet, dirs of these, a datasets.save_to_disk dir,
+    # tinytales:<n>, or a hub dataset name
     inputs: list[str]
-    tokenizer: str
-    out: str
-    text_field: str = "text"
-    val_fraction: float = 0.01
-    seed: int = 0
-    min_chars: int = 1
-    max_chars: int | None = None
-    dedup: bool = True
-    near_dedup_threshold: float = 0.8
-    near_dedup_window: int = 250_000
-    workers: int | None = None
-    shard_tokens: int = 100_000_000
-    dtype: str = "auto"
-    overwrite: bool = False
-    batch_docs: int = 1000
-    progress: bool = False
+    tokenizer: str  # a dir with tokenizer.json, or any model source (.gguf, checkpoint dir, alias)
+    out: str  # the data dir to write (atomically)
+    text_field: str = "text"  # JSON field / column holding the text
+    val_fraction: float = 0.01  # share of documents that go to the val split (by a hash of text and seed)
+    seed: int = 0  # split seed (and seed of generated corpora)
+    min_chars: int = 1  # drop documents shorter than this (characters, after cleaning)
+    max_chars: int | None = None  # drop documents longer than this (none: no limit)
+    dedup: bool = True  # drop exact duplicates and (near_dedup_threshold > 0) MinHash near-duplicates
+    near_dedup_threshold: float = 0.8  # drop above this MinHash Jaccard similarity of word 5-grams (0: no near-dedup)
+    near_dedup_window: int = 250_000  # documents the near-dedup index holds (bounds its ~400 bytes per document)
+    workers: int | None = None  # threads of the Rust tokenizer (RAYON_NUM_THREADS); none: all cores
+    shard_tokens: int = 100_000_000  # a shard is closed after the document that takes it to this many tokens
+    dtype: str = "auto"  # auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32
+    overwrite: bool = False  # replace an existing out
+    batch_docs: int = 1000  # documents per tokenizer batch
+    progress: bool | None = None  # a tqdm bar of documents read on stderr (none: when stderr is a terminal)
+
+
+def _progress(cfg: PrepareConfig) -> bool:
+    return sys.stderr.isatty() if cfg.progress is None else cfg.progress
 
 
 def load_tokenizer_source(source: str | os.PathLike) -> Tokenizer:
@@ -280,7 +268,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         with _BackgroundWriter(tok, writers) as background:
             batch: list[str] = []
             docs = read_documents(sources, cfg.text_field, cfg.seed, skipped)
-            for raw in tqdm(docs, unit=" docs", mininterval=2, disable=not cfg.progress, desc="prepare"):
+            for raw in tqdm(docs, unit=" docs", mininterval=2, disable=not _progress(cfg), desc="prepare"):
                 text = clean_text(raw)
                 if filters.keep(text):
                     batch.append(text)

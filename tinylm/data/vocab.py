@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.fs import atomic_dir
+from tinylm.core.fs import atomic_dir, check_out
 from tinylm.data.prepare import load_tokenizer_source
 from tinylm.data.sources import iter_texts
 from tinylm.data.tokenizer import Tokenizer, tokenizer_stats, train_tokenizer, trim_tokenizer
@@ -28,8 +27,7 @@ def train_tokenizer_on(inputs: list[str], vocab_size: int, out: str | os.PathLik
         overwrite: replace an existing `out`.
     """
 
-    if Path(out).exists() and not overwrite:
-        raise TinylmError(f"{out} already exists (pass --overwrite to replace it)")
+    check_out(out, overwrite)
     tok = train_tokenizer(iter_texts(inputs, text_field), vocab_size, min_frequency)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         tok.save(tmp)
@@ -61,8 +59,7 @@ def trim_tokenizer_on(source: str, corpus: list[str], keep: int, out: str | os.P
         overwrite: replace an existing `out`.
     """
 
-    if Path(out).exists() and not overwrite:
-        raise TinylmError(f"{out} already exists (pass --overwrite to replace it)")
+    check_out(out, overwrite)
     tok = load_tokenizer_source(source)
     trimmed, kept = trim_tokenizer(tok, iter_texts(corpus, text_field), keep)
     with atomic_dir(out, overwrite=overwrite) as tmp:

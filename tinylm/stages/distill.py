@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from tinylm.core.devices import resolve_device
 from tinylm.core.errors import TinylmError
-from tinylm.core.fs import atomic_dir
+from tinylm.core.fs import atomic_dir, check_out
 from tinylm.data.tokenizer import Tokenizer, read_token_map
 from tinylm.data.tokens import Batch, TokenData
 from tinylm.formats import checkpoint
@@ -94,6 +94,26 @@ class DistillConfig(TrainConfig):
     `distill`; YAML sections and `--section.key` overrides map onto them as for pretraining."""
 
     distill: DistillSection = field(default_factory=DistillSection)
+
+
+@dataclass
+class CacheSection:
+    """The teacher cache `tinylm distill cache` writes (see `build_cache`)."""
+
+    out: str | None = None  # cache dir to write
+    top_k: int | None = None  # tokens per position (>= vocabulary: full log-prob rows)
+    dtype: str = "float16"  # log-prob storage: float16 or float32
+    temperature: float = 1.0  # teacher temperature of a top-K cache (a full cache can be re-tempered: keep 1)
+    batch_size: int = 8  # windows per teacher forward pass
+    overwrite: bool = False  # replace an existing cache
+
+
+@dataclass
+class CacheConfig(DistillConfig):
+    """Everything `tinylm distill cache` needs: the recipe of the planned distillation run (its data, seq_len,
+    batch_tokens, seed and steps fix the windows) plus the `cache` section."""
+
+    cache: CacheSection = field(default_factory=CacheSection)
 
 
 @dataclass
@@ -494,8 +514,7 @@ def build_cache(cfg: DistillConfig, top_k: int, out: str | os.PathLike, dtype: s
         raise TinylmError("--top-k, --temperature and --batch-size must be positive")
     if not cfg.distill.teacher or not cfg.data.dir:
         raise TinylmError("a cache needs a teacher (--teacher) and data (--data)")
-    if Path(out).exists() and not overwrite:
-        raise TinylmError(f"{out} already exists (pass --overwrite to replace it)")
+    check_out(out, overwrite)
     data = TokenData.open(cfg.data.dir, "train")
     rows, steps = _plan(cfg)
     teacher = load_teacher(cfg.distill, cfg.run.device)
@@ -600,3 +619,19 @@ def distill(cfg: DistillConfig) -> Path:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(cfg: DistillConfig) -> None:
+    """`tinylm distill`."""
+    print(f"wrote {distill(cfg)}")
+
+
+def cache_main(cfg: CacheConfig) -> None:
+    """`tinylm distill cache`: write the teacher cache of a planned run and say what it holds."""
+    c = cfg.cache
+    if not c.out or c.top_k is None:
+        raise TinylmError("tinylm distill cache needs --out CACHE and --top-k K")
+    meta = build_cache(cfg, c.top_k, c.out, c.dtype, c.temperature, c.batch_size, c.overwrite)
+    print(f"wrote {c.out}: {meta['steps']} steps x {meta['rows']} windows x {meta['seq_len']} tokens, top-"
+          f"{meta['top_k']} of {meta['vocab_size']}, {meta['bytes_per_token']:.0f} bytes/token, teacher "
+          f"{meta['teacher_tokens_per_s']:,.0f} tokens/s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,31 +16,40 @@ from tinylm.evals.tinytales import sample_tinytales
 from tinylm.formats import checkpoint
 
 
-def evaluate_source(source: str, data: str, split: str = "val", max_tokens: int | None = None,
-                    seq_len: int | None = None, batch_size: int = 8, tinytales: int = 0,
-                    device: str = "auto", as_json: bool = False) -> dict[str, Any]:
+@dataclass
+class EvalConfig:
+    """What `tinylm eval` measures: loss, perplexity and bits per byte of a model on some text."""
+
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    data: str  # a data dir (tinylm data prepare) or a UTF-8 text file
+    split: str = "val"  # split of a data dir
+    max_tokens: int | None = None  # evaluate at most this many tokens (none: all)
+    seq_len: int | None = None  # context per window (none: min(max_seq_len, 1024))
+    batch_size: int = 8  # windows per forward pass
+    tinytales: int = 0  # also sample this many stories and score them with the TinyTales validator
+    device: str = "auto"  # auto (cuda if available), cpu or cuda
+    json: bool = False  # print JSON instead of a table
+
+
+def evaluate_source(cfg: EvalConfig) -> dict[str, Any]:
     """`tinylm eval`: load a model from any source, evaluate it, print the figures.
 
     Args:
-        source: checkpoint dir, HF Llama dir, .gguf file or alias.
-        data: a data dir or a UTF-8 text file.
-        split, max_tokens, seq_len, batch_size: see `evaluate`.
-        tinytales: also sample this many stories and score them (0: no).
-        device: auto, cpu, cuda or cuda:N.
-        as_json: print JSON instead of a table.
+        cfg: the command's config.
     """
-    if not Path(data).exists():
-        raise TinylmError(f"no data at {data}: expected a data dir or a UTF-8 text file")
-    device = resolve_device(device)
-    loaded = checkpoint.load(source, device=device)
+    if not Path(cfg.data).exists():
+        raise TinylmError(f"no data at {cfg.data}: expected a data dir or a UTF-8 text file")
+    device = resolve_device(cfg.device)
+    loaded = checkpoint.load(cfg.source, device=device)
     amp = torch.bfloat16 if device.type == "cuda" else None
-    result = {"source": str(source), "data": str(data),
-              **evaluate(loaded.model, data, loaded.tokenizer, split, max_tokens, seq_len, batch_size, device, amp)}
-    if tinytales:
+    result = {"source": str(cfg.source), "data": str(cfg.data),
+              **evaluate(loaded.model, cfg.data, loaded.tokenizer, cfg.split, cfg.max_tokens, cfg.seq_len,
+                         cfg.batch_size, device, amp)}
+    if cfg.tinytales:
         if loaded.tokenizer is None:
-            raise TinylmError(f"{source} has no tokenizer to sample TinyTales stories with")
-        result["tinytales"] = sample_tinytales(loaded.model, loaded.tokenizer, tinytales)
-    print(json.dumps(result, indent=2) if as_json else format_result(result))
+            raise TinylmError(f"{cfg.source} has no tokenizer to sample TinyTales stories with")
+        result["tinytales"] = sample_tinytales(loaded.model, loaded.tokenizer, cfg.tinytales)
+    print(json.dumps(result, indent=2) if cfg.json else format_result(result))
     return result
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinylm.core.errors import TinylmError
+from tinylm.core.fs import check_out
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats import checkpoint
 from tinylm.formats.gguf import GGUF_TYPES, export_gguf
@@ -27,30 +28,25 @@ FORMATS = ("hf", "gguf", "onnx")
 
 @dataclass
 class ExportConfig:
-    """What `tinylm export` does.
+    """What `tinylm export` does (a quantised checkpoint is dequantised first)."""
 
-    Args:
-        source: any model source (checkpoint dir, HF dir, .gguf, alias); quantised checkpoints are
-            dequantised first.
-        format: "hf", "gguf" or "onnx".
-        out: the directory (hf) or file (gguf, onnx) to write.
-        gguf_type: weight type of a GGUF: f32, f16, q8_0 or q4_0 (norms stay f32, as llama.cpp does).
-        overwrite: replace an existing `out`.
-    """
-
-    source: str
-    format: str
-    out: str
-    gguf_type: str = "f16"
-    overwrite: bool = False
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    format: str  # hf, gguf or onnx
+    out: str  # dir (hf) or file (gguf, onnx) to write
+    gguf_type: str = "f16"  # GGUF weight type: f32, f16, q8_0 or q4_0 (norms stay f32, as llama.cpp does)
+    overwrite: bool = False  # replace an existing out
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise TinylmError(f"unknown export format {self.format!r} (known: {', '.join(FORMATS)})")
         if self.gguf_type not in GGUF_TYPES:
             raise TinylmError(f"unknown GGUF type {self.gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
-        if Path(self.out).exists() and not self.overwrite:
-            raise TinylmError(f"{self.out} already exists (pass --overwrite to replace it)")
+        check_out(self.out, self.overwrite)
+
+
+def main(cfg: ExportConfig) -> None:
+    """`tinylm export`."""
+    print(f"wrote {export(cfg)}")
 
 
 def export(cfg: ExportConfig) -> Path:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import Tokenizer
+from tinylm.formats.checkpoint import load
 from tinylm.infer.generate import generate
 from tinylm.infer.sampling import SamplingConfig
 from tinylm.model.llama import Llama
@@ -14,43 +15,67 @@ from tinylm.model.llama import Llama
 
 @dataclass
 class GenerateConfig:
-    """What `tinylm generate` does.
+    """What `tinylm generate` does: prompts in, streamed samples out."""
 
-    Args:
-        prompts: the prompts, each continued `n` times.
-        chat: wrap each prompt as a user message in the tokenizer's chat template.
-        system: a system message for chat.
-        max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, stop, n, add_bos: see `generate`.
-        constraint: a per-sample constraint factory (JSON schema); the prompt is then not echoed.
-        fast: decode with StaticDecoder (compiled one-token step).
-    """
-
-    prompts: list[str]
-    chat: bool = False
-    system: str | None = None
-    max_new_tokens: int = 128
-    temperature: float = 0.8
-    top_k: int | None = None
-    top_p: float | None = None
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    n: int = 1
-    stop: Sequence[str] = ()
-    add_bos: bool = False
-    constraint: Callable[[], Any] | None = None
-    fast: bool = False
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    prompt: list[str] = field(default_factory=list)  # prompt text (repeat for several prompts)
+    prompt_file: str | None = None  # or a file with one prompt per line, or - for stdin
+    chat: bool = False  # wrap each prompt as a user message in the tokenizer's chat template
+    system: str | None = None  # system message for --chat
+    max_tokens: int = 128  # new tokens per sample
+    temperature: float = 0.8  # softmax temperature; 0 = greedy
+    greedy: bool = False  # same as --temperature 0
+    top_k: int | None = None  # sample among the k most likely tokens only
+    top_p: float | None = None  # nucleus sampling: the smallest set of tokens with this probability
+    repetition_penalty: float = 1.0  # CTRL-style penalty on tokens already present (1 = off)
+    seed: int | None = None  # sampling seed (sample i of a prompt uses seed + i)
+    n: int = 1  # samples per prompt
+    stop: list[str] = field(default_factory=list)  # stop string (repeatable)
+    add_bos: bool = False  # start the prompt with the bos token
+    json_schema: str | None = None  # constrain the output to JSON valid for the JSON Schema in this file
+    fast: bool = False  # compiled fixed-shape decoding (torch.compile; same tokens)
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.n < 1:
+        if self.max_tokens < 1 or self.n < 1:
             raise TinylmError("--max-tokens and --n must be at least 1")
+        if self.greedy:
+            self.temperature = 0.0
         SamplingConfig(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
 
 
-def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
-    """Prompts from arguments, from a file (one per line), or from stdin ("-")."""
+def main(cfg: GenerateConfig) -> None:
+    """`tinylm generate`: read the prompts and the JSON schema (both fail before the model loads), load the
+    model, stream the samples to stdout; constrained samples are checked against the schema.
+
+    Args:
+        cfg: the command's config.
+    """
+    prompts = read_prompts(cfg.prompt, cfg.prompt_file)
+    schema = constraint = None
+    if cfg.json_schema:
+        from tinylm.infer.constrained import constraint_factory, load_schema, validate
+
+        schema = load_schema(cfg.json_schema)
+    loaded = load(cfg.source)
+    if schema is not None and loaded.tokenizer is not None:
+        constraint = constraint_factory(schema, loaded.tokenizer, loaded.config.vocab_size)
+    for text in run(loaded.model, loaded.tokenizer, cfg, prompts, constraint=constraint):
+        if schema is not None:
+            validate(text, schema)  # the automaton guarantees it; a failure here is a tinylm bug
+
+
+def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
+    """Prompts from arguments, from a file (one per line), or from stdin ("-").
+
+    Args:
+        prompts: prompt texts (--prompt).
+        prompt_file: a file with one prompt per line, or "-" for stdin (--prompt-file).
+    """
     import sys
     from pathlib import Path
 
+    if prompts and prompt_file is not None:
+        raise TinylmError("give --prompt or --prompt-file, not both")
     if prompts:
         return prompts
     if prompt_file is None:
@@ -68,26 +93,35 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
     return lines
 
 
-def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, out: Callable[[str], object] | None = None) -> list[str]:
-    """Generate for every prompt, streaming to `out` (default stdout); return the texts."""
+def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, prompts: list[str],
+        out: Callable[[str], object] | None = None, constraint: Callable[[], Any] | None = None) -> list[str]:
+    """Generate for every prompt, streaming to `out` (default stdout); return the texts.
+
+    Args:
+        model, tokenizer: the loaded model.
+        cfg: sampling settings.
+        prompts: the prompts, each continued `cfg.n` times.
+        out: where the text streams.
+        constraint: a per-sample constraint factory (JSON schema); the prompt is then not echoed.
+    """
     import sys
 
     if tokenizer is None:
         raise TinylmError("this model has no tokenizer; generation needs one")
     write = out or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
     results: list[str] = []
-    for prompt in cfg.prompts:
+    for prompt in prompts:
         text = prompt
         if cfg.chat:
             messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
                 {"role": "user", "content": prompt}]
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         for i in range(cfg.n):
-            if not cfg.chat and cfg.constraint is None:
+            if not cfg.chat and constraint is None:
                 write(prompt)
             seed = None if cfg.seed is None else cfg.seed + i
-            sample = generate(model, tokenizer, text, cfg.max_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                              cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write, cfg.constraint, cfg.fast)
-            write("\n" if cfg.n == 1 and len(cfg.prompts) == 1 else "\n---\n")
+            sample = generate(model, tokenizer, text, cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                              cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write, constraint, cfg.fast)
+            write("\n" if cfg.n == 1 and len(prompts) == 1 else "\n---\n")
             results.append(sample)
     return results

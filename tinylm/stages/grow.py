@@ -28,27 +28,21 @@ GROW_METHODS = ("hypercloning", "stack")
 
 @dataclass
 class GrowConfig:
-    """`tinylm grow`.
+    """What `tinylm grow` does: function-preserving growth, HyperCloning (width) or G_stack (depth)."""
 
-    Args:
-        source: model source.
-        out: checkpoint dir to write.
-        method: hypercloning (needs dim) or stack (needs factor).
-        dim: hypercloning's new width.
-        factor: stack's number of copies.
-        noise: hypercloning's function-preserving symmetry-breaking noise (relative std).
-        seed: noise seed.
-        overwrite: replace an existing out.
-    """
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    out: str  # checkpoint dir to write
+    method: str  # hypercloning (needs --dim) or stack (needs --factor)
+    dim: int | None = None  # hypercloning: the new width, a multiple of the source's
+    factor: int | None = None  # stack: copies of the block stack
+    noise: float = 0.0  # hypercloning: function-preserving symmetry-breaking noise (relative std)
+    seed: int = 0  # noise seed
+    overwrite: bool = False  # replace an existing out
 
-    source: str
-    out: str
-    method: str
-    dim: int | None = None
-    factor: int | None = None
-    noise: float = 0.0
-    seed: int = 0
-    overwrite: bool = False
+
+def main(cfg: GrowConfig) -> None:
+    """`tinylm grow`."""
+    print(f"wrote {grow(cfg)}")
 
 
 def grow(cfg: GrowConfig) -> Path:

@@ -4,12 +4,26 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Any
 
 from tinylm.core.fs import disk_size
 from tinylm.formats.checkpoint import load
 
 # ----- info ----------------------------------------------------------------------------------------
+
+@dataclass
+class InfoConfig:
+    """What `tinylm info` describes, and how."""
+
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    json: bool = False  # print JSON instead of a table
+
+
+def main(cfg: InfoConfig) -> None:
+    """`tinylm info`."""
+    describe(cfg.source, as_json=cfg.json)
+
 
 def describe(source: str | os.PathLike, as_json: bool = False) -> dict[str, Any]:
     """Print (and return) what a model is: shape, parameters, vocabulary, dtype, size, FLOPs/token.

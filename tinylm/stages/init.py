@@ -14,30 +14,24 @@ from tinylm.model.growth import INIT_METHODS, derive
 
 @dataclass
 class InitConfig:
-    """`tinylm init --from SOURCE`: a smaller model by selection, inheritance or fresh initialisation.
+    """What `tinylm init --from SOURCE` does: a smaller model by selection, inheritance or fresh initialisation."""
 
-    Args:
-        source: model source to derive from.
-        out: checkpoint dir to write.
-        method: select, inherit or random.
-        preset: a shape preset (its dim, n_layers, heads, ffn_dim; head_dim and vocabulary stay the
-            source's); explicit sizes override it.
-        dim, ffn_dim, n_heads, n_kv_heads, n_layers: target sizes (None: the preset's or the source's).
-        seed: random initialisation seed.
-        overwrite: replace an existing out.
-    """
+    source: str  # model source to derive from (checkpoint dir, HF dir, .gguf, alias)
+    out: str  # checkpoint dir to write
+    method: str = "select"  # select (weight selection), inherit (the first --n-layers blocks) or random
+    preset: str | None = None  # target shape preset (head_dim, vocabulary stay the source's); sizes below override it
+    dim: int | None = None  # target width (none: the preset's or the source's)
+    ffn_dim: int | None = None  # target SwiGLU width (none: the preset's or the source's)
+    n_heads: int | None = None  # target query heads (none: the preset's or the source's)
+    n_kv_heads: int | None = None  # target key/value heads (none: the preset's or the source's)
+    n_layers: int | None = None  # target blocks (none: the preset's or the source's)
+    seed: int = 0  # seed of --method random
+    overwrite: bool = False  # replace an existing out
 
-    source: str
-    out: str
-    method: str = "select"
-    preset: str | None = None
-    dim: int | None = None
-    ffn_dim: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    n_layers: int | None = None
-    seed: int = 0
-    overwrite: bool = False
+
+def main(cfg: InitConfig) -> None:
+    """`tinylm init`."""
+    print(f"wrote {init(cfg)}")
 
 
 def _sizes(cfg: InitConfig, source: ModelConfig) -> dict[str, int | None]:

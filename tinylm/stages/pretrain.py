@@ -23,3 +23,8 @@ def pretrain(cfg: TrainConfig) -> Path:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def main(cfg: TrainConfig) -> None:
+    """`tinylm pretrain`."""
+    print(f"wrote {pretrain(cfg)}")

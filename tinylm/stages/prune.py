@@ -382,44 +382,34 @@ def target_for_params(cfg: ModelConfig, n_params: int) -> ModelConfig:
 
 @dataclass
 class PruneConfig:
-    """`tinylm prune`: what to prune, to which shape, on which calibration data.
+    """What `tinylm prune` does: what to prune, to which shape, on which calibration data."""
 
-    Args:
-        source: model source (checkpoint dir, HF dir, .gguf, alias).
-        calib: calibration data: a data dir or text (file, dir, tinytales:N).
-        out: checkpoint dir to write.
-        target_params: parameter budget (picks the shape, see `target_for_params`); or the sizes below.
-        dim, ffn_dim, n_heads, n_kv_heads, n_layers: explicit target sizes (None: the source's).
-        trim_vocab: keep this many tokens, chosen on the calibration text (before pruning).
-        token_map: or a `tinylm tokenizer trim` dir to take the kept tokens from.
-        order: the stages, e.g. ("width", "depth") (Minitron) or ("depth", "width").
-        layer_metric: "bi" or "loss".
-        calib_batches, batch_size, seq_len: calibration windows.
-        iterative, steps, steps_between, lr: Adapt-Pruner-style steps with training between them.
-        overwrite: replace an existing out.
-    """
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    calib: str  # calibration data: a data dir, or text (file, dir, tinytales:N)
+    out: str  # checkpoint dir to write
+    target_params: int | None = None  # parameter budget, e.g. 45e6 (picks the shape); or the sizes below
+    dim: int | None = None  # target width (none: the source's)
+    ffn_dim: int | None = None  # target SwiGLU width (none: the source's)
+    n_heads: int | None = None  # target query heads (none: the source's)
+    n_kv_heads: int | None = None  # target key/value heads (none: the source's)
+    n_layers: int | None = None  # target blocks (none: the source's)
+    trim_vocab: int | None = None  # first keep the K most used tokens of the calibration text
+    token_map: str | None = None  # or keep the tokens of a `tinylm tokenizer trim` dir
+    order: tuple[str, ...] = ORDERS  # pruning stages in order: width,depth (Minitron) or depth,width
+    layer_metric: str = "bi"  # bi (Block Influence) or loss (skip-a-block calibration loss)
+    calib_batches: int = 8  # calibration batches
+    batch_size: int = 8  # windows per calibration batch
+    seq_len: int = 256  # tokens per calibration window
+    iterative: bool = False  # Adapt-Pruner-style steps with training between them
+    steps: int = 4  # pruning steps with --iterative
+    steps_between: int = 50  # optimizer steps between pruning steps
+    lr: float = 3e-4  # learning rate of the training between steps
+    overwrite: bool = False  # replace an existing out
 
-    source: str
-    calib: str
-    out: str
-    target_params: int | None = None
-    dim: int | None = None
-    ffn_dim: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    n_layers: int | None = None
-    trim_vocab: int | None = None
-    token_map: str | None = None
-    order: tuple[str, ...] = ORDERS
-    layer_metric: str = "bi"
-    calib_batches: int = 8
-    batch_size: int = 8
-    seq_len: int = 256
-    iterative: bool = False
-    steps: int = 4
-    steps_between: int = 50
-    lr: float = 3e-4
-    overwrite: bool = False
+
+def main(cfg: PruneConfig) -> None:
+    """`tinylm prune`."""
+    print(f"wrote {prune(cfg)}")
 
 
 def _check_prune(cfg: PruneConfig) -> None:

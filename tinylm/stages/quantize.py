@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.fs import disk_size
+from tinylm.core.fs import check_out, disk_size
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import TokenData
 from tinylm.formats import checkpoint
@@ -35,27 +35,16 @@ DEFAULT_GROUP = {"int8": 0, "int4": 32}
 
 @dataclass
 class QuantizeConfig:
-    """What `tinylm quantize` does.
+    """What `tinylm quantize` does: weight-only int8 / int4 quantisation, with the size and perplexity it costs."""
 
-    Args:
-        source: any model source (checkpoint dir, HF dir, .gguf, alias).
-        scheme: "int8" or "int4".
-        out: checkpoint dir to write.
-        group_size: inputs per scale (None: the scheme's default; 0: per output channel).
-        skip_lm_head: keep the lm_head in float.
-        eval_text: a UTF-8 text file for the perplexity report (None: 200 held-out TinyTales stories).
-        eval_tokens: at most this many tokens are scored.
-        overwrite: replace an existing `out`.
-    """
-
-    source: str
-    scheme: str
-    out: str
-    group_size: int | None = None
-    skip_lm_head: bool = False
-    eval_text: str | None = None
-    eval_tokens: int = 16384
-    overwrite: bool = False
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    scheme: str  # int8 or int4
+    out: str  # checkpoint dir to write
+    group_size: int | None = None  # inputs per scale (none: 32 for int4, per channel for int8; 0 = per channel)
+    skip_lm_head: bool = False  # keep the lm_head in float (by default it is quantised too, tied or not)
+    eval_text: str | None = None  # UTF-8 text for the perplexity report (none: 200 held-out TinyTales stories)
+    eval_tokens: int = 16384  # at most this many tokens are scored for the report
+    overwrite: bool = False  # replace an existing out
 
     def __post_init__(self) -> None:
         if self.scheme not in QMAX:
@@ -64,8 +53,7 @@ class QuantizeConfig:
             self.group_size = DEFAULT_GROUP[self.scheme]
         if self.group_size < 0:
             raise TinylmError(f"--group-size must be >= 0 (0 = per channel), got {self.group_size}")
-        if Path(self.out).exists() and not self.overwrite:
-            raise TinylmError(f"{self.out} already exists (pass --overwrite to replace it)")
+        check_out(self.out, self.overwrite)
 
 
 def quantize_model(model: Llama, scheme: str, group_size: int, skip_lm_head: bool = False) -> Llama:
@@ -140,6 +128,12 @@ def quantize(cfg: QuantizeConfig) -> dict[str, Any]:
     checkpoint.save(model, cfg.out, loaded.tokenizer, meta=meta)
     report["size_on_disk"] = disk_size(Path(cfg.out))
     return report
+
+
+def main(cfg: QuantizeConfig) -> None:
+    """`tinylm quantize`: quantise, write, print the report."""
+    print(format_report(quantize(cfg)))
+    print(f"wrote {cfg.out}")
 
 
 def format_report(report: dict[str, Any]) -> str:

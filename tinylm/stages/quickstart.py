@@ -32,27 +32,16 @@ RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml" 
 
 @dataclass
 class QuickstartConfig:
-    """What `tinylm quickstart` does.
+    """What `tinylm quickstart` does: TinyTales corpus -> tokenizer -> shards -> pretrain -> eval -> stories."""
 
-    Args:
-        out: the run directory (corpus, tokenizer, data, checkpoints, final model, REPORT.md).
-        minutes: wall-clock budget of the whole pipeline.
-        stories: TinyTales stories in the corpus.
-        vocab_size: BPE vocabulary of the tokenizer trained on the corpus.
-        samples: stories sampled from the trained model and scored by the TinyTales validator.
-        seed: corpus, split and initialisation seed.
-        recipe: the training recipe (YAML); default recipes/quickstart.yaml.
-        reserve_s: seconds kept for evaluation, sampling and the report after training.
-    """
-
-    out: str = "runs/quickstart"
-    minutes: float = 9.0
-    stories: int = 30000
-    vocab_size: int = 2048
-    samples: int = 20
-    seed: int = 0
-    recipe: str | None = None
-    reserve_s: float = 60.0
+    out: str = "runs/quickstart"  # the run directory (corpus, tokenizer, data, checkpoints, final model, REPORT.md)
+    minutes: float = 9.0  # wall-clock budget of the whole pipeline
+    stories: int = 30000  # TinyTales stories in the corpus
+    vocab_size: int = 2048  # BPE vocabulary of the tokenizer trained on the corpus
+    samples: int = 20  # stories sampled from the trained model and scored by the TinyTales validator
+    seed: int = 0  # corpus, split and initialisation seed
+    recipe: str | None = None  # the training recipe (YAML); none: recipes/quickstart.yaml
+    reserve_s: float = 60.0  # seconds kept for evaluation, sampling and the report after training
 
     def __post_init__(self) -> None:
         if self.minutes <= 0 or self.stories < 100 or self.samples < 1:

@@ -15,23 +15,19 @@ from tinylm.model.surgery import trim_vocab
 
 @dataclass
 class TrimConfig:
-    """`tinylm trim-vocab`: keep the rows of a token map, or of the K most used tokens of a corpus.
+    """What `tinylm trim-vocab` does: keep the rows of a token map, or of the K most used tokens of a corpus."""
 
-    Args:
-        source: model source.
-        out: checkpoint dir to write.
-        token_map: a `tinylm tokenizer trim` dir; or corpus and keep.
-        corpus: text to count token use on (anything `tinylm data prepare` reads).
-        keep: tokens to keep.
-        overwrite: replace an existing out.
-    """
+    source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
+    out: str  # checkpoint dir to write
+    token_map: str | None = None  # a `tinylm tokenizer trim` dir (token_map.json); or --corpus and --keep
+    corpus: str | None = None  # text to count token use on (file, dir, tinytales:N)
+    keep: int | None = None  # tokens to keep with --corpus
+    overwrite: bool = False  # replace an existing out
 
-    source: str
-    out: str
-    token_map: str | None = None
-    corpus: str | None = None
-    keep: int | None = None
-    overwrite: bool = False
+
+def main(cfg: TrimConfig) -> None:
+    """`tinylm trim-vocab`."""
+    print(f"wrote {trim(cfg)}")
 
 
 def trim(cfg: TrimConfig) -> Path:

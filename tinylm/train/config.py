@@ -14,15 +14,15 @@ from typing import Any
 class ModelSection:
     """The model to train: a preset (vocab_size becomes the data tokenizer's) or a source to continue."""
 
-    preset: str | None = "1m"  # a key of tinylm.config.PRESETS
+    preset: str | None = "1m"  # a key of tinylm.model.config.PRESETS
     init: str | None = None  # continue from this model source (checkpoint dir, HF dir, .gguf, alias)
-    dim: int | None = None  # the shape fields below override the preset's when set
-    n_layers: int | None = None
-    n_heads: int | None = None
-    n_kv_heads: int | None = None
-    ffn_dim: int | None = None
+    dim: int | None = None  # width; this and the shape fields below override the preset's when set
+    n_layers: int | None = None  # blocks (none: the preset's)
+    n_heads: int | None = None  # query heads (none: the preset's)
+    n_kv_heads: int | None = None  # key/value heads, GQA (none: the preset's)
+    ffn_dim: int | None = None  # SwiGLU hidden width (none: the preset's)
     max_seq_len: int | None = None  # None: the preset's, raised to data.seq_len if shorter
-    tie_embeddings: bool | None = None
+    tie_embeddings: bool | None = None  # share the embedding and LM-head matrix (none: the preset's)
 
 
 @dataclass
@@ -44,9 +44,9 @@ class OptimSection:
     width_scaling: bool = True  # muP-style: hidden-matrix lr * base_width / dim (see param_groups)
     base_width: int = 256  # MiniCPM's dim_model_base (Hu et al. 2024, sec. 3.1)
     weight_decay: float = 0.1  # on hidden matrices only
-    beta1: float = 0.9
+    beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # LLaMA / MiniCPM value (Touvron et al. 2023, sec. 2.2)
-    eps: float = 1e-8
+    eps: float = 1e-8  # AdamW denominator epsilon
     grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping (the norm is still checked)
 
 

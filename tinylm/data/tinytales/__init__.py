@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 from tinylm.core.errors import TinylmError
+from tinylm.core.fs import check_out
 from tinylm.data.tinytales import words as W
 from tinylm.data.tinytales.plots import SKELETONS as _SKELETONS
 from tinylm.data.tinytales.plots import Beat, Maybe
@@ -298,8 +299,7 @@ def write_corpus(path: str | os.PathLike, n_stories: int, seed: int = 0,
         overwrite: replace an existing file.
     """
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise TinylmError(f"{path} exists; pass --overwrite to replace it")
+    check_out(path, overwrite)
     if not path.parent.is_dir():
         raise TinylmError(f"directory {path.parent} does not exist")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
