@@ -157,6 +157,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, words: li
 def readme_commands() -> list[str]:
     text = (REPO / "README.md").read_text()
     block = text.split("## The pipeline from the command line")[1].split("```bash")[1].split("```")[0]
+    block = block.replace("\\\n", " ")  # a line continued with a backslash
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("tinylm ")]
 
 
