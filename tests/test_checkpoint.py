@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import hf_model, tiny_model
+from helpers import hf_model, tiny_model
 from tinylm.cli import main
 from tinylm.formats import checkpoint
 from tinylm.formats import gguf as gguf_format

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import needs_smollm2, tiny_model
+from helpers import needs_smollm2, tiny_model
 from tinylm.cli import main
 from tinylm.data.tokenizer import train_tokenizer
 from tinylm.formats import checkpoint

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import tiny_model
+from helpers import tiny_model
 from tinylm.infer.decode import StaticDecoder, _one_query_attention, decode_weights
 from tinylm.infer.generate import generate_ids
 from tinylm.stages.quantize import quantize_model

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tests.conftest import hf_model, tiny_config, tiny_model
+from helpers import hf_model, tiny_config, tiny_model
 from tinylm.core.errors import TinylmError
 from tinylm.model.config import PRESETS, ModelConfig, preset
 from tinylm.model.kvcache import KVCache

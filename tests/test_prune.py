@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import tiny_config, tiny_model
+from helpers import tiny_config, tiny_model
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import train_tokenizer, trim_tokenizer
