@@ -32,6 +32,8 @@ install-test: $(VENV)/.installed-test
 demo: $(VENV)/.installed
 	$(BIN)/tinylm quickstart --out runs/quickstart
 
+# pytest's exit status is make's: a failure (1), an error (2-4) and no test collected (5) all stop here.
+# Random choices in the tests are seeded with TINYLM_TEST_SEED (default 0); a failing test prints it.
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -p no:cacheprovider
 

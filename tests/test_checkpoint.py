@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import hf_model, tiny_model
 
-from tests.conftest import hf_model, tiny_model
 from tinylm.cli import main
 from tinylm.formats import checkpoint
 from tinylm.formats import gguf as gguf_format

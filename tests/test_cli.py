@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import readme_commands
 
 from tinylm import cli
 from tinylm.core.errors import TinylmError
@@ -153,13 +154,6 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, monkeypatch, capsys, words: li
 
 
 # ----- every README command line still means what it meant ---------------------------------------------
-
-def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    block = text.split("## The pipeline from the command line")[1].split("```bash")[1].split("```")[0]
-    block = block.replace("\\\n", " ")  # a line continued with a backslash
-    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("tinylm ")]
-
 
 README = readme_commands()
 

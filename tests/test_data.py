@@ -98,6 +98,7 @@ def test_loader_errors(stream_dir, tmp_path):
 # ----- prepare ------------------------------------------------------------------------------------------
 
 import random  # noqa: E402
+import sys  # noqa: E402
 
 from tinylm.cli import main  # noqa: E402
 from tinylm.core.errors import TinylmError
@@ -250,8 +251,29 @@ def test_parquet_and_saved_dataset_inputs(tmp_path, tok_dir):
     assert meta["splits"]["train"]["documents"] == len(set(docs))
 
 
+def test_hub_dataset_loads_without_running_remote_code(tmp_path, monkeypatch):
+    # The hub is replaced by a local dir (datasets reads it as JSON Lines); the real load_dataset runs.
+    datasets = pytest.importorskip("datasets")
+    from tinylm.data import sources
+
+    docs = _docs(5, seed=8)
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "train.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    real, calls = datasets.load_dataset, []
+
+    def load_dataset(name, **kwargs):
+        calls.append((name, kwargs))
+        return real(str(tmp_path / "repo"), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(sources, "_hub_reachable", lambda: True)
+    assert list(sources.iter_texts(["someone/stories"])) == [clean_text(d) for d in docs]
+    assert [(name, kwargs.get("trust_remote_code")) for name, kwargs in calls] == [("someone/stories", False)]
+
+
 def test_tinytales_input(tmp_path, tok_dir):
-    tinytales = pytest.importorskip("tinylm.data.tinytales")
+    from tinylm.data import tinytales
+
     meta = prepare(PrepareConfig(["tinytales:50"], str(tok_dir), str(tmp_path / "out"), seed=3, val_fraction=0,
                                  dedup=False))
     assert meta["splits"]["train"]["documents"] == 50
@@ -313,6 +335,19 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path, tok_dir, capsys):
     # the big vocabulary is fine in uint32 (auto)
     meta = prepare(PrepareConfig([str(good)], str(big), str(tmp_path / "big_out")))
     assert meta["dtype"] == "uint32"
+
+
+def test_missing_data_extra_is_a_one_line_error(tmp_path, tok_dir, capsys, monkeypatch):
+    (tmp_path / "a.parquet").write_bytes(b"PAR1")
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "state.json").write_text("{}")
+    for module in ("pyarrow", "pyarrow.parquet", "datasets"):
+        monkeypatch.setitem(sys.modules, module, None)  # importing it raises ImportError
+    tok = ["--tokenizer", str(tok_dir)]
+    for source in (tmp_path / "a.parquet", tmp_path / "hf"):
+        err = _run_cli([str(source), *tok], tmp_path / "out", capsys)
+        assert f"{source}: reading it needs" in err and "pip install 'tinylm[data]'" in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_directory_input_is_recursive_and_sorted(tmp_path, tok_dir):

@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
-from test_train import REPO, assert_bitwise, make_data, run_and_kill, weights
+from helpers import REPO, assert_bitwise, kill_note, make_data, run_and_kill, tiny_model, weights
 
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
@@ -214,7 +213,8 @@ def cli_words(args: dict[str, object]) -> list[str]:
     return words
 
 
-def test_kill9_then_resume_is_bitwise_identical(data: Path, teacher: Path, tmp_path: Path) -> None:
+def test_kill9_then_resume_is_bitwise_identical(data: Path, teacher: Path, tmp_path: Path,
+                                                rng: np.random.Generator) -> None:
     steps = 16
     spec = [{"kind": "fkl", "weight": 1.0, "temperature": 2.0}, {"kind": "hidden_mse", "weight": 0.5,
                                                                  "pairs": [[1, 1], [2, 2]]}]
@@ -222,19 +222,19 @@ def test_kill9_then_resume_is_bitwise_identical(data: Path, teacher: Path, tmp_p
     args = args_for(data, tmp_path / "killed", steps=steps, **extra)
     reference = distill(load_config(DistillConfig, None, args_for(data, tmp_path / "straight", steps=steps,
                                                                   **{**extra, "run.ckpt_every": 0})))
-    kill_at = int(np.random.default_rng().integers(5, 13))
+    kill_at = int(rng.integers(5, 13))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     metrics = tmp_path / "killed" / "metrics.jsonl"
     run_and_kill(cli_words(args), metrics, kill_at, env)
     last = latest_checkpoint(tmp_path / "killed")
-    assert last is not None
+    assert last is not None, kill_note(kill_at)
     flat, _ = checkpoint.load_train_state(last)
     assert any(k.startswith("_aux.weights.") for k in flat)  # the projections (32 -> 48) are saved ...
     assert not any("s1_t1" in k for k in weights(last))  # ... but not as part of the student
     resumed = subprocess.run(cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"))
-    assert [r["step"] for r in read_metrics(metrics) if "loss" in r] == list(range(1, steps + 1))
+    assert resumed.returncode == 0, f"{kill_note(kill_at)} {resumed.stderr}"
+    assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"), kill_note(kill_at))
+    assert [r["step"] for r in read_metrics(metrics) if "loss" in r] == list(range(1, steps + 1)), kill_note(kill_at)
 
 
 # ----- errors ------------------------------------------------------------------------------------------------

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
-from test_train import make_data
+from helpers import make_data, tiny_model
 
 from tinylm import cli
 from tinylm.core.errors import TinylmError

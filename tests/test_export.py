@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import needs_smollm2, tiny_model
 
-from tests.conftest import needs_smollm2, tiny_model
 from tinylm.cli import main
 from tinylm.data.tokenizer import train_tokenizer
 from tinylm.formats import checkpoint

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from tests.conftest import tiny_model
 from tinylm.infer.decode import StaticDecoder, _one_query_attention, decode_weights
 from tinylm.infer.generate import generate_ids
 from tinylm.stages.quantize import quantize_model

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
+from helpers import hf_model, tiny_model
 
-from tests.conftest import hf_model, tiny_model
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import bytes_to_unicode, train_tokenizer
@@ -175,7 +175,6 @@ def test_batch_equals_rows_under_greedy(model):
     stop = rows[1][3]  # rows end at their own first stop id, the stop id kept
     batched = generate_ids(model, prompts, 20, temperature=0.0, stop_ids=[stop])
     assert batched == [r[:r.index(stop) + 1] if stop in r else r for r in rows]
-    assert len(batched[1]) <= 4
 
 
 def test_unequal_prompts_are_an_error(model):

@@ -7,8 +7,8 @@ import copy
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from tests.conftest import tiny_model
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokens import Batch

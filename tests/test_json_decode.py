@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("outlines_core")
 jsonschema = pytest.importorskip("jsonschema")
 
-from tests.conftest import tiny_model  # noqa: E402
+from helpers import tiny_model  # noqa: E402
+
 from tinylm.cli import main  # noqa: E402
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import train_tokenizer

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from helpers import hf_model, tiny_config, tiny_model
 
-from tests.conftest import hf_model, tiny_config, tiny_model
 from tinylm.core.errors import TinylmError
 from tinylm.model.config import PRESETS, ModelConfig, preset
 from tinylm.model.kvcache import KVCache

@@ -9,8 +9,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import tiny_config, tiny_model
 
-from tests.conftest import tiny_config, tiny_model
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import train_tokenizer, trim_tokenizer

@@ -8,8 +8,8 @@ import math
 
 import pytest
 import torch
+from helpers import tiny_model
 
-from tests.conftest import tiny_model
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import disk_size
@@ -79,7 +79,7 @@ def trained():
 
 
 def test_perplexity_matches_transformers_loss(trained):
-    from tests.conftest import hf_model
+    from helpers import hf_model
 
     model, _, ids = trained
     x = torch.tensor(ids[:64 * 4 + 1])

@@ -14,11 +14,10 @@ import shlex
 from pathlib import Path
 
 import pytest
-from conftest import needs_smollm2
+from helpers import REPO, needs_smollm2, readme_commands
 
 from tinylm.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
 TRAIN = ("--schedule.steps 40 --schedule.tokens none --schedule.warmup_steps 2 --schedule.decay_fraction 0.2 "
          "--data.seq_len 32 --data.batch_tokens 256 --data.micro_batch 8 --run.eval_every 0 --run.eval_tokens 512 "
          "--run.ckpt_every 10 --run.keep_last 10 --run.progress false --run.compile false --run.plot false")
@@ -40,13 +39,6 @@ APPEND = {
     "prune": "--calib-batches 1 --batch-size 2 --seq-len 32",
 }
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}}, "required": ["name"]}
-
-
-def readme_commands() -> list[str]:
-    text = (REPO / "README.md").read_text()
-    block = text.split("## The pipeline from the command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
-    block = block.replace("\\\n", " ")  # a line continued with a backslash
-    return [line.strip() for line in block.splitlines() if line.strip().startswith("tinylm ")]
 
 
 def shrink(line: str) -> list[str]:

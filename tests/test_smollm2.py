@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import needs_smollm2
 
-from tests.conftest import needs_smollm2
 from tinylm.formats import checkpoint
 
 pytestmark = needs_smollm2
@@ -84,7 +84,6 @@ def test_same_greedy_continuation(ours, theirs):
 
 def test_token_ids_equal_transformers_tokenizer(ours, theirs):
     _, tok = theirs
-    assert len(VARIED) >= 20
     for text in VARIED:
         assert ours.tokenizer.encode(text) == tok(text, add_special_tokens=False).input_ids, text
         assert ours.tokenizer.decode(ours.tokenizer.encode(text)) == text

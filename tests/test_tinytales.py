@@ -47,7 +47,6 @@ def test_vocabulary_and_skeletons_are_used(stories):
     assert used <= T.VOCABULARY
     names = {n.lower() for ns in T.GRAMMAR.names for n in ns}
     assert len(used - names) >= 1500  # words a child knows, not counting names
-    assert len(T.SKELETONS) >= 30
     assert Counter(s.skeleton for s in stories).keys() == set(T.SKELETONS)
 
 
@@ -92,7 +91,8 @@ def test_entropy_bound_is_reported_and_below_lzma():
     lzma_bpb = 8 * len(lzma.compress(text, preset=9)) / len(text)
     floor = 3000 * (math.log2(len(T.SKELETONS)) + 1) / len(text)
     assert floor < stats["bits_per_byte"] < lzma_bpb
-    assert stats["mb_per_s"] > 0 and stats["distinct_words"] > 1000
+    words = {w.lower() for w in re.findall(r"[A-Za-z]+(?:'[A-Za-z]+)?", text.decode())}
+    assert stats["distinct_words"] == len(words)
 
 
 def _swap_pronouns(text: str) -> str:

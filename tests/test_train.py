@@ -3,7 +3,6 @@ DDP against one process, and non-finite losses/gradients stopping the run."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -16,39 +15,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
-from safetensors.torch import load_file
+from helpers import REPO, assert_bitwise, kill_note, make_data, run_and_kill, tiny_model, weights
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import load_config
-from tinylm.formats import checkpoint
 from tinylm.data.tokens import TokenData
+from tinylm.formats import checkpoint
 from tinylm.train.config import DataSection, RunSection, ScheduleSection, TrainConfig
 from tinylm.train.loop import Batch, BatchSource, fit, setup, setup_model, train_step
 from tinylm.train.losses import lm_loss
 from tinylm.train.metrics import read_metrics
 from tinylm.train.schedule import branch_total, decay_steps, lr_factor
 from tinylm.train.state import latest_checkpoint
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def make_data(directory: Path, vocab: int = 64, n_train: int = 12000, n_val: int = 1500) -> Path:
-    """A tiny data dir in the format of tinylm.data: a learnable token stream (mostly t -> 7t + 3 mod V)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    splits = {}
-    for split, n in (("train", n_train), ("val", n_val)):
-        x = np.empty(n, dtype=np.uint16)
-        x[0] = 1
-        noise, rnd = rng.random(n) < 0.2, rng.integers(0, vocab, n)
-        for i in range(1, n):
-            x[i] = rnd[i] if noise[i] else (int(x[i - 1]) * 7 + 3) % vocab
-        x.tofile(directory / f"{split}_0000.bin")
-        splits[split] = {"shards": [{"file": f"{split}_0000.bin", "tokens": n}], "bytes": 3 * n, "documents": 1}
-    meta = {"format": "tinylm-tokens-v1", "dtype": "uint16", "vocab_size": vocab, "splits": splits}
-    (directory / "meta.json").write_text(json.dumps(meta))
-    return directory
 
 
 @pytest.fixture(scope="module")
@@ -68,16 +46,6 @@ def tiny_args(data: Path, out: Path, steps: int = 24, **extra: object) -> dict[s
 
 def train(args: dict[str, object], loss_fn=lm_loss) -> Path:
     return fit(setup(load_config(TrainConfig, None, args)), loss_fn)
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(ckpt / "model.safetensors"))
-
-
-def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 # ----- schedules -------------------------------------------------------------------------------------
@@ -177,7 +145,7 @@ def test_micro_batches_average_as_one_batch(data: Path) -> None:
         run = setup_model(cfg, tiny_model(seed=2, vocab_size=64), masked_batches(data, rows, seq_len))
         stats = [train_step(run, lm_loss) for _ in range(3)]
         runs[micro] = (run, [s["loss"] for s in stats], [s["grad_norm"] for s in stats])
-    (one, one_losses, one_norms), (acc, acc_losses, acc_norms) = runs[8], runs[2]
+    (_, one_losses, one_norms), (acc, acc_losses, acc_norms) = runs[8], runs[2]
     assert acc.accum == 4
     # the same losses and gradients (their norms; AdamW's first steps magnify float noise in the weights)
     np.testing.assert_allclose(acc_losses, one_losses, rtol=1e-5)
@@ -201,19 +169,9 @@ def cli_words(args: dict[str, object]) -> list[str]:
     return words
 
 
-def run_and_kill(words: list[str], metrics: Path, kill_at: int, env: dict[str, str]) -> None:
-    """Start a training command and SIGKILL it once metrics.jsonl has kill_at lines (log_every 1)."""
-    proc = subprocess.Popen(words, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    while proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    assert proc.wait() == -signal.SIGKILL, f"run ended before the kill at step {kill_at}: {proc.stderr.read()}"
-
-
 @pytest.mark.slow
-def test_compiled_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path) -> None:
+def test_compiled_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path,
+                                                         rng: np.random.Generator) -> None:
     # Both runs in subprocesses: compiling on a CPU switches on PyTorch's (process-wide) deterministic mode.
     steps, env = 30, {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     compiled = {"run.compile": True, "run.eval_every": 0, "run.keep_last": 3}
@@ -221,20 +179,20 @@ def test_compiled_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: P
     done = subprocess.run(cli_words(straight), env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     args = tiny_args(data, tmp_path / "killed", steps=steps, **compiled, **{"run.ckpt_every": 4})
-    kill_at = int(np.random.default_rng().integers(6, 24))
+    kill_at = int(rng.integers(6, 24))
     run_and_kill(cli_words(args), tmp_path / "killed" / "metrics.jsonl", kill_at, env)
     resumed = subprocess.run(cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_bitwise(weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final"))
+    assert resumed.returncode == 0, f"{kill_note(kill_at)} {resumed.stderr}"
+    assert_bitwise(weights(tmp_path / "straight" / "final"), weights(tmp_path / "killed" / "final"), kill_note(kill_at))
 
 
-def test_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path) -> None:
+def test_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path, rng: np.random.Generator) -> None:
     steps = 80
     args = tiny_args(data, tmp_path / "killed", steps=steps, **{"run.ckpt_every": 10, "run.keep_last": 3,
                                                                   "run.eval_every": 40})
     reference = train(tiny_args(data, tmp_path / "straight", steps=steps, **{"run.ckpt_every": 0,
                                                                             "run.eval_every": 40}))
-    kill_at = int(np.random.default_rng().integers(12, 60))
+    kill_at = int(rng.integers(12, 60))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     metrics = tmp_path / "killed" / "metrics.jsonl"
     run_and_kill(cli_words(args), metrics, kill_at, env)
@@ -248,12 +206,12 @@ def test_kill9_then_resume_is_bitwise_identical(data: Path, tmp_path: Path) -> N
     (partial / "config.json").write_text("{}")
     (partial / "model.safetensors").write_bytes(b"")
     (partial / "train_state").mkdir()
-    assert latest_checkpoint(tmp_path / "killed") == last
+    assert latest_checkpoint(tmp_path / "killed") == last, kill_note(kill_at)
     resumed = subprocess.run(cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"))
+    assert resumed.returncode == 0, f"{kill_note(kill_at)} {resumed.stderr}"
+    assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"), kill_note(kill_at))
     steps_logged = [r["step"] for r in read_metrics(metrics) if "loss" in r]
-    assert steps_logged == list(range(1, steps + 1)), f"killed at step {kill_at}"
+    assert steps_logged == list(range(1, steps + 1)), kill_note(kill_at)
 
 
 def test_resume_never_refuses_existing_checkpoints(data: Path, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import importlib
 import json
 import os
 import re
@@ -127,8 +128,18 @@ def _read_jsonl(path: str, field: str) -> Iterator[str]:
             yield record[field]
 
 
+def _data_extra(module: str, source: str) -> Any:
+    """Import an optional dependency of the `data` extra (pyarrow, datasets) that reading `source` needs;
+    missing, it is a user error (STYLE rule 15)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise TinylmError(f"{source}: reading it needs {module.split('.')[0]}, which is not installed: "
+                          "pip install 'tinylm[data]'") from None
+
+
 def _read_parquet(path: str, field: str) -> Iterator[str]:
-    import pyarrow.parquet as pq
+    pq = _data_extra("pyarrow.parquet", path)
 
     try:
         pf = pq.ParquetFile(path)
@@ -170,10 +181,10 @@ def _hub_reachable() -> bool:
 def _read_hub(name: str, field: str) -> Iterator[str]:
     if not _hub_reachable():
         raise TinylmError(f"{name}: no such file or directory, and the Hugging Face hub is unreachable (offline)")
-    import datasets
-
+    datasets = _data_extra("datasets", name)
     try:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
+        # never run a dataset repo's loading script (datasets < 2.20 ran it by default; pyproject's floor)
+        ds = datasets.load_dataset(name, split="train", streaming=True, trust_remote_code=False)
         yield from _read_datasets(ds, name, field)
     except TinylmError:
         raise
@@ -188,10 +199,8 @@ def _read_tinytales(spec: str, seed: int) -> Iterator[str]:
         n = int(spec.split(":", 1)[1])
     except ValueError:
         raise TinylmError(f"{spec}: expected tinytales:<number of stories>") from None
-    try:
-        from tinylm.data.tinytales import generate
-    except ImportError:
-        raise TinylmError("tinytales: the TinyTales generator (tinylm.tinytales) is not available") from None
+    from tinylm.data.tinytales import generate
+
     for story in generate(n, seed):
         yield story["text"] if isinstance(story, dict) else str(story)
 
@@ -219,8 +228,7 @@ def read_documents(sources: list[Source], text_field: str = "text", seed: int = 
         elif src.kind == "parquet":
             yield from _read_parquet(src.name, text_field)
         elif src.kind == "hf_disk":
-            import datasets
-
+            datasets = _data_extra("datasets", src.name)
             yield from _read_datasets(datasets.load_from_disk(src.name), src.name, text_field)
         elif src.kind == "hub":
             yield from _read_hub(src.name, text_field)

@@ -7,6 +7,7 @@ that training, evaluation and sampling fit in what is left.
 
 from __future__ import annotations
 
+import importlib.resources
 import json
 import time
 from dataclasses import dataclass
@@ -27,7 +28,9 @@ from tinylm.train.config import TrainConfig
 from tinylm.train.loop import fit, setup, train_step
 from tinylm.train.losses import lm_loss
 
-RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "quickstart.yaml"  # package data (pyproject)
+# Package data (pyproject's package-data), found through the import system so that it is the installed
+# package's copy; a wheel installs it as a plain file, so str() of the resource is its path.
+RECIPE = importlib.resources.files("tinylm") / "recipes" / "quickstart.yaml"
 
 
 @dataclass
@@ -52,7 +55,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     """Run the whole pipeline; returns the figures written into OUT/REPORT.md."""
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    recipe = Path(cfg.recipe) if cfg.recipe else RECIPE
+    recipe = Path(cfg.recipe or str(RECIPE))
     if not recipe.is_file():
         raise TinylmError(f"no quickstart recipe at {recipe}; pass --recipe FILE")
     train_cfg = _train_config(cfg, recipe, out)  # a bad recipe fails here, before anything is written

