@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import time
 from pathlib import Path
 
 import pytest
@@ -30,10 +31,14 @@ SHRINK = [
     (r"step_\d+", "step_0000020"),  # a stable-phase checkpoint of the 40-step run
     (r"--preset 5m", "--preset 260k"),
 ]
+# distillation runs 4 steps of 64 tokens: the teacher (SmolLM2-135M) is the slow part
+DISTILL = ("--schedule.steps 4 --schedule.tokens none --schedule.warmup_steps 1 --data.seq_len 32 "
+           "--data.batch_tokens 64 --data.micro_batch 2 --run.eval_every 0 --run.eval_tokens 64 --run.ckpt_every 0 "
+           "--run.progress false --run.compile false --run.plot false")
 APPEND = {
     "pretrain": TRAIN + " --model.preset 260k",
-    "distill": TRAIN,
-    "distill cache": TRAIN + " --batch-size 2",
+    "distill": DISTILL,
+    "distill cache": DISTILL + " --batch-size 2",
     "generate": "--max-tokens 8",
     "eval": "--max-tokens 2048",
     "prune": "--calib-batches 1 --batch-size 2 --seq-len 32",
@@ -66,6 +71,8 @@ def test_every_readme_command_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     (tmp_path / "schema.json").write_text(json.dumps(SCHEMA))
     for line in readme_commands():
         argv = shrink(line)
+        start = time.perf_counter()
         assert main(argv) == 0, f"README line failed: {line}\n  ran: tinylm {shlex.join(argv)}"
+        print(f"{time.perf_counter() - start:6.1f} s  tinylm {shlex.join(argv)}")  # shown when the test fails
     assert (tmp_path / "runs" / "tt1m" / "final" / "model.safetensors").is_file()
     assert (tmp_path / "tt.gguf").is_file() and (tmp_path / "tt.onnx").is_file()
