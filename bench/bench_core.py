@@ -39,7 +39,7 @@ _CHILD_REPORT = (
 )
 LOADERS = {
     "tinylm": (
-        "import torch\nfrom tinylm import checkpoint\nt1, c1 = time.perf_counter(), cpu()\n"
+        "import torch\nfrom tinylm.formats import checkpoint\nt1, c1 = time.perf_counter(), cpu()\n"
         "loaded = checkpoint.load('smollm2-135m')\nassert loaded.tokenizer is not None\n"
     ),
     "transformers": (

@@ -111,8 +111,8 @@ def decode(args: argparse.Namespace) -> None:
 
 _RSS_CHILD = """
 import resource, sys, torch
-from tinylm import checkpoint
-from tinylm.generate import generate_ids
+from tinylm.formats import checkpoint
+from tinylm.infer.generate import generate_ids
 torch.set_num_threads({threads})
 m = checkpoint.load(sys.argv[1]).model
 generate_ids(m, [1, 2, 3, 4], 32, temperature=0.0)

@@ -140,8 +140,10 @@ def teacher(args: argparse.Namespace) -> None:
 _RUN = """
 import sys, torch
 sys.path.insert(0, "tests")
-from test_train import make_data
-from tinylm.train import TrainConfig, load_config, pretrain
+from helpers import make_data
+from tinylm.core.recipe import load_config
+from tinylm.stages.pretrain import pretrain
+from tinylm.train.config import TrainConfig
 if sys.argv[2] == "0":  # what pretrain did before: compile without the deterministic switch
     torch.use_deterministic_algorithms = lambda *args, **kwargs: None
 data = make_data(__import__("pathlib").Path(sys.argv[1]) / "d")
