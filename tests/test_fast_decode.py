@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+import tinylm
 from tests.conftest import tiny_model
 from tinylm.infer.decode import StaticDecoder, decode_model
 from tinylm.infer.generate import generate_ids
@@ -101,3 +104,12 @@ def test_compiled_one_row_int8_decoding_equals_eager():
     model = quantize_model(tiny_model(n_kv_heads=2), "int8", 0)
     assert generate_ids(model, [5, 6, 7, 8], 40, temperature=0.0, fast=True) == \
         generate_ids(model, [5, 6, 7, 8], 40, temperature=0.0)
+
+
+def test_attention_math_lives_only_in_the_model_package():
+    # STYLE.md rule 13: a faster or exported path swaps the model's modules; it never re-implements them
+    root = Path(tinylm.__file__).parent
+    words = ("scaled_dot_product_attention", "apply_rope", "rope_cos", "rope_sin", "_rope(", "one_query_attention")
+    found = [f"{path.relative_to(root)}: {w}" for path in sorted(root.rglob("*.py")) if path.parent.name != "model"
+             for w in words if w in path.read_text()]
+    assert not found, found

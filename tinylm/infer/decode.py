@@ -70,8 +70,8 @@ class StaticDecoder:
         self.k = [torch.zeros(shape[1:], dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
         self.v = [torch.zeros(shape[1:], dtype=p.dtype, device=p.device) for _ in range(cfg.n_layers)]
         self.pos = 0
-        for m in {id(m): m for m in (self.model, self.stepper)}.values():
-            m.reserve(self.max_len)  # rotary tables for every slot, before any tracing
+        model.reserve(self.max_len)  # rotary tables for every slot, before any tracing
+        self.stepper.reserve(self.max_len)  # (the copy holds tables of its own once either grows)
         self.step = _compiled_step(self.stepper, shape) if compile else self._eager_step
         self.checked = not compile  # eager steps have no guards to check
 
