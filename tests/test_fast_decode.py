@@ -110,6 +110,6 @@ def test_attention_math_lives_only_in_the_model_package():
     # STYLE.md rule 13: a faster or exported path swaps the model's modules; it never re-implements them
     root = Path(tinylm.__file__).parent
     words = ("scaled_dot_product_attention", "apply_rope", "rope_cos", "rope_sin", "_rope(", "one_query_attention")
-    found = [f"{path.relative_to(root)}: {w}" for path in sorted(root.rglob("*.py")) if path.parent.name != "model"
-             for w in words if w in path.read_text()]
+    found = [f"{path.relative_to(root)}: {w}" for path in sorted(root.rglob("*.py"))
+             if path.parent.name != "model" for w in words if w in path.read_text()]
     assert not found, found

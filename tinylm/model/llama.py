@@ -198,7 +198,8 @@ class Llama(nn.Module):
                                    self.config.rope_theta, self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | StaticCache | None = None, output_hidden_states: bool = False,
+    def forward(self, input_ids: Tensor, cache: KVCache | StaticCache | None = None,
+                output_hidden_states: bool = False,
                 logits_for: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Next-token logits.
 
