@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tinylm.infer import generate as G
+from tinylm.infer import decode as D
+from tinylm.model import llama as L
 from tinylm.model.config import preset
 from tinylm.model.llama import Llama
 from tinylm.stages.quantize import quantize_model
@@ -83,23 +84,23 @@ def step(args: argparse.Namespace) -> None:
     model = quantize_model(Llama(preset(args.model)).eval(), "int8", 0)
     cfg, slots = model.config, 192
     caches = [[torch.zeros(1, cfg.n_kv_heads, slots, cfg.head_dim) for _ in range(cfg.n_layers)] for _ in range(2)]
-    model._rope(0, slots)
-    weights = G.decode_weights(model)
-    # static_forward reads the module global _one_query_attention when traced, and dynamo guards on it:
+    fast = D.decode_model(model)  # fused / int8-kernel layers swapped in, as StaticDecoder decodes one row
+    fast.reserve(slots)
+    # Attention reads the module global one_query_attention when traced, and dynamo guards on it:
     # each variant is set before its every call, so each compiled step keeps its own attention.
-    original, ids, compiled, times = G._one_query_attention, torch.tensor([[5]]), {}, {}
+    original, ids, compiled, times = L.one_query_attention, torch.tensor([[5]]), {}, {}
     variants = {"written-out attention": original, "SDPA kernel": _sdpa_one_query,
                 "written-out attention, Python wrapper": original}
     for name, attention in variants.items():
-        G._one_query_attention = attention
+        L.one_query_attention = attention
         options = None if "Python wrapper" in name else {"cpp_wrapper": True}
-        compiled[name] = torch.compile(partial(G.static_forward, model, weights=weights), dynamic=False,
+        compiled[name] = torch.compile(partial(D.static_step, fast), dynamic=False,
                                        fullgraph=True, options=options)
         with torch.no_grad():
             compiled[name](ids, torch.tensor(3), *caches)
 
     def timed(name: str, skip: bool) -> float:
-        G._one_query_attention, fn = variants[name], compiled[name]
+        L.one_query_attention, fn = variants[name], compiled[name]
         with torch.no_grad(), torch.compiler.set_stance("default", skip_guard_eval_unsafe=skip):
             t = time.perf_counter()
             for i in range(150):
@@ -110,7 +111,7 @@ def step(args: argparse.Namespace) -> None:
         for name in compiled:
             for skip in (False, True):
                 times.setdefault((name, skip), []).append(timed(name, skip))
-    G._one_query_attention = original
+    L.one_query_attention = original
     print("| step | guards checked us | guards skipped us |")
     print("|---|---|---|")
     for name in compiled:

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import torch
 
-from tinylm.infer.decode import static_forward
+from tinylm.model.kvcache import StaticCache
 from tinylm.model.llama import Llama
 from tinylm.model.qlinear import float_model
 
 # ----- ONNX ----------------------------------------------------------------------------------------
 
 class _OnnxStep(torch.nn.Module):
-    """generate.static_forward as a module: (input_ids, start, past_keys, past_values) ->
+    """The model's forward over a StaticCache as a module: (input_ids, start, past_keys, past_values) ->
     (logits, present_keys, present_values), the cache a fixed (L, B, Hkv, max_seq_len, hd) tensor."""
 
     def __init__(self, model: Llama) -> None:
@@ -23,7 +23,9 @@ class _OnnxStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, start: torch.Tensor, past_keys: torch.Tensor,
                 past_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return static_forward(self.model, input_ids, start, past_keys, past_values, inplace=False)
+        cache = StaticCache(past_keys, past_values, start, inplace=False)  # returns updated copies
+        logits = self.model(input_ids, cache=cache)
+        return logits, torch.stack(cache.k), torch.stack(cache.v)
 
 
 def export_onnx(model: Llama, out_path: str | os.PathLike) -> Path:

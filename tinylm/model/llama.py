@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinylm.model.config import ModelConfig
-from tinylm.model.kvcache import KVCache
+from tinylm.model.fused import project
+from tinylm.model.kvcache import KVCache, StaticCache
 
 
 class RMSNorm(nn.Module):
@@ -54,6 +55,22 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def one_query_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
+    """scaled_dot_product_attention for one query per row, written out so that the compiler fuses it
+    (the CPU flash kernel takes ~20% of a fast int8 decode step at T = 1).
+
+    Args:
+        q: (B, H, 1, hd); k, v: (B, Hkv, M, hd), query head h reading key head h // (H / Hkv) as GQA does;
+        visible: (1, M) bool, the slots the query may attend to.
+    """
+    B, H, _, hd = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, H // Hkv, hd)  # query heads grouped under their key head
+    scores = (qg @ k.transpose(-1, -2)) * hd**-0.5  # (B, Hkv, G, M)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return (scores.softmax(-1) @ v).view(B, H, 1, hd)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention (Ainslie et al. 2023) through `scaled_dot_product_attention`."""
 
@@ -65,21 +82,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product once fused for decoding
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        past = 0
-        if cache is not None:
-            past = cache.pos
-            k, v = cache.update(self.layer, k, v)  # (B, Hkv, past+T, hd)
         mask = None
-        if past and T > 1:  # chunked prefill: query i sees keys [0, past + i]
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
+        if cache is not None:  # k, v: (B, Hkv, S, hd), every key so far; mask (T, S) or None for causal
+            k, v, mask = cache.update(self.layer, k, v)
+        if T == 1 and mask is not None:  # one query over a static cache's slots
+            y = one_query_attention(q, k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -93,7 +110,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)  # (B, T, ffn_dim) each
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -106,7 +124,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -162,21 +180,33 @@ class Llama(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def _rope(self, start: int, length: int) -> tuple[Tensor, Tensor]:
-        end = start + length
-        if end > self.rope_cos.shape[0]:  # longer than max_seq_len: extend the tables (same formula)
-            cos, sin = rope_tables(self.config.head_dim, max(end, 2 * self.rope_cos.shape[0]),
+    def _rope(self, start: int | Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """cos and sin (length, head_dim) of positions start..start+length-1."""
+        if isinstance(start, Tensor):  # a static cache's position: gather rows, one graph for every step
+            positions = start + torch.arange(length, device=start.device)  # (length,)
+            return self.rope_cos[positions], self.rope_sin[positions]
+        self.reserve(start + length)
+        return self.rope_cos[start:start + length], self.rope_sin[start:start + length]
+
+    def reserve(self, length: int) -> None:
+        """Make the rotary tables cover positions [0, length), beyond max_seq_len too (same formula).
+
+        A compiled or traced forward calls it with the sizes it was traced for, so it never grows there.
+        """
+        if length > self.rope_cos.shape[0]:
+            cos, sin = rope_tables(self.config.head_dim, max(length, 2 * self.rope_cos.shape[0]),
                                    self.config.rope_theta, self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
-        return self.rope_cos[start:end], self.rope_sin[start:end]
 
-    def forward(self, input_ids: Tensor, cache: KVCache | None = None, output_hidden_states: bool = False,
+    def forward(self, input_ids: Tensor, cache: KVCache | StaticCache | None = None,
+                output_hidden_states: bool = False,
                 logits_for: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Next-token logits.
 
         Args:
             input_ids: (B, T) token ids; with a cache, the tokens after the cache's `pos`.
-            cache: a KVCache to read past keys/values from and append to; its `pos` advances by T.
+            cache: a KVCache or StaticCache to read past keys/values from and write to; its `pos`
+                advances by T (out of place: a static cache's `pos` is a tensor its caller owns).
             output_hidden_states: also return [embeddings, block 1 output, ..., block L output],
                 each (B, T, dim), the residual stream before the final norm.
             logits_for: (V',) vocabulary ids: compute only these columns of the logits (a teacher
@@ -187,6 +217,8 @@ class Llama(nn.Module):
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
+        if cache is not None:
+            self.reserve(cache.max_len)  # every slot's angles (a static cache gathers them by position)
         cos, sin = self._rope(start, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per forward, not once per block
@@ -196,7 +228,7 @@ class Llama(nn.Module):
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:
-            cache.pos += T
+            cache.pos = cache.pos + T
         x = self.model.norm(x)
         if logits_for is not None and isinstance(self.lm_head, nn.Linear):
             logits = F.linear(x, self.lm_head.weight[logits_for])  # (B, T, V')
