@@ -16,6 +16,7 @@ import subprocess
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -122,3 +123,8 @@ def readme_commands() -> list[str]:
     block = text.split("## The pipeline from the command line", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     block = block.replace("\\\n", " ")  # a line continued with a backslash
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.startswith("tinylm ")]
+
+
+def padded_model(tok: Any, **kwargs: Any) -> Llama:
+    """A tiny model over `tok`'s vocabulary with 3 padding logits (ids no tokenizer can produce)."""
+    return tiny_model(vocab_size=tok.vocab_size + 3, eos_token_id=tok.eos_id, **kwargs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import needs_smollm2, tiny_model
+from helpers import needs_smollm2, padded_model, tiny_model
 
 from tinylm.cli import main
 from tinylm.data.tokenizer import train_tokenizer
@@ -27,8 +27,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     # rows a multiple of 32 so that q8_0 / q4_0 blocks fit; untied to exercise output.weight; 3 padding logits
-    return tiny_model(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, vocab_size=tok.vocab_size + 3, tie=False,
-                      eos_token_id=tok.eos_id, bos_token_id=tok.bos_id)
+    return padded_model(tok, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=96, tie=False, bos_token_id=tok.bos_id)
 
 
 def _logits(m, x):

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("outlines_core")
 jsonschema = pytest.importorskip("jsonschema")
 
-from helpers import tiny_model  # noqa: E402
+from helpers import padded_model, tiny_model  # noqa: E402
 
 from tinylm.cli import main  # noqa: E402
 from tinylm.core.errors import TinylmError
@@ -44,7 +44,7 @@ def tok():
 @pytest.fixture(scope="module")
 def model(tok):
     # a few more logits than tokens: padding ids must never be sampled
-    return tiny_model(vocab_size=tok.vocab_size + 3, eos_token_id=tok.eos_id, max_seq_len=160)
+    return padded_model(tok, max_seq_len=160)
 
 
 def test_100_random_samples_parse_and_validate(tok, model):
