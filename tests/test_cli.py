@@ -195,3 +195,17 @@ def test_readme_spellings_reach_their_keys(monkeypatch) -> None:
 def test_readme_lists_the_pipeline() -> None:
     verbs = {re.split(r"\s+", line)[1] for line in README}
     assert {"generate", "data", "tokenizer", "pretrain", "prune", "distill", "quantize", "export"} <= verbs
+
+
+def test_a_closed_pipe_is_no_traceback(tmp_path) -> None:
+    # `tinylm --help | head -1`: the reader leaves early; the writer stops quietly (128 + SIGPIPE)
+    import subprocess
+    import sys
+
+    words = [sys.executable, "-c", "import sys; from tinylm.cli import main; sys.exit(main(['data', 'tinytales', "
+             "'--stories', '2000']))"]
+    proc = subprocess.Popen(words, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and "Traceback" not in err, err

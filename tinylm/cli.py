@@ -9,6 +9,7 @@ starts fast. A TinylmError becomes one line on stderr and exit code 2.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -147,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("tinylm: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `tinylm info ... | head`: the reader stopped reading, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
     return 0
 
 
