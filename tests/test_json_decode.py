@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
 pytest.importorskip("outlines_core")
 jsonschema = pytest.importorskip("jsonschema")
 
-from helpers import padded_model, tiny_model  # noqa: E402
+from helpers import needs_smollm2, padded_model, tiny_model  # noqa: E402
 
 from tinylm.cli import main  # noqa: E402
 from tinylm.core.errors import TinylmError
@@ -130,3 +131,14 @@ def test_check_schema_accepts_valid_drafts():
     check_schema({"$schema": "http://json-schema.org/draft-07/schema#", "type": "integer"})
     with pytest.raises(TinylmError):
         check_schema({"$schema": "http://json-schema.org/draft-07/schema#", "minimum": "zero"})
+
+
+@needs_smollm2  # outlines-core is first needed after the model loads
+@pytest.mark.parametrize("missing", ["jsonschema", "outlines_core"])
+def test_a_missing_json_extra_is_a_one_line_error(tmp_path, capsys, monkeypatch, missing):
+    (tmp_path / "s.json").write_text(json.dumps({"type": "object"}))
+    monkeypatch.setitem(sys.modules, missing, None)  # importing it raises ImportError
+    monkeypatch.setitem(sys.modules, f"{missing}.json_schema", None)
+    assert main(["generate", "smollm2-135m", "--prompt", "hi", "--json-schema", str(tmp_path / "s.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--json-schema needs {missing}" in err and "tinylm[json]" in err, err

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import codecs
-import importlib
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tinylm.core.errors import TinylmError
+from tinylm.core.errors import TinylmError, optional_import
 
 # ----- reading documents -------------------------------------------------------------------------------
 # Input kinds: .txt (documents separated by blank lines: a line that is empty or only whitespace ends a
@@ -128,18 +127,8 @@ def _read_jsonl(path: str, field: str) -> Iterator[str]:
             yield record[field]
 
 
-def _data_extra(module: str, source: str) -> Any:
-    """Import an optional dependency of the `data` extra (pyarrow, datasets) that reading `source` needs;
-    missing, it is a user error (STYLE rule 15)."""
-    try:
-        return importlib.import_module(module)
-    except ImportError:
-        raise TinylmError(f"{source}: reading it needs {module.split('.')[0]}, which is not installed: "
-                          "pip install 'tinylm[data]'") from None
-
-
 def _read_parquet(path: str, field: str) -> Iterator[str]:
-    pq = _data_extra("pyarrow.parquet", path)
+    pq = optional_import("pyarrow.parquet", "data", f"{path}: reading it")
 
     try:
         pf = pq.ParquetFile(path)
@@ -181,7 +170,7 @@ def _hub_reachable() -> bool:
 def _read_hub(name: str, field: str) -> Iterator[str]:
     if not _hub_reachable():
         raise TinylmError(f"{name}: no such file or directory, and the Hugging Face hub is unreachable (offline)")
-    datasets = _data_extra("datasets", name)
+    datasets = optional_import("datasets", "data", f"{name}: reading it")
     try:
         # never run a dataset repo's loading script (datasets < 2.20 ran it by default; pyproject's floor)
         ds = datasets.load_dataset(name, split="train", streaming=True, trust_remote_code=False)
@@ -228,7 +217,7 @@ def read_documents(sources: list[Source], text_field: str = "text", seed: int = 
         elif src.kind == "parquet":
             yield from _read_parquet(src.name, text_field)
         elif src.kind == "hf_disk":
-            datasets = _data_extra("datasets", src.name)
+            datasets = optional_import("datasets", "data", f"{src.name}: reading it")
             yield from _read_datasets(datasets.load_from_disk(src.name), src.name, text_field)
         elif src.kind == "hub":
             yield from _read_hub(src.name, text_field)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tinylm.core.errors import TinylmError
+from tinylm.core.errors import TinylmError, optional_import
 from tinylm.data.tokenizer import Tokenizer, bytes_to_unicode
 
 
@@ -37,17 +37,17 @@ def load_schema(path: str | Path) -> dict[str, Any]:
 
 def schema_regex(schema: dict[str, Any]) -> str:
     """The regular expression of the JSON texts valid for `schema` (outlines-core), or a one-line error."""
-    from outlines_core.json_schema import build_regex_from_schema  # noqa: PLC0415
+    json_schema = optional_import("outlines_core.json_schema", "json", "--json-schema")
 
     try:
-        return build_regex_from_schema(json.dumps(schema))
+        return json_schema.build_regex_from_schema(json.dumps(schema))
     except (ValueError, TypeError) as e:  # outlines-core: unsupported type / format / reference
         raise TinylmError(f"JSON schema not supported for constrained decoding: {str(e).splitlines()[0]}") from None
 
 
 def check_schema(schema: Any) -> None:
     """Raise a one-line TinylmError unless `schema` is valid JSON Schema (its own $schema's draft, else 2020-12)."""
-    import jsonschema  # noqa: PLC0415
+    jsonschema = optional_import("jsonschema", "json", "--json-schema")
 
     if not isinstance(schema, (dict, bool)):
         raise TinylmError(f"a JSON schema is an object, got {type(schema).__name__}")
@@ -60,7 +60,7 @@ def check_schema(schema: Any) -> None:
 
 def validate(instance_text: str, schema: dict[str, Any]) -> Any:
     """Parse `instance_text` as JSON and validate it against `schema`; returns the value (raises on failure)."""
-    import jsonschema  # noqa: PLC0415
+    jsonschema = optional_import("jsonschema", "json", "--json-schema")
 
     value = json.loads(instance_text)
     jsonschema.validate(value, schema)
@@ -91,7 +91,8 @@ class JsonIndex:
     """
 
     def __init__(self, schema: dict[str, Any], tokenizer: Tokenizer, vocab_size: int) -> None:
-        from outlines_core import Index, Vocabulary  # noqa: PLC0415
+        outlines_core = optional_import("outlines_core", "json", "--json-schema")
+        Index, Vocabulary = outlines_core.Index, outlines_core.Vocabulary
 
         if tokenizer.eos_id is None:
             raise TinylmError("JSON-constrained decoding needs a tokenizer with an eos token")
