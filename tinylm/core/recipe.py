@@ -6,6 +6,11 @@ fields are flat dataclasses, one per YAML section). Each field carries its type,
 argparse options whose --help text is that comment with the type and default, so a default is written once,
 beside its field. The options' own defaults are argparse.SUPPRESS: only what was typed reaches `load_config`,
 which lays it over the YAML recipe (the command line wins) and checks every value the same way.
+
+A field may declare its valid range or set with `typing.Annotated[type, Check(...)]` (or the aliases below:
+`Count`, `Interval`, `Positive`, `Beta`, `one_of(...)`); `load_config` checks it with the field's dotted name
+in the message, and --help shows it. Every float must be finite. A value out of range is an error, never
+replaced by a default.
 """
 
 from __future__ import annotations
@@ -19,11 +24,104 @@ import io
 import os
 import textwrap
 import tokenize
+import math
 import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from tinylm.core.errors import TinylmError
+
+
+# ----- declared ranges -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Check:
+    """The valid values of one config field: bounds (any of gt, ge, lt, le) or a set of choices."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple[Any, ...] = ()
+
+    def describe(self) -> str:
+        """`> 0`, `in [0, 1)`, `one of wsd, cosine, constant`."""
+        if self.choices:
+            return "one of " + ", ".join(map(str, self.choices))
+        low = (f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}"
+               if self.gt is not None else None)
+        high = (f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})"
+                if self.lt is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        if high:
+            return f"{'<=' if self.le is not None else '<'} {high[:-1]}"
+        return ""
+
+    def ok(self, value: Any) -> bool:
+        if self.choices:
+            return value in self.choices
+        return ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
+                and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+Count = Annotated[int, Check(ge=1)]  # rows, steps, layers, samples: at least one
+Interval = Annotated[int, Check(ge=0)]  # steps between events, 0 meaning "only at the end" / "off"
+Positive = Annotated[float, Check(gt=0)]  # rates, temperatures, scales
+NonNegative = Annotated[float, Check(ge=0)]  # weights, penalties that may be off
+Beta = Annotated[float, Check(ge=0, lt=1)]  # Adam's betas, momentum
+Fraction = Annotated[float, Check(ge=0, le=1)]  # a share of something
+
+
+def one_of(*choices: str) -> Any:
+    """The type of a str field whose value is one of `choices`."""
+    return Annotated[str, Check(choices=choices)]
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every field of a config dataclass (sections too) against its declared range, and every float
+    for finiteness; the first bad value is a one-line TinylmError naming the field as `section.key`.
+
+    Args:
+        cfg: a config dataclass instance.
+        prefix: the dotted name of `cfg` itself ("" at the top).
+    """
+    checks = _checks(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value, name = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate(value, f"{name}.")
+            continue
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(item, float) and not math.isfinite(item):
+                raise TinylmError(f"{_spell(name)} must be a finite number, got {item}")
+            check = checks.get(f.name)
+            if check is not None and item is not None and not isinstance(item, (list, dict)) \
+                    and not check.ok(item):
+                raise TinylmError(f"{_spell(name)} must be {check.describe()}, got {item!r}")
+
+
+def _spell(name: str) -> str:
+    return name if "." in name else f"--{name.replace('_', '-')}"
+
+
+@functools.cache
+def _checks(cls: type) -> dict[str, Check]:
+    """{field: its Check} for the fields of a dataclass declared `Annotated[..., Check(...)]` (or Optional)."""
+    out = {}
+    for name, hint in typing.get_type_hints(cls, include_extras=True).items():
+        for part in (hint, *typing.get_args(hint)):
+            found = [m for m in getattr(part, "__metadata__", ()) if isinstance(m, Check)]
+            if found:
+                out[name] = found[0]
+    return out
 
 
 def load_config(cls: type, path: str | os.PathLike | None = None,
@@ -44,7 +142,9 @@ def load_config(cls: type, path: str | os.PathLike | None = None,
     if not is_sectioned(cls):
         values = {k: (v, False) for k, v in raw.items()}
         values.update({k: (v, isinstance(v, str)) for k, v in pairs.items()})
-        return _build_section(cls, "", values)
+        config = _build_section(cls, "", values)
+        validate(config)
+        return config
     sections = {f.name: f for f in dataclasses.fields(cls)}
     per_section: dict[str, dict[str, Any]] = {name: {} for name in sections}
     for name, body in raw.items():
@@ -59,7 +159,9 @@ def load_config(cls: type, path: str | os.PathLike | None = None,
             raise TinylmError(f"unknown option --{dotted} (use --section.key with a section of: {', '.join(sections)})")
         per_section[name][key] = (value, isinstance(value, str))
     kwargs = {name: _build_section(sections[name].default_factory, name, per_section[name]) for name in sections}
-    return cls(**kwargs)
+    config = cls(**kwargs)
+    validate(config)
+    return config
 
 
 def is_sectioned(cls: type) -> bool:
@@ -190,6 +292,7 @@ class Key:
     hint: Any
     default: Any  # dataclasses.MISSING when the key is required
     comment: str
+    check: Check | None = None  # its declared range or set
 
 
 def config_keys(cls: type) -> list[Key]:
@@ -197,9 +300,9 @@ def config_keys(cls: type) -> list[Key]:
     if is_sectioned(cls):
         return [dataclasses.replace(key, name=f"{section}.{key.name}")
                 for section, hint in _hints(cls).items() for key in config_keys(hint)]
-    hints, comments = _hints(cls), field_comments(cls)
-    return [Key(f.name, hints[f.name], _default(f), comments.get(f.name, "")) for f in dataclasses.fields(cls)
-            if f.init]
+    hints, comments, checks = _hints(cls), field_comments(cls), _checks(cls)
+    return [Key(f.name, hints[f.name], _default(f), comments.get(f.name, ""), checks.get(f.name))
+            for f in dataclasses.fields(cls) if f.init]
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -335,7 +438,12 @@ def _base(hint: Any) -> Any:
 def help_text(key: Key) -> str:
     """The --help line of a key: its comment, then its type and default."""
     default = "required" if key.default is dataclasses.MISSING else f"default {_show(key.default)}"
-    text = f"{key.comment} ({_type_name(key.hint)}; {default})".strip()
+    kind = _type_name(key.hint)
+    if key.check is not None:
+        base, optional = kind.removesuffix(" or none"), kind.endswith(" or none")
+        kind = f"{base}, {key.check.describe()}" if key.check.choices else f"{base} {key.check.describe()}"
+        kind += " or none" if optional else ""
+    text = f"{key.comment} ({kind}; {default})".strip()
     return text.replace("%", "%%")  # argparse formats help with %
 
 

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from tinylm.core.recipe import Beta, Count, Fraction, Interval, NonNegative, Positive, one_of
+
 # ----- configuration -------------------------------------------------------------------------------
 # Each section is a flat dataclass; YAML sections and `--section.key value` map onto their fields.
 
@@ -16,12 +18,12 @@ class ModelSection:
 
     preset: str | None = "1m"  # a key of tinylm.model.config.PRESETS
     init: str | None = None  # continue from this model source (checkpoint dir, HF dir, .gguf, alias)
-    dim: int | None = None  # width; this and the shape fields below override the preset's when set
-    n_layers: int | None = None  # blocks (none: the preset's)
-    n_heads: int | None = None  # query heads (none: the preset's)
-    n_kv_heads: int | None = None  # key/value heads, GQA (none: the preset's)
-    ffn_dim: int | None = None  # SwiGLU hidden width (none: the preset's)
-    max_seq_len: int | None = None  # None: the preset's, raised to data.seq_len if shorter
+    dim: Count | None = None  # width; this and the shape fields below override the preset's when set
+    n_layers: Count | None = None  # blocks (none: the preset's)
+    n_heads: Count | None = None  # query heads (none: the preset's)
+    n_kv_heads: Count | None = None  # key/value heads, GQA (none: the preset's)
+    ffn_dim: Count | None = None  # SwiGLU hidden width (none: the preset's)
+    max_seq_len: Count | None = None  # None: the preset's, raised to data.seq_len if shorter
     tie_embeddings: bool | None = None  # share the embedding and LM-head matrix (none: the preset's)
 
 
@@ -30,9 +32,9 @@ class DataSection:
     """Where the tokens come from and how they are batched."""
 
     dir: str | None = None  # a data dir written by `tinylm data prepare`
-    seq_len: int = 256  # tokens per training row (the model predicts seq_len targets per row)
-    batch_tokens: int = 32768  # GLOBAL batch in tokens per optimizer step (all ranks, all micro-steps)
-    micro_batch: int = 16  # rows per forward/backward on one device; the rest is gradient accumulation
+    seq_len: Count = 256  # tokens per training row (the model predicts seq_len targets per row)
+    batch_tokens: Count = 32768  # GLOBAL batch in tokens per optimizer step (all ranks, all micro-steps)
+    micro_batch: Count = 16  # rows per forward/backward on one device; the rest is gradient accumulation
     seed: int = 0  # data order seed: the batch of step s depends only on (seed, s)
 
 
@@ -40,27 +42,27 @@ class DataSection:
 class OptimSection:
     """AdamW (Loshchilov & Hutter 2019) with width-aware learning rates."""
 
-    lr: float = 3e-3  # peak lr at width base_width (hidden matrices are scaled by base_width / dim)
+    lr: Positive = 3e-3  # peak lr at width base_width (hidden matrices are scaled by base_width / dim)
     width_scaling: bool = True  # muP-style: hidden-matrix lr * base_width / dim (see param_groups)
-    base_width: int = 256  # MiniCPM's dim_model_base (Hu et al. 2024, sec. 3.1)
-    weight_decay: float = 0.1  # on hidden matrices only
-    beta1: float = 0.9  # AdamW first-moment decay
-    beta2: float = 0.95  # LLaMA / MiniCPM value (Touvron et al. 2023, sec. 2.2)
-    eps: float = 1e-8  # AdamW denominator epsilon
-    grad_clip: float = 1.0  # max global gradient L2 norm; 0 disables clipping (the norm is still checked)
+    base_width: Count = 256  # MiniCPM's dim_model_base (Hu et al. 2024, sec. 3.1)
+    weight_decay: NonNegative = 0.1  # on hidden matrices only
+    beta1: Beta = 0.9  # AdamW first-moment decay
+    beta2: Beta = 0.95  # LLaMA / MiniCPM value (Touvron et al. 2023, sec. 2.2)
+    eps: Positive = 1e-8  # AdamW denominator epsilon
+    grad_clip: NonNegative = 1.0  # max global gradient L2 norm; 0 disables clipping (the norm is still checked)
 
 
 @dataclass
 class ScheduleSection:
     """Learning-rate schedule: wsd (warmup-stable-decay), cosine or constant."""
 
-    kind: str = "wsd"  # wsd | cosine | constant
-    steps: int | None = None  # optimizer steps; or give tokens
-    tokens: int | None = None  # token budget; steps = ceil(tokens / data.batch_tokens)
-    warmup_steps: int = 100  # linear warmup from lr/warmup_steps to lr
-    decay_fraction: float = 0.1  # wsd: the last round(decay_fraction * steps) steps decay (MiniCPM ~10%)
-    decay_shape: str = "1-sqrt"  # wsd: exponential | linear | 1-sqrt (Hagele et al. 2024 find 1-sqrt best)
-    min_lr_ratio: float = 0.0  # lr at the end of the decay / peak lr (exponential needs > 0)
+    kind: one_of("wsd", "cosine", "constant") = "wsd"  # wsd | cosine | constant
+    steps: Count | None = None  # optimizer steps; or give tokens
+    tokens: Count | None = None  # token budget; steps = ceil(tokens / data.batch_tokens)
+    warmup_steps: Interval = 100  # linear warmup from lr/warmup_steps to lr
+    decay_fraction: Fraction = 0.1  # wsd: the last round(decay_fraction * steps) steps decay (MiniCPM ~10%)
+    decay_shape: one_of("exponential", "linear", "1-sqrt") = "1-sqrt"  # wsd: exponential | linear | 1-sqrt (Hagele et al. 2024 find 1-sqrt best)
+    min_lr_ratio: Fraction = 0.0  # lr at the end of the decay / peak lr (exponential needs > 0)
 
 
 @dataclass
@@ -72,15 +74,15 @@ class RunSection:
     decay_from: str | None = None  # wsd: a stable-phase checkpoint; run only the decay from it
     seed: int = 0  # model initialisation seed
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
-    dtype: str = "auto"  # autocast dtype: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
+    dtype: one_of("auto", "float32", "bfloat16") = "auto"  # autocast dtype: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
     compile: bool | None = None  # torch.compile; None: on for cuda, and on cpu from 1M parameters (use_compile)
     fsdp: bool = False  # shard parameters with FSDP2 fully_shard (models that do not fit one device)
-    eval_every: int = 200  # steps between validation passes (0: only at the end)
-    eval_tokens: int = 65536  # validation tokens per pass
-    ckpt_every: int = 500  # steps between resumable checkpoints (0: only on a signal)
-    keep_last: int = 2  # resumable checkpoints kept
-    log_every: int = 10  # steps between metrics.jsonl lines
-    peak_flops: float | None = None  # device peak FLOP/s for MFU; None: measured (measure_peak_flops)
+    eval_every: Interval = 200  # steps between validation passes (0: only at the end)
+    eval_tokens: Count = 65536  # validation tokens per pass
+    ckpt_every: Interval = 500  # steps between resumable checkpoints (0: only on a signal)
+    keep_last: Count = 2  # resumable checkpoints kept
+    log_every: Count = 10  # steps between metrics.jsonl lines
+    peak_flops: Positive | None = None  # device peak FLOP/s for MFU; None: measured (measure_peak_flops)
     progress: bool = True  # tqdm progress bar
     tensorboard: bool = False  # also write OUT/tensorboard/ (needs the tensorboard package)
     plot: bool = True  # OUT/loss.png at the end
