@@ -21,17 +21,16 @@ import dataclasses
 import functools
 import inspect
 import io
+import math
 import os
 import textwrap
 import tokenize
-import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 from tinylm.core.errors import TinylmError
-
 
 # ----- declared ranges -------------------------------------------------------------------------------
 

@@ -6,7 +6,15 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from tinylm.core.recipe import Beta, Count, Fraction, Interval, NonNegative, Positive, one_of
+from tinylm.core.recipe import (
+    Beta,
+    Count,
+    Fraction,
+    Interval,
+    NonNegative,
+    Positive,
+    one_of,
+)
 
 # ----- configuration -------------------------------------------------------------------------------
 # Each section is a flat dataclass; YAML sections and `--section.key value` map onto their fields.
