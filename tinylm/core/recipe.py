@@ -174,7 +174,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise TinylmError(f"no recipe at {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise TinylmError(f"{path}: a recipe is UTF-8 text, but byte {e.start} is not ({e.reason})") from None
+    except OSError as e:
+        raise TinylmError(f"cannot read the recipe {path}: {e.strerror}") from None
     except yaml.YAMLError as e:
         raise TinylmError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
