@@ -91,18 +91,23 @@ def test_any_flat_option_text_is_a_config_or_one_line(options: dict) -> None:
 
 # ----- the data readers ---------------------------------------------------------------------------------------
 
+def read_or_one_line(path: Path) -> None:
+    """Reading `path` as a corpus input gives strings, or a one-line TinylmError."""
+    try:
+        docs = list(iter_texts([str(path)]))
+    except TinylmError as e:
+        assert one_line(e), str(e)
+    else:
+        assert all(isinstance(doc, str) for doc in docs)
+
+
 @FUZZ
 @given(st.binary(max_size=400), st.sampled_from(["a.txt", "a.jsonl", "a.json", "a", "a.md"]))
 def test_any_file_reads_as_documents_or_one_line(raw: bytes, name: str) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / name
         path.write_bytes(raw)
-        try:
-            docs = list(iter_texts([str(path)]))
-        except TinylmError as e:
-            assert one_line(e), str(e)
-        else:
-            assert all(isinstance(doc, str) for doc in docs)
+        read_or_one_line(path)
 
 
 jsonl_lines = st.lists(st.one_of(
@@ -119,12 +124,7 @@ def test_any_jsonl_reads_as_its_text_fields_or_one_line(lines: list) -> None:
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "a.jsonl"
         path.write_text("\n".join(json.dumps(x) if not isinstance(x, str) else x for x in lines))
-        try:
-            docs = list(iter_texts([str(path)]))
-        except TinylmError as e:
-            assert one_line(e), str(e)
-        else:
-            assert all(isinstance(doc, str) for doc in docs)
+        read_or_one_line(path)
 
 
 # ----- the tokenizer's input path ---------------------------------------------------------------------------
