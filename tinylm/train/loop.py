@@ -34,6 +34,7 @@ from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
 from tinylm.model.config import PRESETS, preset
 from tinylm.model.llama import Llama
+from tinylm.model.surgery import check_memory
 from tinylm.train.config import DataSection, ModelSection, RunSection
 from tinylm.train.losses import LossFn, eval_nats, lm_loss
 from tinylm.train.metrics import MetricsLog, plot_metrics
@@ -76,6 +77,8 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     rows = batch_layout(cfg.data, d.world)[0]
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train, tokenizer)
+    for split in (train, val) if val is not None else (train,):  # ids beyond the embedding rows
+        split.check_vocab(model.config.vocab_size, str(cfg.model.init or "the model"))
     out = Path(cfg.run.out)
     resume_from, total = _plan_start(cfg, out, rows)
     run = _assemble(cfg, model, train.batches(cfg.data.seed, rows, cfg.data.seq_len), d, device, total, out)
@@ -165,6 +168,7 @@ def build_model(m: ModelSection, seq_len: int, data: TokenData,
     if tokenizer is not None:
         shape.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     cfg = preset(m.preset, vocab_size=vocab_size, **shape)
+    check_memory(cfg, f"model.preset {m.preset} with its overrides")  # fp32 master weights, built on the CPU
     return Llama(cfg), tokenizer
 
 
