@@ -113,7 +113,48 @@ def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     d = Path(directory) / "train_state"
     if not (d / "state.json").is_file():
         raise TinylmError(f"{directory} is not a resumable checkpoint (no train_state/state.json)")
-    return _safe_load_file(d / "optimizer.safetensors"), json.loads((d / "state.json").read_text())
+    return _safe_load_file(d / "optimizer.safetensors"), _read_json_object(d / "state.json")
+
+
+def verify(directory: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint dir, cheaply (None: nothing): a missing file, a config.json that
+    does not load, or a safetensors file whose size is not what its header says (a truncated write).
+    Tensors are not read, only the files' headers and sizes.
+
+    Args:
+        directory: the checkpoint dir.
+    """
+    d = Path(directory)
+    if not is_complete(d):
+        return "a file is missing"
+    try:
+        ModelConfig.from_hf(_read_json_object(d / "config.json"))
+    except TinylmError as e:
+        return f"config.json: {e}"
+    files = [d / "model.safetensors"] + ([d / "train_state" / "optimizer.safetensors"]
+                                          if (d / "train_state").exists() else [])
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            return f"{f.relative_to(d)}: {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    # The format: 8 bytes little-endian header length n, n bytes of JSON header whose entries give each
+    # tensor's data_offsets [begin, end) in the data that follows (safetensors' README, "Format").
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"truncated ({size} bytes)"
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    want = 8 + n + max(ends, default=0)
+    return None if size == want else f"truncated ({size} of {want} bytes)" if size < want else f"{size - want} bytes too many"
 
 
 # ----- load ----------------------------------------------------------------------------------------

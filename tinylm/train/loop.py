@@ -43,10 +43,11 @@ from tinylm.train.schedule import _check_schedule, branch_total, decay_steps, lr
 from tinylm.train.state import (
     Run,
     _prune_checkpoints,
-    _train_info,
     checkpoint_dir,
     latest_checkpoint,
+    read_train_info,
     restore,
+    resume_checkpoint,
     save_checkpoint,
 )
 
@@ -179,11 +180,11 @@ def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
         if s.kind != "wsd":
             raise TinylmError("run.decay_from needs schedule.kind wsd")
         src = Path(r.decay_from)
-        info = _train_info(src)
+        info = read_train_info(src)
         start, src_total = int(info["step"]), int(info["total_steps"])
         if start < s.warmup_steps or start > src_total - decay_steps(src_total, s.decay_fraction):
             raise TinylmError(f"{src} (step {start}) is not in the stable phase of its WSD schedule")
-        latest = latest_checkpoint(out) if r.resume == "auto" else None  # a killed branch continues
+        latest = resume_checkpoint(out) if r.resume == "auto" else None  # a killed branch continues
         return latest or src, branch_total(start, s.decay_fraction)
     total = planned_steps(s, rows * cfg.data.seq_len)
     if r.resume == "never":
@@ -191,9 +192,9 @@ def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
             raise TinylmError(f"{out} already holds checkpoints: pass --resume auto to continue, or another run.out")
         return None, total
     if r.resume == "auto":
-        return latest_checkpoint(out), total
+        return resume_checkpoint(out), total
     src = Path(r.resume)
-    _train_info(src)
+    read_train_info(src)
     return src, total
 
 
