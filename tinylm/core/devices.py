@@ -48,6 +48,49 @@ def resolve_device(name: str | torch.device) -> torch.device:
     return device
 
 
+def available_memory(device: str | torch.device = "cpu") -> int:
+    """Bytes that can be allocated now: the device's free memory on CUDA; on a CPU, MemAvailable of
+    /proc/meminfo (what the kernel can hand out without swapping), else free physical pages (sysconf).
+
+    Args:
+        device: where the memory would be allocated.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # no such figure on this platform: do not refuse
+        return 2**63
+
+
+def check_memory(need: int, device: str | torch.device, what: str) -> None:
+    """Refuse, with the estimate, an allocation of `need` bytes that exceeds the memory available.
+
+    Args:
+        need: the estimated bytes.
+        device: where they would be allocated (CUDA: the device's free memory is checked too, as the
+            weights pass through CPU memory first).
+        what: the start of the message, e.g. "grow: the grown model (dim 6400000)".
+    """
+    for dev in ("cpu", device) if torch.device(device).type == "cuda" else ("cpu",):
+        free = available_memory(dev)
+        if need > free:
+            where = "" if torch.device(dev).type == "cpu" else f" on {dev}"
+            raise TinylmError(f"{what} would need {_gb(need)} for its weights, {_gb(free)} available{where}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
 def init_distributed(device: str) -> tuple[Dist, torch.device]:
     """Join the torchrun process group (NCCL on GPUs, gloo on CPUs) and pick this rank's device.
 

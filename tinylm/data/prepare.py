@@ -2,7 +2,8 @@
 
 A data dir holds:
 
-    DIR/meta.json               {"format": "tinylm-tokens-v1", "dtype", "vocab_size", "splits", ...}
+    DIR/meta.json               {"format": "tinylm-tokens-v1", "dtype", "vocab_size", "splits", ...}; each
+                                split records its shards and its largest token id (max_token_id)
     DIR/{split}_{k:04d}.bin     raw little-endian token arrays (uint16 or uint32), no header
     DIR/tokenizer/              the tokenizer that produced the ids (Tokenizer.save)
 
@@ -99,6 +100,7 @@ class _SplitWriter:
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.shards: list[dict[str, Any]] = []
         self.documents = self.tokens = self.bytes = 0
+        self.max_token_id: int | None = None  # recorded in meta.json: readers check it against a model's vocabulary
         self._file: Any = None
 
     def write(self, tokens: np.ndarray, doc_lengths: np.ndarray, n_bytes: int) -> None:
@@ -106,6 +108,8 @@ class _SplitWriter:
         self.documents += len(doc_lengths)
         self.tokens += len(tokens)
         self.bytes += n_bytes
+        if len(tokens):
+            self.max_token_id = max(int(tokens.max()), self.max_token_id or 0)
         ends = np.cumsum(doc_lengths)
         done = 0  # documents written so far
         while done < len(doc_lengths):
@@ -131,7 +135,8 @@ class _SplitWriter:
             self._file = None
 
     def info(self) -> dict[str, Any]:
-        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes, "shards": self.shards}
+        return {"documents": self.documents, "tokens": self.tokens, "bytes": self.bytes,
+                "max_token_id": self.max_token_id, "shards": self.shards}
 
 
 class _Filters:

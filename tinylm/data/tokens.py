@@ -79,7 +79,7 @@ BatchSource = Callable[[int, int, int], Batch]
 # ----- reading: the batch loader ---------------------------------------------------------------------
 
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
-    """The parsed meta.json of a data dir written by `prepare`.
+    """The parsed meta.json of a data dir written by `prepare`, every field that readers use checked.
 
     Args:
         directory: the data dir.
@@ -88,9 +88,43 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise TinylmError(f"{directory} is not a tinylm data dir (no meta.json); make one with `tinylm data prepare`")
     meta = _read_json(path)
+    if not isinstance(meta, dict):
+        raise TinylmError(f"{path}: expected a JSON object")
     if meta.get("format") != FORMAT:
         raise TinylmError(f"{path}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    problem = _meta_problem(meta)
+    if problem:
+        raise TinylmError(f"{path}: {problem}; prepare the data again")
     return meta
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _meta_problem(meta: dict[str, Any]) -> str | None:
+    """What is wrong with a meta.json's fields (None: nothing)."""
+    if meta.get("dtype") not in ("uint16", "uint32"):
+        return f"dtype must be uint16 or uint32, got {meta.get('dtype')!r}"
+    if not _is_count(meta.get("vocab_size")) or meta["vocab_size"] < 1:
+        return f"vocab_size must be a positive integer, got {meta.get('vocab_size')!r}"
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return "splits must be a non-empty object"
+    for name, info in splits.items():
+        if not isinstance(info, dict) or not isinstance(info.get("shards"), list):
+            return f"splits.{name} must be an object with a list of shards"
+        if not _is_count(info.get("bytes", 0)):
+            return f"splits.{name}.bytes must be an integer >= 0, got {info.get('bytes')!r}"
+        if info.get("max_token_id") is not None and not _is_count(info["max_token_id"]):
+            return f"splits.{name}.max_token_id must be an integer >= 0 or null, got {info['max_token_id']!r}"
+        for shard in info["shards"]:
+            file = shard.get("file") if isinstance(shard, dict) else None
+            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+                return f"splits.{name}: a shard's file must be a file name in the data dir, got {file!r}"
+            if not _is_count(shard.get("tokens")):
+                return f"splits.{name}: shard {file}'s tokens must be an integer >= 0, got {shard.get('tokens')!r}"
+    return None
 
 
 class TokenData:
@@ -107,8 +141,10 @@ class TokenData:
         self.shards = shards
         info = meta["splits"][split]
         self.n_tokens = int(sum(len(s) for s in shards))
-        self.n_bytes = int(info["bytes"])
+        self.n_bytes = int(info.get("bytes", 0))
         self.vocab_size = int(meta["vocab_size"])
+        self.where = "the data"  # named in errors: the data dir's split once opened
+        self._max_id: int | None = info.get("max_token_id") if "max_token_id" in info else -1
         # starts[k] = position of shard k's first token in the concatenated stream; starts[-1] = n_tokens
         self._starts = np.cumsum([0] + [len(s) for s in shards])
 
@@ -122,6 +158,19 @@ class TokenData:
         if self.vocab_size > model_vocab:
             raise TinylmError(f"the data's vocabulary ({self.vocab_size}) is larger than {model}'s ({model_vocab}): "
                               f"prepare the data with the model's tokenizer")
+        top = self.max_token_id
+        if top is not None and top >= model_vocab:
+            raise TinylmError(f"{self.where} holds token id {top}, beyond the vocabulary of {model} ({model_vocab} "
+                              f"tokens); prepare the data with the model's tokenizer")
+
+    @property
+    def max_token_id(self) -> int | None:
+        """The largest token id of the split (None: no tokens): meta.json's record (written by `prepare`),
+        else computed once over the memory-mapped shards (a data dir from before the record)."""
+        if self._max_id == -1:
+            tops = [int(s.max()) for s in self.shards if len(s)]
+            self._max_id = max(tops) if tops else None
+        return self._max_id
 
     @classmethod
     def from_ids(cls, ids: np.ndarray | torch.Tensor | list[int], vocab_size: int, n_bytes: int = 0,
@@ -157,7 +206,9 @@ class TokenData:
                 raise TinylmError(f"{path}: missing or not {shard['tokens']} tokens long; prepare the data again")
             if shard["tokens"]:  # np.memmap refuses empty files
                 shards.append(np.memmap(path, dtype=dtype, mode="r"))
-        return cls(meta, shards, split)
+        data = cls(meta, shards, split)
+        data.where = f"{d} ({split} split)"
+        return data
 
     def _read(self, pos: int, length: int) -> np.ndarray:
         """Tokens [pos, pos + length) of the concatenated stream; a window may span shards."""

@@ -24,7 +24,7 @@ from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats.gguf import _field, _gguf_tokenizer, _open_gguf, gguf_config, gguf_state_dict
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
-from tinylm.model.surgery import build, export_state_dict
+from tinylm.model.surgery import build, check_memory, export_state_dict
 
 FORMAT_VERSION = 1
 
@@ -113,7 +113,48 @@ def load_train_state(directory: str | os.PathLike) -> tuple[dict[str, torch.Tens
     d = Path(directory) / "train_state"
     if not (d / "state.json").is_file():
         raise TinylmError(f"{directory} is not a resumable checkpoint (no train_state/state.json)")
-    return _safe_load_file(d / "optimizer.safetensors"), json.loads((d / "state.json").read_text())
+    return _safe_load_file(d / "optimizer.safetensors"), _read_json_object(d / "state.json")
+
+
+def verify(directory: str | os.PathLike) -> str | None:
+    """What is wrong with a checkpoint dir, cheaply (None: nothing): a missing file, a config.json that
+    does not load, or a safetensors file whose size is not what its header says (a truncated write).
+    Tensors are not read, only the files' headers and sizes.
+
+    Args:
+        directory: the checkpoint dir.
+    """
+    d = Path(directory)
+    if not is_complete(d):
+        return "a file is missing"
+    try:
+        ModelConfig.from_hf(_read_json_object(d / "config.json"))
+    except TinylmError as e:
+        return f"config.json: {e}"
+    files = [d / "model.safetensors"] + ([d / "train_state" / "optimizer.safetensors"]
+                                          if (d / "train_state").exists() else [])
+    for f in files:
+        problem = _safetensors_problem(f)
+        if problem:
+            return f"{f.relative_to(d)}: {problem}"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    # The format: 8 bytes little-endian header length n, n bytes of JSON header whose entries give each
+    # tensor's data_offsets [begin, end) in the data that follows (safetensors' README, "Format").
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if size < 8 or n > size - 8:
+                return f"truncated ({size} bytes)"
+            header = json.loads(f.read(n))
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError) as e:
+        return f"unreadable header ({type(e).__name__})"
+    want = 8 + n + max(ends, default=0)
+    return None if size == want else f"truncated ({size} of {want} bytes)" if size < want else f"{size - want} bytes too many"
 
 
 # ----- load ----------------------------------------------------------------------------------------
@@ -146,11 +187,12 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu",
     """
     path = resolve(source)
     if path.is_dir():
-        loaded = _load_dir(path, dtype)
+        loaded = _load_dir(path, dtype, device)
     elif _is_gguf(path):
-        loaded = _load_gguf(path, dtype)
+        loaded = _load_gguf(path, dtype, device)
     else:
         raise TinylmError(f"{path} is not a model: expected a checkpoint directory or a .gguf file")
+    check_tokenizer(loaded)
     loaded.model.to(device).eval()
     return loaded
 
@@ -176,23 +218,56 @@ def _is_gguf(path: Path) -> bool:
         raise TinylmError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _load_dir(path: Path, dtype: torch.dtype) -> Loaded:
+def _load_dir(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Loaded:
     config_path = path / "config.json"
     if not config_path.is_file():
         raise TinylmError(f"{path} is not a model directory (no config.json)")
+    hf = _read_json_object(config_path)
     try:
-        hf = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TinylmError(f"{config_path}: not valid JSON ({e})") from None
-    if not isinstance(hf, dict):
-        raise TinylmError(f"{config_path}: expected a JSON object")
-    cfg = ModelConfig.from_hf(hf)
+        cfg = ModelConfig.from_hf(hf)
+        meta = _tinylm_block(hf)
+    except TinylmError as e:
+        raise TinylmError(f"{config_path}: {str(e).removeprefix('model config: ')}") from None
+    check_memory(cfg, f"{path}: the model", dtype, device)  # before reading (or allocating) any weight
     state = _read_weights(path)
     stored = str(next(iter(state.values())).dtype).removeprefix("torch.") if state else "none"
-    meta = hf.get("tinylm") or {}
     model = build(cfg, state, dtype, where=str(path), quantization=meta.get("quantization"))
     tokenizer = Tokenizer.load(path) if (path / "tokenizer.json").is_file() else None
     return Loaded(model, tokenizer, cfg, path, "checkpoint" if meta else "hf", meta, stored)
+
+
+def _read_json_object(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TinylmError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise TinylmError(f"cannot read {path}: {e.strerror}") from None
+    if not isinstance(obj, dict):
+        raise TinylmError(f"{path}: expected a JSON object")
+    return obj
+
+
+def _tinylm_block(hf: dict[str, Any]) -> dict[str, Any]:
+    """The "tinylm" block of a config.json ({} for an HF model), its quantization spec checked for type."""
+    meta = hf.get("tinylm")
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise TinylmError(f"the \"tinylm\" block must be a JSON object, got {meta!r}")
+    quant = meta.get("quantization")
+    if quant is not None and not isinstance(quant, dict):
+        raise TinylmError(f"tinylm.quantization must be a JSON object or null, got {quant!r}")
+    return meta
+
+
+def check_tokenizer(loaded: Loaded) -> None:
+    """A tokenizer with more tokens than the model has embedding rows is a one-line error (fewer is
+    fine: padded vocabularies are normal)."""
+    tok = loaded.tokenizer
+    if tok is not None and tok.vocab_size > loaded.config.vocab_size:
+        raise TinylmError(f"{loaded.source}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                          f"{loaded.config.vocab_size} embedding rows (vocab_size); a tokenizer from another model?")
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -201,7 +276,10 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     if single.is_file():
         return _safe_load_file(single)
     if index.is_file():  # sharded HF checkpoint
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = _read_json_object(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise TinylmError(f"{index}: \"weight_map\" must map weight names to file names")
+        files = sorted(set(weight_map.values()))
         state: dict[str, torch.Tensor] = {}
         for name in files:
             state.update(_safe_load_file(path / name))
@@ -221,13 +299,10 @@ def _safe_load_file(path: Path) -> dict[str, torch.Tensor]:
         raise TinylmError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
 
 
-
-
-
-
-def _load_gguf(path: Path, dtype: torch.dtype) -> Loaded:
+def _load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device = "cpu") -> Loaded:
     reader = _open_gguf(path)
     cfg = gguf_config(reader, path)
+    check_memory(cfg, f"{path}: the model", dtype, device)
     state, quant = gguf_state_dict(reader, cfg, dtype)
     model = build(cfg, state, dtype, where=str(path))
     meta = {"source_format": "gguf", "gguf_name": _field(reader, "general.name")}

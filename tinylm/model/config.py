@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,6 +53,7 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        self._check_sizes()
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None:
@@ -62,13 +64,20 @@ class ModelConfig:
             self.ffn_dim = _ffn_dim_for(self.dim)
         self.validate()
 
-    def validate(self) -> None:
-        """Raise a one-line TinylmError for an impossible shape."""
+    def _check_sizes(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                      "ffn_dim", "max_seq_len"):
             value = getattr(self, name)
+            if value is None and name in ("n_kv_heads", "head_dim", "ffn_dim"):
+                continue  # derived in __post_init__
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise TinylmError(f"model config: {name} must be a positive integer, got {value!r}")
+
+    def validate(self) -> None:
+        """Raise a one-line TinylmError for an impossible shape or a non-finite number."""
+        if None in (self.n_kv_heads, self.head_dim, self.ffn_dim):
+            raise TinylmError("model config: n_kv_heads, head_dim and ffn_dim must be set")
+        self._check_sizes()
         if self.n_heads % self.n_kv_heads:
             raise TinylmError(
                 f"model config: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
@@ -77,6 +86,18 @@ class ModelConfig:
                               "(transformers cannot load such a Llama)")
         if self.head_dim % 2:
             raise TinylmError(f"model config: head_dim {self.head_dim} must be even for RoPE")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if not _is_real(value) or not 0 < value < math.inf:
+                raise TinylmError(f"model config: {name} must be a positive finite number, got {value!r}")
+        if not _is_real(self.init_std) or not 0 <= self.init_std < math.inf:
+            raise TinylmError(f"model config: init_std must be a finite number >= 0, got {self.init_std!r}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TinylmError(f"model config: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise TinylmError(f"model config: {name} must be a token id (an integer >= 0) or null, got {value!r}")
 
     # ----- derived figures -------------------------------------------------------------------
 
@@ -94,6 +115,17 @@ class ModelConfig:
         if include_embeddings:
             total += self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return total
+
+    def weight_bytes(self, bytes_per_param: int = 4) -> int:
+        """Memory the model's tensors take: its parameters plus the RoPE cos/sin tables (fp32).
+
+        The one estimate that every place building a model checks against the free memory
+        (`surgery.check_memory`) before allocating.
+
+        Args:
+            bytes_per_param: bytes of one parameter (4 for fp32, 2 for bf16).
+        """
+        return self.param_count() * bytes_per_param + 2 * self.max_seq_len * self.head_dim * 4
 
     def flops_per_token(self, seq_len: int | None = None, training: bool = False) -> int:
         """Matmul FLOPs to process one token, PaLM convention (Chowdhery et al. 2022, app. B).
@@ -158,37 +190,84 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """Read an HF Llama config.json dict; anything tinylm cannot express is a one-line error."""
+        """Read an HF Llama config.json dict; anything tinylm cannot express, a missing key or a value of
+        the wrong type or range is a one-line error naming the HF key."""
         if hf.get("model_type", "llama") != "llama":
             raise TinylmError(f"unsupported model_type {hf.get('model_type')!r}: tinylm loads Llama models")
         if hf.get("hidden_act", "silu") != "silu":
             raise TinylmError(f"unsupported hidden_act {hf['hidden_act']!r}: tinylm uses SwiGLU (silu)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
             raise TinylmError("unsupported Llama variant: biases in attention or MLP")
-        rope_scaling = hf.get("rope_scaling")
+        rope_scaling = _hf_object(hf, "rope_scaling")
         if rope_scaling and rope_scaling.get("rope_type", rope_scaling.get("type")) not in (None, "default"):
             raise TinylmError(f"unsupported rope_scaling {rope_scaling!r}")
         theta = hf.get("rope_theta")
         if theta is None:  # transformers >= 5 may nest it under rope_parameters
-            theta = (hf.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-        try:
-            return cls(
-                vocab_size=hf["vocab_size"], dim=hf["hidden_size"], n_layers=hf["num_hidden_layers"],
-                n_heads=hf["num_attention_heads"],
-                n_kv_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-                head_dim=hf.get("head_dim"), ffn_dim=hf["intermediate_size"],
-                max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=float(theta),
-                norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                init_std=hf.get("initializer_range", 0.02), bos_token_id=_first(hf.get("bos_token_id")),
-                eos_token_id=_first(hf.get("eos_token_id")), pad_token_id=_first(hf.get("pad_token_id")),
-            )
-        except KeyError as e:
-            raise TinylmError(f"config.json lacks the key {e.args[0]!r}") from None
+            theta = _hf_object(hf, "rope_parameters").get("rope_theta", 10000.0)
+        n_heads = _hf_int(hf, "num_attention_heads")
+        return cls(
+            vocab_size=_hf_int(hf, "vocab_size"), dim=_hf_int(hf, "hidden_size"),
+            n_layers=_hf_int(hf, "num_hidden_layers"), n_heads=n_heads,
+            n_kv_heads=_hf_int(hf, "num_key_value_heads", n_heads), head_dim=_hf_int(hf, "head_dim", None),
+            ffn_dim=_hf_int(hf, "intermediate_size"), max_seq_len=_hf_int(hf, "max_position_embeddings", 2048),
+            rope_theta=_hf_float("rope_theta", theta), norm_eps=_hf_float("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+            tie_embeddings=_hf_bool(hf, "tie_word_embeddings"),
+            init_std=_hf_float("initializer_range", hf.get("initializer_range", 0.02), low=0.0),
+            bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
+            pad_token_id=_first(hf.get("pad_token_id")),
+        )
+
+
+_MISSING = object()
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _hf_int(hf: dict[str, Any], key: str, default: Any = _MISSING) -> Any:
+    """hf[key] as a positive integer (a JSON null means the default); a one-line error naming the key."""
+    value = hf.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise TinylmError(f"config.json lacks the key {key!r}")
+        return default
+    if isinstance(value, float) and value.is_integer():  # 64.0 from a hand-written file
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise TinylmError(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _hf_float(key: str, value: Any, low: float | None = None) -> float:
+    """`value` (of HF key `key`) as a finite number, > 0 (or >= low); a one-line error naming the key."""
+    ok = _is_real(value) and math.isfinite(value) and (value > 0 if low is None else value >= low)
+    if not ok:
+        want = "a positive finite number" if low is None else f"a finite number >= {low:g}"
+        raise TinylmError(f"{key} must be {want}, got {value!r}")
+    return float(value)
+
+
+def _hf_bool(hf: dict[str, Any], key: str) -> bool:
+    value = hf.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise TinylmError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def _hf_object(hf: dict[str, Any], key: str) -> dict[str, Any]:
+    value = hf.get(key) or {}
+    if not isinstance(value, dict):
+        raise TinylmError(f"{key} must be a JSON object or null, got {value!r}")
+    return value
 
 
 def _first(x: Any) -> int | None:
-    # HF allows a list of eos ids; tinylm keeps the first.
-    return x[0] if isinstance(x, list) and x else (x if isinstance(x, int) else None)
+    # HF allows a list of eos ids; tinylm keeps the first. Older configs write -1 for "none".
+    x = x[0] if isinstance(x, list) and x else x
+    return x if isinstance(x, int) and not isinstance(x, bool) and x >= 0 else None
 
 
 # Presets. 260k/15m/42m/110m are the llama2.c TinyStories shapes (karpathy/llama2.c README, "models"

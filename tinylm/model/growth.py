@@ -10,12 +10,27 @@ from torch import Tensor
 from tinylm.core.errors import TinylmError
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
-from tinylm.model.surgery import Keep, build, evenly_spaced, slice_model, target_shape
-
-# ----- HyperCloning --------------------------------------------------------------------------------
-
+from tinylm.model.qlinear import QLinear
+from tinylm.model.surgery import (
+    Keep,
+    build,
+    check_memory,
+    evenly_spaced,
+    slice_model,
+    target_shape,
+)
 
 INIT_METHODS = ("select", "inherit", "random")
+
+
+def check_plain(model: Llama, what: str) -> None:
+    """Growth and selection copy float weights: a quantised model (`tinylm quantize`) is a one-line error."""
+    if any(isinstance(m, QLinear) for m in model.modules()):
+        raise TinylmError(f"{what}: the source is quantised (int8/int4 layers); use the float model it was "
+                          "quantised from, and quantise the result")
+
+
+# ----- HyperCloning --------------------------------------------------------------------------------
 
 
 def _clone(w: Tensor, n_out: int, n_in: int, scale: float, noise: float, gen: torch.Generator | None) -> Tensor:
@@ -51,10 +66,14 @@ def hypercloning(model: Llama, dim: int, noise: float = 0.0, seed: int = 0) -> L
         seed: noise seed.
     """
     cfg = model.config
+    check_plain(model, "grow")
     if dim <= cfg.dim or dim % cfg.dim:
         raise TinylmError(f"grow: --dim {dim} must be a multiple of the source's {cfg.dim} (and larger)")
     n = dim // cfg.dim
     c = 1.0 / n if cfg.tie_embeddings else 1.0
+    new = dataclasses.replace(cfg, dim=dim, n_heads=n * cfg.n_heads, n_kv_heads=n * cfg.n_kv_heads,
+                              ffn_dim=n * cfg.ffn_dim, norm_eps=cfg.norm_eps * c * c)
+    check_memory(new, "grow: the grown model", next(model.parameters()).dtype)
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, w in model.state_dict().items():
@@ -66,8 +85,6 @@ def hypercloning(model: Llama, dim: int, noise: float = 0.0, seed: int = 0) -> L
         else:
             writes_residual = name.endswith(("o_proj.weight", "down_proj.weight"))
             state[name] = _clone(w, n, n, c if writes_residual else 1.0, noise, gen)
-    new = dataclasses.replace(cfg, dim=dim, n_heads=n * cfg.n_heads, n_kv_heads=n * cfg.n_kv_heads,
-                              ffn_dim=n * cfg.ffn_dim, norm_eps=cfg.norm_eps * c * c)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return build(new, state, next(model.parameters()).dtype, where="the grown model").eval()
@@ -85,6 +102,9 @@ def stack(model: Llama, factor: int) -> Llama:
     """
     if factor < 2:
         raise TinylmError(f"grow: --factor must be at least 2, got {factor}")
+    check_plain(model, "grow")
+    grown = dataclasses.replace(model.config, n_layers=model.config.n_layers * factor)
+    check_memory(grown, "grow: the grown model", next(model.parameters()).dtype)
     return slice_model(model, Keep(layers=list(range(model.config.n_layers)) * factor))
 
 
@@ -124,6 +144,7 @@ def inherit(model: Llama, n_layers: int) -> Llama:
 
 def random_like(cfg: ModelConfig, seed: int = 0) -> Llama:
     """A freshly initialised model of shape `cfg` (Llama.init_weights), the baseline the others beat."""
+    check_memory(cfg, "init: the new model")
     torch.manual_seed(seed)
     return Llama(cfg).eval()
 
@@ -139,6 +160,7 @@ def derive(model: Llama, method: str, sizes: dict[str, int | None], seed: int = 
     """
     if method not in INIT_METHODS:
         raise TinylmError(f"init: unknown method {method!r} (known: {', '.join(INIT_METHODS)})")
+    check_plain(model, "init")
     target = target_shape(model.config, what="init", **sizes)
     if method == "inherit":
         widths = ("dim", "ffn_dim", "n_heads", "n_kv_heads")

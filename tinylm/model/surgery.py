@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from tinylm.core import devices
 from tinylm.core.errors import TinylmError
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama, rope_tables
@@ -204,6 +205,23 @@ def target_shape(cfg: ModelConfig, dim: int | None = None, ffn_dim: int | None =
                           f"needs {sizes['n_heads'] // sizes['n_kv_heads']} per group, the source has only "
                           f"{cfg.n_heads // cfg.n_kv_heads}")
     return dataclasses.replace(cfg, **sizes)
+
+
+def check_memory(cfg: ModelConfig, what: str, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> None:
+    """Refuse a model shape whose weights would not fit in the memory available, before allocating.
+
+    Every place that makes a model of a new shape calls this first (loading, init, grow, pretraining):
+    the estimate is `ModelConfig.weight_bytes`, the memory `core.devices.available_memory`.
+
+    Args:
+        cfg: the shape.
+        what: the model, named in the message ("grow: the grown model").
+        dtype: the parameters' dtype.
+        device: where the model will live.
+    """
+    shape = f"dim {cfg.dim}, {cfg.n_layers} layers, vocabulary {cfg.vocab_size}"
+    devices.check_memory(cfg.weight_bytes(dtype.itemsize), device, f"{what} ({shape})")
 
 
 def build(cfg: ModelConfig, state: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,

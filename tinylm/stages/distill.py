@@ -516,6 +516,7 @@ def build_cache(cfg: DistillConfig, top_k: int, out: str | os.PathLike, dtype: s
         raise TinylmError("a cache needs a teacher (--teacher) and data (--data)")
     check_out(out, overwrite)
     data = TokenData.open(cfg.data.dir, "train")
+    data.check_vocab(data.vocab_size, "its tokenizer")  # ids the teacher (through any token map) can read
     rows, steps = _plan(cfg)
     teacher = load_teacher(cfg.distill, cfg.run.device)
     kept = vocab_map(data_tokenizer(cfg.data.dir), teacher.tokenizer, data.vocab_size, teacher.config.vocab_size,

@@ -34,6 +34,7 @@ from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
 from tinylm.model.config import PRESETS, preset
 from tinylm.model.llama import Llama
+from tinylm.model.surgery import check_memory
 from tinylm.train.config import DataSection, ModelSection, RunSection
 from tinylm.train.losses import LossFn, eval_nats, lm_loss
 from tinylm.train.metrics import MetricsLog, plot_metrics
@@ -42,10 +43,11 @@ from tinylm.train.schedule import _check_schedule, branch_total, decay_steps, lr
 from tinylm.train.state import (
     Run,
     _prune_checkpoints,
-    _train_info,
     checkpoint_dir,
     latest_checkpoint,
+    read_train_info,
     restore,
+    resume_checkpoint,
     save_checkpoint,
 )
 
@@ -76,6 +78,8 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     rows = batch_layout(cfg.data, d.world)[0]
     torch.manual_seed(cfg.run.seed)
     model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train, tokenizer)
+    for split in (train, val) if val is not None else (train,):  # ids beyond the embedding rows
+        split.check_vocab(model.config.vocab_size, str(cfg.model.init or "the model"))
     out = Path(cfg.run.out)
     resume_from, total = _plan_start(cfg, out, rows)
     run = _assemble(cfg, model, train.batches(cfg.data.seed, rows, cfg.data.seq_len), d, device, total, out)
@@ -165,6 +169,7 @@ def build_model(m: ModelSection, seq_len: int, data: TokenData,
     if tokenizer is not None:
         shape.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
     cfg = preset(m.preset, vocab_size=vocab_size, **shape)
+    check_memory(cfg, f"model.preset {m.preset} with its overrides")  # fp32 master weights, built on the CPU
     return Llama(cfg), tokenizer
 
 
@@ -175,11 +180,11 @@ def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
         if s.kind != "wsd":
             raise TinylmError("run.decay_from needs schedule.kind wsd")
         src = Path(r.decay_from)
-        info = _train_info(src)
+        info = read_train_info(src)
         start, src_total = int(info["step"]), int(info["total_steps"])
         if start < s.warmup_steps or start > src_total - decay_steps(src_total, s.decay_fraction):
             raise TinylmError(f"{src} (step {start}) is not in the stable phase of its WSD schedule")
-        latest = latest_checkpoint(out) if r.resume == "auto" else None  # a killed branch continues
+        latest = resume_checkpoint(out) if r.resume == "auto" else None  # a killed branch continues
         return latest or src, branch_total(start, s.decay_fraction)
     total = planned_steps(s, rows * cfg.data.seq_len)
     if r.resume == "never":
@@ -187,9 +192,9 @@ def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
             raise TinylmError(f"{out} already holds checkpoints: pass --resume auto to continue, or another run.out")
         return None, total
     if r.resume == "auto":
-        return latest_checkpoint(out), total
+        return resume_checkpoint(out), total
     src = Path(r.resume)
-    _train_info(src)
+    read_train_info(src)
     return src, total
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,17 +56,56 @@ class Run:
     extra_optimizer: torch.optim.Optimizer | None = None
 
 
-def _train_info(ckpt: Path) -> dict[str, Any]:
+def read_train_info(ckpt: Path) -> dict[str, Any]:
+    """train_state/state.json of a resumable checkpoint, with the fields a resume reads checked.
+
+    Args:
+        ckpt: the checkpoint dir.
+    """
     path = ckpt / "train_state" / "state.json"
     if not checkpoint.is_complete(ckpt) or not path.is_file():
         raise TinylmError(f"{ckpt} is not a complete resumable checkpoint (no train_state/state.json)")
-    return json.loads(path.read_text())
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TinylmError(f"{path}: not valid JSON ({e})") from None
+    problem = _info_problem(info)
+    if problem:
+        raise TinylmError(f"{path}: {problem}")
+    return info
+
+
+def _info_problem(info: Any) -> str | None:
+    def count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    if not isinstance(info, dict):
+        return "expected a JSON object"
+    for key in ("step", "total_steps"):
+        if key not in info:
+            return f"lacks the key {key!r}"
+        if not count(info[key]):
+            return f"{key} must be an integer >= 0, got {info[key]!r}"
+    if info["step"] > info["total_steps"]:
+        return f"step {info['step']} is past total_steps {info['total_steps']}"
+    best = info.get("best_val")
+    if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(best)):
+        return f"best_val must be a finite number or null, got {best!r}"
+    return None
 
 
 # ----- checkpoints -----------------------------------------------------------------------------------
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return out / "checkpoints" / f"step_{step:07d}"
+
+
+def _step_dirs(out: str | os.PathLike) -> list[Path]:
+    """OUT/checkpoints/step_* dirs, oldest first (temporary dirs of interrupted writes are dot-named)."""
+    root = Path(out) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
 
 
 def latest_checkpoint(out: str | os.PathLike) -> Path | None:
@@ -75,13 +116,40 @@ def latest_checkpoint(out: str | os.PathLike) -> Path | None:
     Args:
         out: the run's output dir.
     """
-    root = Path(out) / "checkpoints"
-    if not root.is_dir():
-        return None
-    found = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-    for p in reversed(found):
+    for p in reversed(_step_dirs(out)):
         if checkpoint.is_complete(p) and (p / "train_state" / "state.json").is_file():
             return p
+    return None
+
+
+def resume_checkpoint(out: str | os.PathLike) -> Path | None:
+    """The newest checkpoint under OUT/checkpoints/ that verifies, for `--resume auto`; None when there
+    is none at all (a fresh start).
+
+    A checkpoint that does not verify (a file missing or truncated, a state.json that does not read) is
+    skipped, and one line on stderr says which and why. When none verifies, that is a one-line error:
+    starting afresh would silently throw the run away.
+
+    Args:
+        out: the run's output dir.
+    """
+    skipped = []
+    for p in reversed(_step_dirs(out)):
+        problem = checkpoint.verify(p)
+        if problem is None and not (p / "train_state").is_dir():
+            problem = "not resumable (no train_state/)"
+        if problem is None:
+            try:
+                read_train_info(p)
+            except TinylmError as e:
+                problem = str(e).replace(str(p) + "/", "")
+        if problem is None:
+            if skipped and int(os.environ.get("RANK", "0")) == 0:
+                print(f"tinylm: resuming from {p.name}; skipped {'; '.join(skipped)}", file=sys.stderr)
+            return p
+        skipped.append(f"{p.name} ({problem})")
+    if skipped:
+        raise TinylmError(f"no checkpoint under {Path(out) / 'checkpoints'} verifies: {'; '.join(skipped)}")
     return None
 
 
@@ -146,7 +214,8 @@ def restore(run: Run, ckpt: Path) -> None:
     """Load weights, optimizer moments and the step from a resumable checkpoint into the run."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-    flat, info = checkpoint.load_train_state(ckpt)
+    info = read_train_info(ckpt)
+    flat, _ = checkpoint.load_train_state(ckpt)
     _load_extra(run, flat)  # pops the extra modules' entries
     weights = checkpoint.load(ckpt).model.state_dict()
     opts = StateDictOptions(full_state_dict=True)
@@ -160,8 +229,7 @@ def restore(run: Run, ckpt: Path) -> None:
 
 
 def _prune_checkpoints(out: Path, keep: int) -> None:
-    root = out / "checkpoints"
-    done = sorted((p for p in root.glob("step_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
+    done = _step_dirs(out)
     for old in done[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
