@@ -53,8 +53,8 @@ def _swap_in(tmp: Path, out: Path) -> None:
     old = _sibling(out, "old")
     for _ in range(100):
         with contextlib.suppress(FileNotFoundError):  # another writer moved it aside first
-            if out.is_dir() and not out.is_symlink():
-                shutil.rmtree(old, ignore_errors=True)
+            if out.exists() or out.is_symlink():  # a link to a dir is replaced by the new dir
+                _remove(old)
                 out.rename(old)
         try:
             tmp.rename(out)  # the atomic step: readers see the old dir or the complete new one
@@ -64,7 +64,15 @@ def _swap_in(tmp: Path, out: Path) -> None:
                 raise
     else:
         raise TinylmError(f"{out} kept being replaced by another process; nothing was written")
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, a link or a directory tree, if there."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -175,10 +183,7 @@ def remove_stale(out: str | os.PathLike) -> list[Path]:
             with contextlib.suppress(OSError):
                 entry.rename(out)
                 continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
+        _remove(entry)
         removed.append(entry)
     return removed
 
