@@ -20,7 +20,7 @@ from helpers import REPO, make_data, tiny_model
 
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
-from tinylm.core.fs import check_out, remove_stale
+from tinylm.core.fs import atomic_dir, atomic_file, check_out, remove_stale
 from tinylm.data.tinytales import generate
 from tinylm.data.tokenizer import train_tokenizer
 from tinylm.data.tokens import TokenData
@@ -235,6 +235,24 @@ def test_a_dir_moved_aside_by_a_killed_writer_is_put_back(tmp_path: Path) -> Non
     assert (out / "config.json").read_text() == "{}" and temporaries(out) == []
     with pytest.raises(TinylmError, match="already exists"):
         check_out(out, overwrite=False)
+
+
+def test_a_failed_write_removes_its_temporary_and_the_parents_it_made(tmp_path: Path) -> None:
+    for helper in (atomic_file, atomic_dir):
+        with pytest.raises(RuntimeError), helper(tmp_path / "a" / "b" / "out") as tmp:
+            (tmp / "x" if tmp.is_dir() else tmp).write_text("half")
+            raise RuntimeError("failed part way")
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_a_link_to_a_dir_with_the_new_dir(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "kept.txt").write_text("the link's target is not touched")
+    (tmp_path / "out").symlink_to(tmp_path / "old")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert not (tmp_path / "out").is_symlink() and sorted(p.name for p in (tmp_path / "out").iterdir()) == ["new.txt"]
+    assert (tmp_path / "old" / "kept.txt").is_file() and temporaries(tmp_path / "out") == []
 
 
 @pytest.mark.slow
