@@ -8,13 +8,17 @@ starts fast. A TinylmError becomes one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import signal
 import sys
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
-from tinylm.core.errors import TinylmError
+from tinylm.core.errors import Terminated, TinylmError
 from tinylm.core.recipe import Parser, add_options, config_from_args
 
 SOURCE = ("source",)
@@ -137,14 +141,18 @@ def parse(words: list[str]) -> tuple[Callable[[Any], object], Any] | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tinylm` console script. Returns the exit code."""
     try:
-        parsed = parse(list(sys.argv[1:] if argv is None else argv))
-        if parsed is None:
-            return 2
-        run, cfg = parsed
-        run(cfg)
+        with _sigterm_raises():
+            parsed = parse(list(sys.argv[1:] if argv is None else argv))
+            if parsed is None:
+                return 2
+            run, cfg = parsed
+            run(cfg)
     except TinylmError as e:
         print(f"tinylm: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:  # SIGTERM: the temporaries were removed on the way out, as for Ctrl-C
+        print("tinylm: terminated", file=sys.stderr)
+        return 143  # 128 + SIGTERM, what a shell reports for a terminated process
     except KeyboardInterrupt:
         print("tinylm: interrupted", file=sys.stderr)
         return 130
@@ -152,6 +160,24 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
         return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader left
     return 0
+
+
+@contextlib.contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """While a command runs, SIGTERM raises Terminated in the main thread, so the command unwinds (and
+    cleans up) as on Ctrl-C. Training loops install their own handler while they run (checkpoint, stop)."""
+    def handler(signum: int, frame: types.FrameType | None) -> None:
+        raise Terminated
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a thread): leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def _version() -> str:

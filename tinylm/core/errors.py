@@ -26,3 +26,8 @@ def optional_import(module: str, extra: str, needed_for: str) -> Any:
     except ImportError:
         raise TinylmError(f"{needed_for} needs {module.split('.')[0]}, which is not installed: "
                           f"pip install 'tinylm[{extra}]'") from None
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM (the CLI installs the handler): it unwinds like Ctrl-C, so
+    every `except BaseException` / `finally` that removes a temporary runs, and the CLI exits 143."""

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.fs import atomic_dir
+from tinylm.core.fs import atomic_dir, check_out
 from tinylm.data.dedup import NearDedup, _hash64
 from tinylm.data.sources import clean_text, read_documents, resolve_inputs
 from tinylm.data.tokenizer import Tokenizer
@@ -214,7 +214,7 @@ class _BackgroundWriter:
 
     def __exit__(self, *exc: Any) -> None:
         try:
-            while self._pending:
+            while self._pending and exc[0] is None:  # after an error or a signal, queued batches are dropped
                 self._pending.popleft().result()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -263,6 +263,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
 
     _check_config(cfg)
+    check_out(cfg.out, cfg.overwrite)
     tok = load_tokenizer_source(cfg.tokenizer)
     dtype = _token_dtype(cfg.dtype, tok.vocab_size)
     sources = resolve_inputs(cfg.inputs)

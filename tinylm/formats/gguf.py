@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tinylm.core.errors import TinylmError
+from tinylm.core.fs import atomic_file
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
@@ -469,10 +470,7 @@ def export_gguf(model: Llama, out_path: str | os.PathLike, tokenizer: Tokenizer 
         raise TinylmError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
     model = float_model(model)
     tensors = _gguf_tensors(model, gguf_type)  # quantise before opening the file: errors leave nothing
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
+    with atomic_file(out_path) as tmp:
         w = gguf.GGUFWriter(str(tmp), "llama")
         _add_gguf_hparams(w, model, name, gguf_type)
         if tokenizer is not None:
@@ -484,7 +482,4 @@ def export_gguf(model: Llama, out_path: str | os.PathLike, tokenizer: Tokenizer 
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out_path)

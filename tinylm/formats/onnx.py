@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tinylm.core.fs import atomic_file
 from tinylm.model.kvcache import StaticCache
 from tinylm.model.llama import Llama
 from tinylm.model.qlinear import float_model
@@ -42,20 +43,14 @@ def export_onnx(model: Llama, out_path: str | os.PathLike) -> Path:
     """
     model = float_model(model).float().eval()
     cfg = model.config
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
     cache = torch.zeros(cfg.n_layers, 2, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)
     args = (torch.zeros(2, 3, dtype=torch.long), torch.tensor(0), cache, cache.clone())
     batch, seq = torch.export.Dim("batch", min=1, max=1024), torch.export.Dim("seq", min=1, max=cfg.max_seq_len)
     shapes = {"input_ids": {0: batch, 1: seq}, "start": None, "past_keys": {1: batch}, "past_values": {1: batch}}
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    try:
-        with torch.no_grad():
-            program = torch.onnx.export(_OnnxStep(model).eval(), args, dynamo=True, dynamic_shapes=shapes, verbose=False,
-                                        input_names=["input_ids", "start", "past_keys", "past_values"],
-                                        output_names=["logits", "present_keys", "present_values"])
+    with torch.no_grad():
+        program = torch.onnx.export(_OnnxStep(model).eval(), args, dynamo=True, dynamic_shapes=shapes, verbose=False,
+                                    input_names=["input_ids", "start", "past_keys", "past_values"],
+                                    output_names=["logits", "present_keys", "present_values"])
+    with atomic_file(out_path) as tmp:
         program.save(str(tmp))
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
+    return Path(out_path)

@@ -595,6 +595,7 @@ def distill(cfg: DistillConfig) -> Path:
         raise TinylmError("give exactly one teacher signal: distill.teacher (--teacher) or distill.cache (--cache)")
     if not cfg.data.dir:
         raise TinylmError("no training data: set data.dir (--data, a dir made by `tinylm data prepare`)")
+    check_out(cfg.run.out, overwrite=True)  # before the teacher loads; a run dir is resumed, never replaced
     teacher_fn: TeacherFn | None = None
     cache = TeacherCache.open(d.cache) if uses_teacher and d.cache else None
     extra = None

@@ -41,7 +41,7 @@ class ExportConfig:
             raise TinylmError(f"unknown export format {self.format!r} (known: {', '.join(FORMATS)})")
         if self.gguf_type not in GGUF_TYPES:
             raise TinylmError(f"unknown GGUF type {self.gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
-        check_out(self.out, self.overwrite)
+        check_out(self.out, self.overwrite, kind="dir" if self.format == "hf" else "file")
 
 
 def main(cfg: ExportConfig) -> None:

@@ -7,9 +7,12 @@ that training, evaluation and sampling fit in what is left.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.resources
 import json
+import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from typing import Any
 import torch
 
 from tinylm.core.errors import TinylmError
+from tinylm.core.fs import atomic_file, check_out
 from tinylm.core.recipe import load_config
 from tinylm.data import tinytales
 from tinylm.data.prepare import PrepareConfig, prepare
@@ -32,6 +36,10 @@ from tinylm.train.losses import lm_loss
 # package's copy; a wheel installs it as a plain file, so str() of the resource is its path.
 RECIPE = importlib.resources.files("tinylm") / "recipes" / "quickstart.yaml"
 
+# What quickstart writes in its --out dir, and whether each is a file or a directory.
+OUTPUTS = {"tinytales.txt": "file", "tokenizer": "dir", "data": "dir", "train": "dir", "REPORT.md": "file",
+           "report.json": "file"}
+
 
 @dataclass
 class QuickstartConfig:
@@ -45,6 +53,7 @@ class QuickstartConfig:
     seed: int = 0  # corpus, split and initialisation seed
     recipe: str | None = None  # the training recipe (YAML); none: recipes/quickstart.yaml
     reserve_s: float = 60.0  # seconds kept for evaluation, sampling and the report after training
+    overwrite: bool = False  # replace the outputs of an earlier quickstart in out
 
     def __post_init__(self) -> None:
         if self.minutes <= 0 or self.stories < 100 or self.samples < 1:
@@ -59,15 +68,45 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if not recipe.is_file():
         raise TinylmError(f"no quickstart recipe at {recipe}; pass --recipe FILE")
     train_cfg = _train_config(cfg, recipe, out)  # a bad recipe fails here, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    check_out(out, overwrite=True, kind="dir")  # an existing dir is added to: each output is checked below
+    for name, kind in OUTPUTS.items():
+        check_out(out / name, cfg.overwrite, kind)
     figures: dict[str, Any] = {"seed": cfg.seed}
-    corpus = _data_steps(cfg, out, figures)
-    figures["data_s"] = time.perf_counter() - t0
-    final = _train(cfg, train_cfg, t0, figures)
-    _evaluate(cfg, final, out, figures)
-    figures["total_s"] = time.perf_counter() - t0
-    write_report(out, figures, corpus)
+    with _removed_on_failure(out):
+        out.mkdir(parents=True, exist_ok=True)
+        corpus = _data_steps(cfg, out, figures)
+        figures["data_s"] = time.perf_counter() - t0
+        shutil.rmtree(out / "train", ignore_errors=True)  # --overwrite: a new run, not a resumed one
+        final = _train(cfg, train_cfg, t0, figures)
+        _evaluate(cfg, final, out, figures)
+        figures["total_s"] = time.perf_counter() - t0
+        write_report(out, figures, corpus)
     return figures
+
+
+@contextlib.contextmanager
+def _removed_on_failure(out: Path) -> Iterator[None]:
+    """On any failure or interrupt, remove what this run wrote: `out` if it made it, else the outputs it
+    created or replaced (a replaced dir or file has a new inode)."""
+    def identity(p: Path) -> tuple[int, int] | None:
+        return (p.stat().st_ino, p.stat().st_mtime_ns) if p.exists() else None
+
+    created = not out.exists()
+    before = {name: identity(out / name) for name in OUTPUTS}
+    try:
+        yield
+    except BaseException:
+        if created:
+            shutil.rmtree(out, ignore_errors=True)
+        for name, kind in OUTPUTS.items():
+            path = out / name
+            if created or not path.exists() or identity(path) == before[name]:
+                continue
+            if kind == "dir":
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        raise
 
 
 def _data_steps(cfg: QuickstartConfig, out: Path, figures: dict[str, Any]) -> Path:
@@ -141,8 +180,10 @@ def write_report(out: Path, f: dict[str, Any], corpus: Path) -> None:
     for i, story in enumerate(st["samples"][:3], 1):
         lines += [f"{i}. {story.strip()}", ""]
     lines += [f"Model: `{f['final']}` — try `tinylm generate {f['final']} --prompt \"Once upon a time\"`.", ""]
-    (out / "REPORT.md").write_text("\n".join(lines))
-    (out / "report.json").write_text(json.dumps(f, indent=2, default=str) + "\n")
+    with atomic_file(out / "REPORT.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    with atomic_file(out / "report.json") as tmp:
+        tmp.write_text(json.dumps(f, indent=2, default=str) + "\n")
     _say(f"report: {out / 'REPORT.md'}")
 
 

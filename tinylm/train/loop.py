@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import signal
 import time
 import types
@@ -28,7 +29,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops, resolve_device
-from tinylm.core.errors import TinylmError
+from tinylm.core.errors import Terminated, TinylmError
+from tinylm.core.fs import check_out
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
@@ -69,6 +71,7 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
             train_state/ only.
     """
     _check_schedule(cfg.schedule)
+    check_out(cfg.run.out, overwrite=True)  # a run dir is resumed or added to, never replaced: check the path
     d, device = init_distributed(cfg.run.device)
     if not cfg.data.dir:
         raise TinylmError("no training data: set data.dir (a dir made by `tinylm data prepare`)")
@@ -390,6 +393,18 @@ def _stop_non_finite(run: Run, what: str, value: float) -> None:
                       f"weights; last good checkpoint: {last or 'none'}")
 
 
+@contextlib.contextmanager
+def _no_empty_run_dir(run: Run) -> Iterator[None]:
+    """A run that fails before its first step (its inputs were at fault) leaves no run dir it created."""
+    created, start = not run.out.exists(), run.step
+    try:
+        yield
+    except BaseException:
+        if created and run.step == start and run.dist.main:
+            shutil.rmtree(run.out, ignore_errors=True)
+        raise
+
+
 def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
     """Train from run.step to run.total_steps; write checkpoints, metrics, OUT/final and the plot.
 
@@ -398,8 +413,13 @@ def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
         loss_fn: the loss step, (model, batch) -> (loss, metrics); distillation passes its own.
 
     Returns:
-        OUT/final, or the signal checkpoint (after which KeyboardInterrupt is raised).
+        OUT/final; after a signal checkpoint it raises KeyboardInterrupt (Terminated on SIGTERM).
     """
+    with _no_empty_run_dir(run):
+        return _fit(run, loss_fn)
+
+
+def _fit(run: Run, loss_fn: LossFn) -> Path:
     from tqdm import tqdm
 
     cfg, out = run.cfg.run, run.out
@@ -441,7 +461,7 @@ def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
                     bar.close()
                     log.close()
                     print(f"tinylm: stopped at step {run.step}; checkpoint {path}; continue with --resume auto")
-                    raise KeyboardInterrupt
+                    raise Terminated if run.stop_signal == signal.SIGTERM else KeyboardInterrupt
     bar.close()
     log.close()
     final = save_checkpoint(run, out / "final", resumable=False)

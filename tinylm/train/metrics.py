@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tinylm.core.fs import atomic_file
+
 # ----- logging -----------------------------------------------------------------------------------------
 
 class MetricsLog:
@@ -30,7 +32,8 @@ class MetricsLog:
         # A resumed run drops lines written after its checkpoint, so the log has each step once.
         if self.path.is_file():
             keep = [json.dumps(r) for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+            with atomic_file(self.path) as tmp:  # a kill here must not cut the log of the steps kept
+                tmp.write_text("".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

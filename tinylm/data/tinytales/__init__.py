@@ -51,11 +51,10 @@ import re
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Iterable, Iterator, TextIO
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.fs import check_out
+from tinylm.core.fs import atomic_file
 from tinylm.data.tinytales import words as W
 from tinylm.data.tinytales.plots import SKELETONS as _SKELETONS
 from tinylm.data.tinytales.plots import Beat, Maybe
@@ -298,18 +297,8 @@ def write_corpus(path: str | os.PathLike, n_stories: int, seed: int = 0,
         seed: the corpus seed.
         overwrite: replace an existing file.
     """
-    path = Path(path)
-    check_out(path, overwrite)
-    if not path.parent.is_dir():
-        raise TinylmError(f"directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:  # a bad n_stories raises before the first write; the temporary file is removed
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            stats = stream_corpus(f, n_stories, seed)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return stats
+    with atomic_file(path, overwrite) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        return stream_corpus(f, n_stories, seed)  # a bad n_stories raises before the first write
 
 
 def format_stats(stats: dict) -> str:
