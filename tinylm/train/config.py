@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from tinylm.core.recipe import (
     Beta,
+    Check,
     Count,
     Fraction,
     Interval,
@@ -31,8 +32,11 @@ class ModelSection:
     n_heads: Count | None = None  # query heads (none: the preset's)
     n_kv_heads: Count | None = None  # key/value heads, GQA (none: the preset's)
     ffn_dim: Count | None = None  # SwiGLU hidden width (none: the preset's)
-    max_seq_len: Count | None = None  # None: the preset's, raised to data.seq_len if shorter
+    max_seq_len: Count | None = None  # None: the preset's, raised to data.seq_len if shorter; if set, at least data.seq_len
     tie_embeddings: bool | None = None  # share the embedding and LM-head matrix (none: the preset's)
+    # with init: train on a data.seq_len longer than the model's max_seq_len (which is then raised to it);
+    # without it such a data.seq_len is refused, since the positions past max_seq_len were never trained
+    extend_context: bool = False
 
 
 @dataclass
@@ -42,7 +46,9 @@ class DataSection:
     dir: str | None = None  # a data dir written by `tinylm data prepare`
     seq_len: Count = 256  # tokens per training row (the model predicts seq_len targets per row)
     batch_tokens: Count = 32768  # GLOBAL batch in tokens per optimizer step (all ranks, all micro-steps)
-    micro_batch: Count = 16  # rows per forward/backward on one device; the rest is gradient accumulation
+    # rows per forward/backward on one device, the rest is gradient accumulation; at most the rows per
+    # process and step (batch_tokens / seq_len / processes): a larger value means all of them at once
+    micro_batch: Count = 16
     seed: int = 0  # data order seed: the batch of step s depends only on (seed, s)
 
 
@@ -67,8 +73,8 @@ class ScheduleSection:
     kind: one_of("wsd", "cosine", "constant") = "wsd"  # wsd | cosine | constant
     steps: Count | None = None  # optimizer steps; or give tokens
     tokens: Count | None = None  # token budget; steps = ceil(tokens / data.batch_tokens)
-    warmup_steps: Interval = 100  # linear warmup from lr/warmup_steps to lr
-    decay_fraction: Fraction = 0.1  # wsd: the last round(decay_fraction * steps) steps decay (MiniCPM ~10%)
+    warmup_steps: Count = 100  # linear warmup from lr/warmup_steps to lr (1: none)
+    decay_fraction: Annotated[float, Check(gt=0, le=1)] = 0.1  # wsd: the last round(decay_fraction * steps) steps decay (MiniCPM ~10%)
     decay_shape: one_of("exponential", "linear", "1-sqrt") = "1-sqrt"  # wsd: exponential | linear | 1-sqrt (Hagele et al. 2024 find 1-sqrt best)
     min_lr_ratio: Fraction = 0.0  # lr at the end of the decay / peak lr (exponential needs > 0)
 
