@@ -69,7 +69,7 @@ class Check:
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 Count = Annotated[int, Check(ge=1)]  # rows, steps, layers, samples: at least one
@@ -78,6 +78,9 @@ Positive = Annotated[float, Check(gt=0)]  # rates, temperatures, scales
 NonNegative = Annotated[float, Check(ge=0)]  # weights, penalties that may be off
 Beta = Annotated[float, Check(ge=0, lt=1)]  # Adam's betas, momentum
 Fraction = Annotated[float, Check(ge=0, le=1)]  # a share of something
+# numpy's generators refuse negative seeds and torch's take at most 2**64 - 1; below 2**63 leaves room for
+# seed + i (generate's sample i)
+Seed = Annotated[int, Check(ge=0, lt=2**63)]
 
 
 def one_of(*choices: str) -> Any:

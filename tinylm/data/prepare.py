@@ -27,7 +27,7 @@ import numpy as np
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir
-from tinylm.core.recipe import Check, Count, Fraction, Interval, one_of, validate
+from tinylm.core.recipe import Check, Count, Fraction, Interval, Seed, one_of, validate
 from tinylm.data.dedup import NearDedup, _hash64
 from tinylm.data.sources import clean_text, read_documents, resolve_inputs
 from tinylm.data.tokenizer import Tokenizer
@@ -46,7 +46,7 @@ class PrepareConfig:
     out: str  # the data dir to write (atomically)
     text_field: str = "text"  # JSON field / column holding the text
     val_fraction: Annotated[float, Check(ge=0, lt=1)] = 0.01  # share of documents that go to the val split (by a hash of text and seed)
-    seed: int = 0  # split seed (and seed of generated corpora)
+    seed: Seed = 0  # split seed (and seed of generated corpora)
     min_chars: Interval = 1  # drop documents shorter than this (characters, after cleaning)
     max_chars: Count | None = None  # drop documents longer than this (none: no limit)
     dedup: bool = True  # drop exact duplicates and (near_dedup_threshold > 0) MinHash near-duplicates

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.recipe import Check, Count, NonNegative, Positive
+from tinylm.core.recipe import Check, Count, NonNegative, Positive, Seed
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats.checkpoint import load
 from tinylm.infer.generate import generate
@@ -28,7 +28,7 @@ class GenerateConfig:
     top_k: Count | None = None  # sample among the k most likely tokens only (none: all)
     top_p: Annotated[float, Check(gt=0, le=1)] | None = None  # nucleus sampling: the smallest set of tokens with this probability (none: all)
     repetition_penalty: Positive = 1.0  # CTRL-style penalty on tokens already present (1 = off)
-    seed: int | None = None  # sampling seed (sample i of a prompt uses seed + i)
+    seed: Seed | None = None  # sampling seed (sample i of a prompt uses seed + i)
     n: Count = 1  # samples per prompt
     stop: list[str] = field(default_factory=list)  # stop string (repeatable)
     add_bos: bool = False  # start the prompt with the bos token

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
-from tinylm.core.recipe import Count, NonNegative, one_of
+from tinylm.core.recipe import Count, NonNegative, Seed, one_of
 from tinylm.formats import checkpoint
 from tinylm.model.growth import hypercloning, stack
 
@@ -37,7 +37,7 @@ class GrowConfig:
     dim: Count | None = None  # hypercloning: the new width, a multiple of the source's
     factor: Count | None = None  # stack: copies of the block stack
     noise: NonNegative = 0.0  # hypercloning: function-preserving symmetry-breaking noise (relative std)
-    seed: int = 0  # noise seed
+    seed: Seed = 0  # noise seed
     overwrite: bool = False  # replace an existing out
 
 

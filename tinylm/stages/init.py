@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinylm.core.fs import check_out
-from tinylm.core.recipe import Count, one_of
+from tinylm.core.recipe import Count, Seed, one_of
 from tinylm.formats import checkpoint
 from tinylm.model.config import PRESETS, ModelConfig, preset
 from tinylm.model.growth import INIT_METHODS, derive
@@ -25,7 +25,7 @@ class InitConfig:
     n_heads: Count | None = None  # target query heads (none: the preset's or the source's)
     n_kv_heads: Count | None = None  # target key/value heads (none: the preset's or the source's)
     n_layers: Count | None = None  # target blocks (none: the preset's or the source's)
-    seed: int = 0  # seed of --method random
+    seed: Seed = 0  # seed of --method random
     overwrite: bool = False  # replace an existing out
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import torch
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.recipe import Check, Count, NonNegative, Positive, load_config
+from tinylm.core.recipe import Check, Count, NonNegative, Positive, Seed, load_config
 from tinylm.data import tinytales
 from tinylm.data.prepare import PrepareConfig, prepare
 from tinylm.data.vocab import train_tokenizer_on
@@ -42,7 +42,7 @@ class QuickstartConfig:
     stories: Annotated[int, Check(ge=100)] = 30000  # TinyTales stories in the corpus
     vocab_size: Count = 2048  # BPE vocabulary of the tokenizer trained on the corpus
     samples: Count = 20  # stories sampled from the trained model and scored by the TinyTales validator
-    seed: int = 0  # corpus, split and initialisation seed
+    seed: Seed = 0  # corpus, split and initialisation seed
     recipe: str | None = None  # the training recipe (YAML); none: recipes/quickstart.yaml
     reserve_s: NonNegative = 60.0  # seconds kept for evaluation, sampling and the report after training
 

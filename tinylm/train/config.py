@@ -14,8 +14,10 @@ from tinylm.core.recipe import (
     Interval,
     NonNegative,
     Positive,
+    Seed,
     one_of,
 )
+from tinylm.model.config import PRESETS
 
 # ----- configuration -------------------------------------------------------------------------------
 # Each section is a flat dataclass; YAML sections and `--section.key value` map onto their fields.
@@ -25,7 +27,7 @@ from tinylm.core.recipe import (
 class ModelSection:
     """The model to train: a preset (vocab_size becomes the data tokenizer's) or a source to continue."""
 
-    preset: str | None = "1m"  # a key of tinylm.model.config.PRESETS
+    preset: one_of(*PRESETS) | None = "1m"  # a key of tinylm.model.config.PRESETS
     init: str | None = None  # continue from this model source (checkpoint dir, HF dir, .gguf, alias)
     dim: Count | None = None  # width; this and the shape fields below override the preset's when set
     n_layers: Count | None = None  # blocks (none: the preset's)
@@ -49,7 +51,7 @@ class DataSection:
     # rows per forward/backward on one device, the rest is gradient accumulation; at most the rows per
     # process and step (batch_tokens / seq_len / processes): a larger value means all of them at once
     micro_batch: Count = 16
-    seed: int = 0  # data order seed: the batch of step s depends only on (seed, s)
+    seed: Seed = 0  # data order seed: the batch of step s depends only on (seed, s)
 
 
 @dataclass
@@ -86,7 +88,7 @@ class RunSection:
     out: str = "runs/pretrain"  # OUT/checkpoints/step_XXXXXXX/, OUT/final/, OUT/metrics.jsonl, OUT/loss.png
     resume: str = "never"  # never | auto (latest complete checkpoint in OUT, or a fresh start) | a checkpoint dir
     decay_from: str | None = None  # wsd: a stable-phase checkpoint; run only the decay from it
-    seed: int = 0  # model initialisation seed
+    seed: Seed = 0  # model initialisation seed
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     dtype: one_of("auto", "float32", "bfloat16") = "auto"  # autocast dtype: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
     compile: bool | None = None  # torch.compile; None: on for cuda, and on cpu from 1M parameters (use_compile)

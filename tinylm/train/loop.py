@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops, resolve_device
 from tinylm.core.errors import TinylmError
-from tinylm.core.recipe import check_context, validate
+from tinylm.core.recipe import check_context
+from tinylm.core.recipe import validate as validate_config
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
@@ -67,7 +68,7 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
             distillation's projections); they get their own AdamW at the model's lr and are saved in
             train_state/ only.
     """
-    validate(cfg)  # the declared ranges, also for a config built in Python
+    validate_config(cfg)  # the declared ranges, also for a config built in Python
     _check_schedule(cfg.schedule)
     d, device = init_distributed(cfg.run.device)
     if not cfg.data.dir:
@@ -102,7 +103,7 @@ def setup_model(cfg: Any, model: Llama, batches: BatchSource) -> Run:
         model: the model to train in place.
         batches: the batch source.
     """
-    validate(cfg)
+    validate_config(cfg)
     _check_schedule(cfg.schedule)
     rows = batch_layout(cfg.data, 1)[0]
     total = planned_steps(cfg.schedule, rows * cfg.data.seq_len)
