@@ -94,7 +94,7 @@ class RunSection:
     compile: bool | None = None  # torch.compile; None: on for cuda, and on cpu from 1M parameters (use_compile)
     fsdp: bool = False  # shard parameters with FSDP2 fully_shard (models that do not fit one device)
     eval_every: Interval = 200  # steps between validation passes (0: only at the end)
-    eval_tokens: Count = 65536  # validation tokens per pass
+    eval_tokens: Count = 65536  # validation tokens per pass, in whole windows of data.seq_len (at least one)
     ckpt_every: Interval = 500  # steps between resumable checkpoints (0: only on a signal)
     keep_last: Count = 2  # resumable checkpoints kept
     log_every: Count = 10  # steps between metrics.jsonl lines
