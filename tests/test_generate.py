@@ -272,7 +272,7 @@ def test_cli_prompt_file_and_stdin(ckpts, model, tok, tmp_path, capsys, monkeypa
 @pytest.mark.parametrize("extra, which, message", [
     ([], "with_tok", "give a prompt"),
     (["--prompt", "hi", "--temperature", "-1"], "with_tok", "temperature"),
-    (["--prompt", "hi", "--top-p", "0"], "with_tok", "top_p"),
+    (["--prompt", "hi", "--top-p", "0"], "with_tok", "--top-p"),
     (["--prompt", "hi"], "no_tok", "no tokenizer"),
     (["--prompt", "hi"], "missing", "no model"),
 ])

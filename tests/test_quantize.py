@@ -134,7 +134,7 @@ def test_cli_quantize_reports_and_writes(tmp_path, capsys, trained):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--scheme", "int3"], "unknown quantization scheme"),
+    (["--scheme", "int3"], "--scheme must be one of int8, int4"),
     (["--scheme", "int4", "--group-size", "24"], "does not divide"),
     (["--scheme", "int8", "--group-size", "-1"], "--group-size"),
 ])

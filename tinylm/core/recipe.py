@@ -23,6 +23,7 @@ import inspect
 import io
 import math
 import os
+import re
 import textwrap
 import tokenize
 import typing
@@ -68,7 +69,7 @@ class Check:
 
 
 def _num(x: float) -> str:
-    return f"{x:g}"
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 Count = Annotated[int, Check(ge=1)]  # rows, steps, layers, samples: at least one
@@ -77,6 +78,9 @@ Positive = Annotated[float, Check(gt=0)]  # rates, temperatures, scales
 NonNegative = Annotated[float, Check(ge=0)]  # weights, penalties that may be off
 Beta = Annotated[float, Check(ge=0, lt=1)]  # Adam's betas, momentum
 Fraction = Annotated[float, Check(ge=0, le=1)]  # a share of something
+# numpy's generators refuse negative seeds and torch's take at most 2**64 - 1; below 2**63 leaves room for
+# seed + i (generate's sample i)
+Seed = Annotated[int, Check(ge=0, lt=2**63)]
 
 
 def one_of(*choices: str) -> Any:
@@ -98,13 +102,42 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             validate(value, f"{name}.")
             continue
-        for item in (value if isinstance(value, (list, tuple)) else [value]):
-            if isinstance(item, float) and not math.isfinite(item):
-                raise TinylmError(f"{_spell(name)} must be a finite number, got {item}")
-            check = checks.get(f.name)
-            if check is not None and item is not None and not isinstance(item, (list, dict)) \
-                    and not check.ok(item):
-                raise TinylmError(f"{_spell(name)} must be {check.describe()}, got {item!r}")
+        check_value(name, value, checks.get(f.name))
+
+
+def check_value(name: str, value: Any, check: Check | None) -> None:
+    """One value (or each item of a list / tuple value) against its declared range, and every float for
+    finiteness; a one-line TinylmError naming the field otherwise.
+
+    Args:
+        name: the field's dotted name ("optim.lr") or flat key ("max_tokens", shown as --max-tokens).
+        value: its value.
+        check: its declared range or set, or None.
+    """
+    for item in (value if isinstance(value, (list, tuple)) else [value]):
+        if isinstance(item, float) and not math.isfinite(item):
+            raise TinylmError(f"{_spell(name)} must be a finite number, got {item}")
+        if check is not None and item is not None and not isinstance(item, (list, dict)) \
+                and not check.ok(item):
+            raise TinylmError(f"{_spell(name)} must be {check.describe()}, got {item!r}")
+
+
+def check_context(name: str, seq_len: int | None, max_seq_len: int, model: str = "the model",
+                  extend: str = "") -> None:
+    """Refuse a context longer than a model's max_seq_len (HF max_position_embeddings): positions past it
+    were never trained, and a longer run must say so explicitly.
+
+    Args:
+        name: the field that set the context ("--seq-len", "data.seq_len"), spelt as the user wrote it.
+        seq_len: the context asked for (None: the model's own, always fine).
+        max_seq_len: the model's.
+        model: what the model is, for the message ("the teacher", "model.init").
+        extend: the option that allows a longer context, if there is one ("model.extend_context").
+    """
+    if seq_len is not None and seq_len > max_seq_len:
+        hint = f"; set {extend} to train it on a longer one" if extend else ""
+        raise TinylmError(f"{name} {seq_len} is longer than the context of {model} "
+                          f"(max_position_embeddings {max_seq_len}){hint}")
 
 
 def _spell(name: str) -> str:
@@ -209,13 +242,16 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
 
 
 def _build_section(cls: type, section: str, values: dict[str, tuple[Any, bool]]) -> Any:
-    hints = _hints(cls)
+    hints, checks = _hints(cls), _checks(cls)
     prefix = f"{section}." if section else ""
     kwargs = {}
     for key, (value, from_text) in values.items():
         if key not in hints:
             raise TinylmError(f"unknown key {prefix}{key} (known: {', '.join(hints)})")
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}", from_text)
+        # checked before the class is built, so that its __post_init__ (cross-field checks, derived
+        # values) only ever sees values in their declared ranges
+        check_value(f"{prefix}{key}", kwargs[key], checks.get(key))
     for f in dataclasses.fields(cls):
         if f.init and f.name not in kwargs and _default(f) is dataclasses.MISSING:
             raise TinylmError(f"{prefix}{f.name} is required (give it on the command line or in the recipe)")
@@ -357,6 +393,10 @@ class Parser(argparse.ArgumentParser):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        # a value such as -1e-3 or -inf is a (bad) value, not an option: argparse's own pattern knows
+        # only -1 and -1.5, and `--optim.lr -1e-3` was "expected one argument" instead of the range
+        self._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)(e[+-]?\d+)?$|^-(inf|infinity|nan)$",
+                                                   re.IGNORECASE)
 
     def error(self, message: str) -> typing.NoReturn:
         raise TinylmError(message)

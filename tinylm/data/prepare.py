@@ -22,12 +22,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir, check_out
+from tinylm.core.recipe import Check, Count, Fraction, Interval, Seed, one_of, validate
 from tinylm.data.dedup import NearDedup, _hash64
 from tinylm.data.sources import clean_text, read_documents, resolve_inputs
 from tinylm.data.tokenizer import Tokenizer
@@ -45,18 +46,18 @@ class PrepareConfig:
     tokenizer: str  # a dir with tokenizer.json, or any model source (.gguf, checkpoint dir, alias)
     out: str  # the data dir to write (atomically)
     text_field: str = "text"  # JSON field / column holding the text
-    val_fraction: float = 0.01  # share of documents that go to the val split (by a hash of text and seed)
-    seed: int = 0  # split seed (and seed of generated corpora)
-    min_chars: int = 1  # drop documents shorter than this (characters, after cleaning)
-    max_chars: int | None = None  # drop documents longer than this (none: no limit)
+    val_fraction: Annotated[float, Check(ge=0, lt=1)] = 0.01  # share of documents that go to the val split (by a hash of text and seed)
+    seed: Seed = 0  # split seed (and seed of generated corpora)
+    min_chars: Interval = 1  # drop documents shorter than this (characters, after cleaning)
+    max_chars: Count | None = None  # drop documents longer than this (none: no limit)
     dedup: bool = True  # drop exact duplicates and (near_dedup_threshold > 0) MinHash near-duplicates
-    near_dedup_threshold: float = 0.8  # drop above this MinHash Jaccard similarity of word 5-grams (0: no near-dedup)
-    near_dedup_window: int = 250_000  # documents the near-dedup index holds (bounds its ~400 bytes per document)
-    workers: int | None = None  # threads of the Rust tokenizer (RAYON_NUM_THREADS); none: all cores
-    shard_tokens: int = 100_000_000  # a shard is closed after the document that takes it to this many tokens
-    dtype: str = "auto"  # auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32
+    near_dedup_threshold: Fraction = 0.8  # drop above this MinHash Jaccard similarity of word 5-grams (0: no near-dedup)
+    near_dedup_window: Count = 250_000  # documents the near-dedup index holds (bounds its ~400 bytes per document)
+    workers: Count | None = None  # threads of the Rust tokenizer (RAYON_NUM_THREADS); none: all cores
+    shard_tokens: Count = 100_000_000  # a shard is closed after the document that takes it to this many tokens
+    dtype: one_of("auto", "uint16", "uint32") = "auto"  # auto (uint16 when the vocabulary fits, else uint32), uint16 or uint32
     overwrite: bool = False  # replace an existing out
-    batch_docs: int = 1000  # documents per tokenizer batch
+    batch_docs: Count = 1000  # documents per tokenizer batch
     progress: bool | None = None  # a tqdm bar of documents read on stderr (none: when stderr is a terminal)
 
 
@@ -231,15 +232,8 @@ def _split_batch(texts: list[str], filters: _Filters, cfg: PrepareConfig) -> dic
 
 
 def _check_config(cfg: PrepareConfig) -> None:
-    if not 0 <= cfg.val_fraction < 1:
-        raise TinylmError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
-    if cfg.shard_tokens < 1 or cfg.batch_docs < 1:
-        raise TinylmError("--shard-tokens must be positive")
-    if not 0 <= cfg.near_dedup_threshold <= 1:
-        raise TinylmError(f"--near-dedup-threshold must be in [0, 1], got {cfg.near_dedup_threshold}")
+    validate(cfg)  # the declared ranges, also for a config built in Python (quickstart builds one)
     if cfg.workers is not None:
-        if cfg.workers < 1:
-            raise TinylmError(f"--workers must be positive, got {cfg.workers}")
         # read by the Rust thread pool when it first starts (i.e. before the first encode_batch)
         os.environ["RAYON_NUM_THREADS"] = str(cfg.workers)
         os.environ["TOKENIZERS_PARALLELISM"] = "true" if cfg.workers > 1 else "false"

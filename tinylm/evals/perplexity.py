@@ -43,11 +43,13 @@ def evaluate(model: Llama, data: TokenData | str | os.PathLike, tokenizer: Token
     Returns:
         {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "seq_len"}: loss in nats per token.
     """
-    seq_len = seq_len or min(model.config.max_seq_len, 1024)
+    seq_len = min(model.config.max_seq_len, 1024) if seq_len is None else seq_len
     if isinstance(data, TokenData) or Path(data).is_dir():
         split_data = data if isinstance(data, TokenData) else TokenData.open(data, split)
         split_data.check_vocab(model.config.vocab_size)
-        n_windows = None if max_tokens is None else max(1, max_tokens // seq_len)
+        if max_tokens is not None and max_tokens < seq_len:
+            raise TinylmError(f"max_tokens {max_tokens} is less than one window of seq_len {seq_len} tokens")
+        n_windows = None if max_tokens is None else max_tokens // seq_len
         windows = split_data.eval_windows(seq_len, n_windows)
         byte_count = None  # scaled from the split's bytes below
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+from tinylm.core.recipe import Count, Seed
 from tinylm.data import tinytales
 from tinylm.data.prepare import PrepareConfig, prepare
 
@@ -24,8 +25,8 @@ def prepare_main(cfg: PrepareConfig) -> None:
 class TinytalesConfig:
     """What `tinylm data tinytales` generates."""
 
-    stories: int = 10_000  # number of stories
-    seed: int = 0  # corpus seed: the same seed gives the same stories
+    stories: Count = 10_000  # number of stories
+    seed: Seed = 0  # corpus seed: the same seed gives the same stories
     out: str | None = None  # text file to write: each story, then a blank line (none: stdout, or nothing with --stats)
     overwrite: bool = False  # replace an existing --out file
     stats: bool = False  # print stories, MB, distinct words, the entropy bound in bits/byte and MB/s

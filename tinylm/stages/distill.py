@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from torch import Tensor, nn
 from tinylm.core.devices import resolve_device
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir, check_out
+from tinylm.core.recipe import Count, Positive, check_context, one_of
 from tinylm.data.tokenizer import Tokenizer, read_token_map
 from tinylm.data.tokens import Batch, TokenData
 from tinylm.formats import checkpoint
@@ -83,9 +85,12 @@ class DistillSection:
     # beta (jsd), pairs (hidden: [[student_layer, teacher_layer], ...], 0 = embeddings, i = after block i).
     # Default: forward KL alone, the logit loss Minitron found best (Sreenivas et al. 2024, sec. 4).
     losses: list[dict[str, Any]] = field(default_factory=lambda: [{"kind": "fkl", "weight": 1.0}])
-    teacher_dtype: str = "float32"  # float32 | bfloat16 | int8 (weight-only, quantised on load)
+    teacher_dtype: one_of("float32", "bfloat16", "int8") = "float32"  # float32 | bfloat16 | int8 (weight-only, quantised on load)
     teacher_device: str = "auto"  # auto (the student's) | cpu | cuda | cuda:N
     token_map: str | None = None  # a `tinylm tokenizer trim` dir; None: found from the tokenizers
+
+    def __post_init__(self) -> None:
+        parse_losses(self.losses)  # each term checked when the config is read, before any model loads
 
 
 @dataclass
@@ -101,10 +106,10 @@ class CacheSection:
     """The teacher cache `tinylm distill cache` writes (see `build_cache`)."""
 
     out: str | None = None  # cache dir to write
-    top_k: int | None = None  # tokens per position (>= vocabulary: full log-prob rows)
-    dtype: str = "float16"  # log-prob storage: float16 or float32
-    temperature: float = 1.0  # teacher temperature of a top-K cache (a full cache can be re-tempered: keep 1)
-    batch_size: int = 8  # windows per teacher forward pass
+    top_k: Count | None = None  # tokens per position (>= vocabulary: full log-prob rows)
+    dtype: one_of("float16", "float32") = "float16"  # log-prob storage: float16 or float32
+    temperature: Positive = 1.0  # teacher temperature of a top-K cache (a full cache can be re-tempered: keep 1)
+    batch_size: Count = 8  # windows per teacher forward pass
     overwrite: bool = False  # replace an existing cache
 
 
@@ -160,6 +165,11 @@ def parse_losses(spec: list[dict[str, Any]]) -> list[LossTerm]:
 
 
 def _check_term(t: LossTerm, where: str) -> None:
+    for name in ("weight", "temperature", "beta"):
+        if not math.isfinite(getattr(t, name)):
+            raise TinylmError(f"{where}: {name} must be a finite number, got {getattr(t, name)}")
+    if t.weight < 0:
+        raise TinylmError(f"{where}: weight must be >= 0, got {t.weight}")
     if t.temperature <= 0:
         raise TinylmError(f"{where}: temperature must be positive, got {t.temperature}")
     if t.top_k is not None and t.top_k < 1:
@@ -519,6 +529,7 @@ def build_cache(cfg: DistillConfig, top_k: int, out: str | os.PathLike, dtype: s
     data.check_vocab(data.vocab_size, "its tokenizer")  # ids the teacher (through any token map) can read
     rows, steps = _plan(cfg)
     teacher = load_teacher(cfg.distill, cfg.run.device)
+    check_context("data.seq_len", cfg.data.seq_len, teacher.config.max_seq_len, f"the teacher {cfg.distill.teacher}")
     kept = vocab_map(data_tokenizer(cfg.data.dir), teacher.tokenizer, data.vocab_size, teacher.config.vocab_size,
                      (f"{cfg.data.dir}/tokenizer", cfg.distill.teacher), cfg.distill.token_map)
     vocab = data.vocab_size
@@ -601,6 +612,7 @@ def distill(cfg: DistillConfig) -> Path:
     extra = None
     if uses_teacher and d.teacher:
         teacher = load_teacher(d, cfg.run.device)
+        check_context("data.seq_len", cfg.data.seq_len, teacher.config.max_seq_len, f"the teacher {d.teacher}")
         data = TokenData.open(cfg.data.dir, "train")
         kept = vocab_map(data_tokenizer(cfg.data.dir), teacher.tokenizer, data.vocab_size, teacher.config.vocab_size,
                          (f"{cfg.data.dir}/tokenizer", d.teacher), d.token_map)

@@ -11,6 +11,7 @@ import torch
 
 from tinylm.core.devices import resolve_device
 from tinylm.core.errors import TinylmError
+from tinylm.core.recipe import Count, Interval, check_context
 from tinylm.evals.perplexity import evaluate
 from tinylm.evals.tinytales import sample_tinytales
 from tinylm.formats import checkpoint
@@ -23,10 +24,10 @@ class EvalConfig:
     source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
     data: str  # a data dir (tinylm data prepare) or a UTF-8 text file
     split: str = "val"  # split of a data dir
-    max_tokens: int | None = None  # evaluate at most this many tokens (none: all)
-    seq_len: int | None = None  # context per window (none: min(max_seq_len, 1024))
-    batch_size: int = 8  # windows per forward pass
-    tinytales: int = 0  # also sample this many stories and score them with the TinyTales validator
+    max_tokens: Count | None = None  # evaluate at most this many tokens (none: all)
+    seq_len: Count | None = None  # context per window, at most the model's max_seq_len (none: min(max_seq_len, 1024))
+    batch_size: Count = 8  # windows per forward pass
+    tinytales: Interval = 0  # also sample this many stories and score them with the TinyTales validator
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     json: bool = False  # print JSON instead of a table
 
@@ -41,6 +42,7 @@ def evaluate_source(cfg: EvalConfig) -> dict[str, Any]:
         raise TinylmError(f"no data at {cfg.data}: expected a data dir or a UTF-8 text file")
     device = resolve_device(cfg.device)
     loaded = checkpoint.load(cfg.source, device=device)
+    check_context("--seq-len", cfg.seq_len, loaded.config.max_seq_len)
     amp = torch.bfloat16 if device.type == "cuda" else None
     result = {"source": str(cfg.source), "data": str(cfg.data),
               **evaluate(loaded.model, cfg.data, loaded.tokenizer, cfg.split, cfg.max_tokens, cfg.seq_len,

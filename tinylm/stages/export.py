@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
+from tinylm.core.recipe import one_of, validate
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats import checkpoint
 from tinylm.formats.gguf import GGUF_TYPES, export_gguf
@@ -31,16 +31,13 @@ class ExportConfig:
     """What `tinylm export` does (a quantised checkpoint is dequantised first)."""
 
     source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
-    format: str  # hf, gguf or onnx
+    format: one_of(*FORMATS)  # hf, gguf or onnx
     out: str  # dir (hf) or file (gguf, onnx) to write
-    gguf_type: str = "f16"  # GGUF weight type: f32, f16, q8_0 or q4_0 (norms stay f32, as llama.cpp does)
+    gguf_type: one_of(*GGUF_TYPES) = "f16"  # GGUF weight type: f32, f16, q8_0 or q4_0 (norms stay f32, as llama.cpp does)
     overwrite: bool = False  # replace an existing out
 
     def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise TinylmError(f"unknown export format {self.format!r} (known: {', '.join(FORMATS)})")
-        if self.gguf_type not in GGUF_TYPES:
-            raise TinylmError(f"unknown GGUF type {self.gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
+        validate(self)  # the declared ranges, also for a config built in Python
         check_out(self.out, self.overwrite, kind="dir" if self.format == "hf" else "file")
 
 

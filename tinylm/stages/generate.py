@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 from tinylm.core.errors import TinylmError
+from tinylm.core.recipe import Check, Count, NonNegative, Positive, Seed
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats.checkpoint import load
 from tinylm.infer.generate import generate
-from tinylm.infer.sampling import SamplingConfig
 from tinylm.model.llama import Llama
 
 
@@ -22,25 +22,22 @@ class GenerateConfig:
     prompt_file: str | None = None  # or a file with one prompt per line, or - for stdin
     chat: bool = False  # wrap each prompt as a user message in the tokenizer's chat template
     system: str | None = None  # system message for --chat
-    max_tokens: int = 128  # new tokens per sample
-    temperature: float = 0.8  # softmax temperature; 0 = greedy
+    max_tokens: Count = 128  # new tokens per sample
+    temperature: NonNegative = 0.8  # softmax temperature; 0 = greedy
     greedy: bool = False  # same as --temperature 0
-    top_k: int | None = None  # sample among the k most likely tokens only
-    top_p: float | None = None  # nucleus sampling: the smallest set of tokens with this probability
-    repetition_penalty: float = 1.0  # CTRL-style penalty on tokens already present (1 = off)
-    seed: int | None = None  # sampling seed (sample i of a prompt uses seed + i)
-    n: int = 1  # samples per prompt
+    top_k: Count | None = None  # sample among the k most likely tokens only (none: all)
+    top_p: Annotated[float, Check(gt=0, le=1)] | None = None  # nucleus sampling: the smallest set of tokens with this probability (none: all)
+    repetition_penalty: Positive = 1.0  # CTRL-style penalty on tokens already present (1 = off)
+    seed: Seed | None = None  # sampling seed (sample i of a prompt uses seed + i)
+    n: Count = 1  # samples per prompt
     stop: list[str] = field(default_factory=list)  # stop string (repeatable)
     add_bos: bool = False  # start the prompt with the bos token
     json_schema: str | None = None  # constrain the output to JSON valid for the JSON Schema in this file
     fast: bool = False  # compiled fixed-shape decoding (torch.compile; same tokens)
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1 or self.n < 1:
-            raise TinylmError("--max-tokens and --n must be at least 1")
         if self.greedy:
             self.temperature = 0.0
-        SamplingConfig(self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
 
 
 def main(cfg: GenerateConfig) -> None:
@@ -57,6 +54,8 @@ def main(cfg: GenerateConfig) -> None:
 
         schema = load_schema(cfg.json_schema)
     loaded = load(cfg.source)
+    if cfg.chat and loaded.tokenizer is not None and not loaded.tokenizer.chat_template:
+        raise TinylmError(f"--chat: the tokenizer of {cfg.source} has no chat template (drop --chat)")
     if schema is not None and loaded.tokenizer is not None:
         constraint = constraint_factory(schema, loaded.tokenizer, loaded.config.vocab_size)
     for text in run(loaded.model, loaded.tokenizer, cfg, prompts, constraint=constraint):

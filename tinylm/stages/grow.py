@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
+from tinylm.core.recipe import Count, NonNegative, Seed, one_of
 from tinylm.formats import checkpoint
 from tinylm.model.growth import hypercloning, stack
 
@@ -32,11 +33,11 @@ class GrowConfig:
 
     source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
     out: str  # checkpoint dir to write
-    method: str  # hypercloning (needs --dim) or stack (needs --factor)
-    dim: int | None = None  # hypercloning: the new width, a multiple of the source's
-    factor: int | None = None  # stack: copies of the block stack
-    noise: float = 0.0  # hypercloning: function-preserving symmetry-breaking noise (relative std)
-    seed: int = 0  # noise seed
+    method: one_of(*GROW_METHODS)  # hypercloning (needs --dim) or stack (needs --factor)
+    dim: Count | None = None  # hypercloning: the new width, a multiple of the source's
+    factor: Count | None = None  # stack: copies of the block stack
+    noise: NonNegative = 0.0  # hypercloning: function-preserving symmetry-breaking noise (relative std)
+    seed: Seed = 0  # noise seed
     overwrite: bool = False  # replace an existing out
 
 
@@ -47,8 +48,6 @@ def main(cfg: GrowConfig) -> None:
 
 def grow(cfg: GrowConfig) -> Path:
     """Load, grow, save; returns the checkpoint dir."""
-    if cfg.method not in GROW_METHODS:
-        raise TinylmError(f"grow: unknown method {cfg.method!r} (known: {', '.join(GROW_METHODS)})")
     needed = "dim" if cfg.method == "hypercloning" else "factor"
     if getattr(cfg, needed) is None:
         raise TinylmError(f"grow: --method {cfg.method} needs --{needed}")

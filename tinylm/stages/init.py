@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
+from tinylm.core.recipe import Count, Seed, one_of
 from tinylm.formats import checkpoint
 from tinylm.model.config import PRESETS, ModelConfig, preset
 from tinylm.model.growth import INIT_METHODS, derive
@@ -18,14 +18,14 @@ class InitConfig:
 
     source: str  # model source to derive from (checkpoint dir, HF dir, .gguf, alias)
     out: str  # checkpoint dir to write
-    method: str = "select"  # select (weight selection), inherit (the first --n-layers blocks) or random
-    preset: str | None = None  # target shape preset (head_dim, vocabulary stay the source's); sizes below override it
-    dim: int | None = None  # target width (none: the preset's or the source's)
-    ffn_dim: int | None = None  # target SwiGLU width (none: the preset's or the source's)
-    n_heads: int | None = None  # target query heads (none: the preset's or the source's)
-    n_kv_heads: int | None = None  # target key/value heads (none: the preset's or the source's)
-    n_layers: int | None = None  # target blocks (none: the preset's or the source's)
-    seed: int = 0  # seed of --method random
+    method: one_of(*INIT_METHODS) = "select"  # select (weight selection), inherit (the first --n-layers blocks) or random
+    preset: one_of(*PRESETS) | None = None  # target shape preset (head_dim, vocabulary stay the source's); sizes below override it
+    dim: Count | None = None  # target width (none: the preset's or the source's)
+    ffn_dim: Count | None = None  # target SwiGLU width (none: the preset's or the source's)
+    n_heads: Count | None = None  # target query heads (none: the preset's or the source's)
+    n_kv_heads: Count | None = None  # target key/value heads (none: the preset's or the source's)
+    n_layers: Count | None = None  # target blocks (none: the preset's or the source's)
+    seed: Seed = 0  # seed of --method random
     overwrite: bool = False  # replace an existing out
 
 
@@ -55,10 +55,6 @@ def _sizes(cfg: InitConfig, source: ModelConfig) -> dict[str, int | None]:
 
 def init(cfg: InitConfig) -> Path:
     """Load the source, derive the new model, save it with the source's tokenizer; returns the dir."""
-    if cfg.method not in INIT_METHODS:
-        raise TinylmError(f"init: unknown method {cfg.method!r} (known: {', '.join(INIT_METHODS)})")
-    if cfg.preset is not None and cfg.preset not in PRESETS:
-        raise TinylmError(f"init: unknown preset {cfg.preset!r} (known: {', '.join(PRESETS)})")
     check_out(cfg.out, cfg.overwrite)
     loaded = checkpoint.load(cfg.source)
     model = derive(loaded.model, cfg.method, _sizes(cfg, loaded.config), cfg.seed)

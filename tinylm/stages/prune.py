@@ -23,7 +23,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Annotated, Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ from torch import Tensor
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
+from tinylm.core.recipe import Check, Count, Interval, Positive, check_context, one_of
 from tinylm.data.sources import iter_texts
 from tinylm.data.tokenizer import Tokenizer, read_token_map
 from tinylm.data.tokens import Batch, TokenData
@@ -387,23 +388,23 @@ class PruneConfig:
     source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
     calib: str  # calibration data: a data dir, or text (file, dir, tinytales:N)
     out: str  # checkpoint dir to write
-    target_params: int | None = None  # parameter budget, e.g. 45e6 (picks the shape); or the sizes below
-    dim: int | None = None  # target width (none: the source's)
-    ffn_dim: int | None = None  # target SwiGLU width (none: the source's)
-    n_heads: int | None = None  # target query heads (none: the source's)
-    n_kv_heads: int | None = None  # target key/value heads (none: the source's)
-    n_layers: int | None = None  # target blocks (none: the source's)
-    trim_vocab: int | None = None  # first keep the K most used tokens of the calibration text
+    target_params: Count | None = None  # parameter budget, e.g. 45e6 (picks the shape); or the sizes below
+    dim: Count | None = None  # target width (none: the source's)
+    ffn_dim: Count | None = None  # target SwiGLU width (none: the source's)
+    n_heads: Count | None = None  # target query heads (none: the source's)
+    n_kv_heads: Count | None = None  # target key/value heads (none: the source's)
+    n_layers: Count | None = None  # target blocks (none: the source's)
+    trim_vocab: Count | None = None  # first keep the K most used tokens of the calibration text
     token_map: str | None = None  # or keep the tokens of a `tinylm tokenizer trim` dir
-    order: tuple[str, ...] = ORDERS  # pruning stages in order: width,depth (Minitron) or depth,width
-    layer_metric: str = "bi"  # bi (Block Influence) or loss (skip-a-block calibration loss)
-    calib_batches: int = 8  # calibration batches
-    batch_size: int = 8  # windows per calibration batch
-    seq_len: int = 256  # tokens per calibration window
+    order: Annotated[tuple[str, ...], Check(choices=ORDERS)] = ORDERS  # pruning stages in order: width,depth (Minitron) or depth,width
+    layer_metric: one_of("bi", "loss") = "bi"  # bi (Block Influence) or loss (skip-a-block calibration loss)
+    calib_batches: Count = 8  # calibration batches
+    batch_size: Count = 8  # windows per calibration batch
+    seq_len: Count = 256  # tokens per calibration window (at most the source's max_seq_len)
     iterative: bool = False  # Adapt-Pruner-style steps with training between them
-    steps: int = 4  # pruning steps with --iterative
-    steps_between: int = 50  # optimizer steps between pruning steps
-    lr: float = 3e-4  # learning rate of the training between steps
+    steps: Count = 4  # pruning steps with --iterative
+    steps_between: Interval = 50  # optimizer steps between pruning steps
+    lr: Positive = 3e-4  # learning rate of the training between steps
     overwrite: bool = False  # replace an existing out
 
 
@@ -421,12 +422,6 @@ def _check_prune(cfg: PruneConfig) -> None:
     if cfg.trim_vocab is not None and (Path(cfg.calib) / "meta.json").is_file():
         raise TinylmError("prune: --trim-vocab counts tokens in text, and --calib is a data dir; "
                           "trim with `tinylm tokenizer trim` and pass --token-map")
-    for name in ("calib_batches", "batch_size", "seq_len", "steps"):
-        if getattr(cfg, name) < 1:
-            raise TinylmError(f"prune: --{name.replace('_', '-')} must be at least 1")
-    for stage in cfg.order:
-        if stage not in ORDERS:
-            raise TinylmError(f"prune: unknown stage {stage!r} in --order (known: {', '.join(ORDERS)})")
     check_out(cfg.out, cfg.overwrite)
 
 
@@ -464,6 +459,7 @@ def prune(cfg: PruneConfig, log: Callable[[str], object] = print) -> Path:
     """
     _check_prune(cfg)
     loaded = checkpoint.load(cfg.source)
+    check_context("--seq-len", cfg.seq_len, loaded.config.max_seq_len, str(cfg.source))
     model, tok = loaded.model, loaded.tokenizer
     is_dir = (Path(cfg.calib) / "meta.json").is_file()
     vocab_meta: dict[str, Any] = {}

@@ -19,6 +19,7 @@ import torch
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out, disk_size
+from tinylm.core.recipe import Count, Interval, one_of, validate
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import TokenData
 from tinylm.formats import checkpoint
@@ -38,21 +39,18 @@ class QuantizeConfig:
     """What `tinylm quantize` does: weight-only int8 / int4 quantisation, with the size and perplexity it costs."""
 
     source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m)
-    scheme: str  # int8 or int4
+    scheme: one_of(*QMAX)  # int8 or int4
     out: str  # checkpoint dir to write
-    group_size: int | None = None  # inputs per scale (none: 32 for int4, per channel for int8; 0 = per channel)
+    group_size: Interval | None = None  # inputs per scale (none: 32 for int4, per channel for int8; 0 = per channel)
     skip_lm_head: bool = False  # keep the lm_head in float (by default it is quantised too, tied or not)
     eval_text: str | None = None  # UTF-8 text for the perplexity report (none: 200 held-out TinyTales stories)
-    eval_tokens: int = 16384  # at most this many tokens are scored for the report
+    eval_tokens: Count = 16384  # at most this many tokens are scored for the report
     overwrite: bool = False  # replace an existing out
 
     def __post_init__(self) -> None:
-        if self.scheme not in QMAX:
-            raise TinylmError(f"unknown quantization scheme {self.scheme!r} (known: {', '.join(QMAX)})")
+        validate(self)  # the declared ranges, also for a config built in Python
         if self.group_size is None:
             self.group_size = DEFAULT_GROUP[self.scheme]
-        if self.group_size < 0:
-            raise TinylmError(f"--group-size must be >= 0 (0 = per channel), got {self.group_size}")
         check_out(self.out, self.overwrite)
 
 

@@ -15,13 +15,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_file, check_out
-from tinylm.core.recipe import load_config
+from tinylm.core.recipe import Check, Count, NonNegative, Positive, Seed, load_config
 from tinylm.data import tinytales
 from tinylm.data.prepare import PrepareConfig, prepare
 from tinylm.data.vocab import train_tokenizer_on
@@ -46,18 +46,14 @@ class QuickstartConfig:
     """What `tinylm quickstart` does: TinyTales corpus -> tokenizer -> shards -> pretrain -> eval -> stories."""
 
     out: str = "runs/quickstart"  # the run directory (corpus, tokenizer, data, checkpoints, final model, REPORT.md)
-    minutes: float = 9.0  # wall-clock budget of the whole pipeline
-    stories: int = 30000  # TinyTales stories in the corpus
-    vocab_size: int = 2048  # BPE vocabulary of the tokenizer trained on the corpus
-    samples: int = 20  # stories sampled from the trained model and scored by the TinyTales validator
-    seed: int = 0  # corpus, split and initialisation seed
+    minutes: Positive = 9.0  # wall-clock budget of the whole pipeline
+    stories: Annotated[int, Check(ge=100)] = 30000  # TinyTales stories in the corpus
+    vocab_size: Count = 2048  # BPE vocabulary of the tokenizer trained on the corpus
+    samples: Count = 20  # stories sampled from the trained model and scored by the TinyTales validator
+    seed: Seed = 0  # corpus, split and initialisation seed
     recipe: str | None = None  # the training recipe (YAML); none: recipes/quickstart.yaml
-    reserve_s: float = 60.0  # seconds kept for evaluation, sampling and the report after training
+    reserve_s: NonNegative = 60.0  # seconds kept for evaluation, sampling and the report after training
     overwrite: bool = False  # replace the outputs of an earlier quickstart in out
-
-    def __post_init__(self) -> None:
-        if self.minutes <= 0 or self.stories < 100 or self.samples < 1:
-            raise TinylmError("quickstart needs --minutes > 0, --stories >= 100 and --samples >= 1")
 
 
 def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:

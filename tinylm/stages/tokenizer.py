@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from tinylm.core.recipe import Count
 from tinylm.data.vocab import tokenizer_stats_on, train_tokenizer_on, trim_tokenizer_on
 
 
@@ -13,9 +14,9 @@ class TrainTokenizerConfig:
     """What `tinylm tokenizer train` does."""
 
     inputs: list[str]  # corpus inputs, as for `tinylm data prepare`
-    vocab_size: int  # final vocabulary size (bytes and special tokens included)
+    vocab_size: Count  # final vocabulary size (bytes and special tokens included)
     out: str  # tokenizer dir to write
-    min_frequency: int = 2  # minimum pair count for a merge
+    min_frequency: Count = 2  # minimum pair count for a merge
     text_field: str = "text"  # JSON field / column holding the text
     overwrite: bool = False  # replace an existing out
 
@@ -46,7 +47,7 @@ class TrimTokenizerConfig:
 
     source: str  # tokenizer dir, checkpoint dir, .gguf or alias
     corpus: list[str]  # corpus inputs, as for `tinylm data prepare`
-    keep: int  # tokens to keep, bytes and special tokens included
+    keep: Count  # tokens to keep, bytes and special tokens included
     out: str  # tokenizer dir to write (with token_map.json)
     text_field: str = "text"  # JSON field / column holding the text
     overwrite: bool = False  # replace an existing out

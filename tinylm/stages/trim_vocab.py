@@ -7,6 +7,7 @@ from pathlib import Path
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
+from tinylm.core.recipe import Count
 from tinylm.data.tokenizer import read_token_map
 from tinylm.data.vocab import trimmed_tokenizer
 from tinylm.formats import checkpoint
@@ -21,7 +22,7 @@ class TrimConfig:
     out: str  # checkpoint dir to write
     token_map: str | None = None  # a `tinylm tokenizer trim` dir (token_map.json); or --corpus and --keep
     corpus: str | None = None  # text to count token use on (file, dir, tinytales:N)
-    keep: int | None = None  # tokens to keep with --corpus
+    keep: Count | None = None  # tokens to keep with --corpus
     overwrite: bool = False  # replace an existing out
 
 

@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 from tinylm.core.recipe import (
     Beta,
+    Check,
     Count,
     Fraction,
     Interval,
     NonNegative,
     Positive,
+    Seed,
     one_of,
 )
+from tinylm.model.config import PRESETS
 
 # ----- configuration -------------------------------------------------------------------------------
 # Each section is a flat dataclass; YAML sections and `--section.key value` map onto their fields.
@@ -24,15 +27,18 @@ from tinylm.core.recipe import (
 class ModelSection:
     """The model to train: a preset (vocab_size becomes the data tokenizer's) or a source to continue."""
 
-    preset: str | None = "1m"  # a key of tinylm.model.config.PRESETS
+    preset: one_of(*PRESETS) | None = "1m"  # a key of tinylm.model.config.PRESETS
     init: str | None = None  # continue from this model source (checkpoint dir, HF dir, .gguf, alias)
     dim: Count | None = None  # width; this and the shape fields below override the preset's when set
     n_layers: Count | None = None  # blocks (none: the preset's)
     n_heads: Count | None = None  # query heads (none: the preset's)
     n_kv_heads: Count | None = None  # key/value heads, GQA (none: the preset's)
     ffn_dim: Count | None = None  # SwiGLU hidden width (none: the preset's)
-    max_seq_len: Count | None = None  # None: the preset's, raised to data.seq_len if shorter
+    max_seq_len: Count | None = None  # None: the preset's, raised to data.seq_len if shorter; if set, at least data.seq_len
     tie_embeddings: bool | None = None  # share the embedding and LM-head matrix (none: the preset's)
+    # with init: train on a data.seq_len longer than the model's max_seq_len (which is then raised to it);
+    # without it such a data.seq_len is refused, since the positions past max_seq_len were never trained
+    extend_context: bool = False
 
 
 @dataclass
@@ -42,8 +48,10 @@ class DataSection:
     dir: str | None = None  # a data dir written by `tinylm data prepare`
     seq_len: Count = 256  # tokens per training row (the model predicts seq_len targets per row)
     batch_tokens: Count = 32768  # GLOBAL batch in tokens per optimizer step (all ranks, all micro-steps)
-    micro_batch: Count = 16  # rows per forward/backward on one device; the rest is gradient accumulation
-    seed: int = 0  # data order seed: the batch of step s depends only on (seed, s)
+    # rows per forward/backward on one device, the rest is gradient accumulation; at most the rows per
+    # process and step (batch_tokens / seq_len / processes): a larger value means all of them at once
+    micro_batch: Count = 16
+    seed: Seed = 0  # data order seed: the batch of step s depends only on (seed, s)
 
 
 @dataclass
@@ -67,8 +75,8 @@ class ScheduleSection:
     kind: one_of("wsd", "cosine", "constant") = "wsd"  # wsd | cosine | constant
     steps: Count | None = None  # optimizer steps; or give tokens
     tokens: Count | None = None  # token budget; steps = ceil(tokens / data.batch_tokens)
-    warmup_steps: Interval = 100  # linear warmup from lr/warmup_steps to lr
-    decay_fraction: Fraction = 0.1  # wsd: the last round(decay_fraction * steps) steps decay (MiniCPM ~10%)
+    warmup_steps: Count = 100  # linear warmup from lr/warmup_steps to lr (1: none)
+    decay_fraction: Annotated[float, Check(gt=0, le=1)] = 0.1  # wsd: the last round(decay_fraction * steps) steps decay (MiniCPM ~10%)
     decay_shape: one_of("exponential", "linear", "1-sqrt") = "1-sqrt"  # wsd: exponential | linear | 1-sqrt (Hagele et al. 2024 find 1-sqrt best)
     min_lr_ratio: Fraction = 0.0  # lr at the end of the decay / peak lr (exponential needs > 0)
 
@@ -80,13 +88,13 @@ class RunSection:
     out: str = "runs/pretrain"  # OUT/checkpoints/step_XXXXXXX/, OUT/final/, OUT/metrics.jsonl, OUT/loss.png
     resume: str = "never"  # never | auto (latest complete checkpoint in OUT, or a fresh start) | a checkpoint dir
     decay_from: str | None = None  # wsd: a stable-phase checkpoint; run only the decay from it
-    seed: int = 0  # model initialisation seed
+    seed: Seed = 0  # model initialisation seed
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
     dtype: one_of("auto", "float32", "bfloat16") = "auto"  # autocast dtype: auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16
     compile: bool | None = None  # torch.compile; None: on for cuda, and on cpu from 1M parameters (use_compile)
     fsdp: bool = False  # shard parameters with FSDP2 fully_shard (models that do not fit one device)
     eval_every: Interval = 200  # steps between validation passes (0: only at the end)
-    eval_tokens: Count = 65536  # validation tokens per pass
+    eval_tokens: Count = 65536  # validation tokens per pass, in whole windows of data.seq_len (at least one)
     ckpt_every: Interval = 500  # steps between resumable checkpoints (0: only on a signal)
     keep_last: Count = 2  # resumable checkpoints kept
     log_every: Count = 10  # steps between metrics.jsonl lines

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops, resolve_device
 from tinylm.core.errors import Terminated, TinylmError
 from tinylm.core.fs import check_out
+from tinylm.core.recipe import check_context
+from tinylm.core.recipe import validate as validate_config
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
@@ -70,6 +72,7 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
             distillation's projections); they get their own AdamW at the model's lr and are saved in
             train_state/ only.
     """
+    validate_config(cfg)  # the declared ranges, also for a config built in Python
     _check_schedule(cfg.schedule)
     check_out(cfg.run.out, overwrite=True)  # a run dir is resumed or added to, never replaced: check the path
     d, device = init_distributed(cfg.run.device)
@@ -107,6 +110,7 @@ def setup_model(cfg: Any, model: Llama, batches: BatchSource) -> Run:
         model: the model to train in place.
         batches: the batch source.
     """
+    validate_config(cfg)
     _check_schedule(cfg.schedule)
     rows = batch_layout(cfg.data, 1)[0]
     total = planned_steps(cfg.schedule, rows * cfg.data.seq_len)
@@ -139,7 +143,7 @@ def batch_layout(data: DataSection, world: int) -> tuple[int, int, int]:
     if rows % world:
         raise TinylmError(f"the global batch of {rows} rows does not split over {world} processes")
     per_rank = rows // world
-    micro = min(max(1, data.micro_batch), per_rank)
+    micro = min(data.micro_batch, per_rank)  # documented: a micro_batch above per_rank means per_rank
     if per_rank % micro:
         raise TinylmError(f"{per_rank} rows per process is not a multiple of data.micro_batch {micro}")
     return rows, micro, per_rank // micro
@@ -159,6 +163,12 @@ def build_model(m: ModelSection, seq_len: int, data: TokenData,
     if m.init:
         loaded = checkpoint.load(m.init)
         data.check_vocab(loaded.config.vocab_size, str(m.init))
+        if not m.extend_context:
+            check_context("data.seq_len", seq_len, loaded.config.max_seq_len, f"model.init {m.init}",
+                          extend="model.extend_context true")
+        elif seq_len > loaded.config.max_seq_len:  # the saved config.json says the context it was trained on
+            loaded.model.config.max_seq_len = seq_len
+            loaded.model.reserve(seq_len)
         loaded.model.train()
         return loaded.model, tokenizer or loaded.tokenizer
     if m.preset not in PRESETS:
@@ -167,6 +177,8 @@ def build_model(m: ModelSection, seq_len: int, data: TokenData,
                                          "tie_embeddings") if getattr(m, k) is not None}
     if "max_seq_len" not in shape:
         shape["max_seq_len"] = max(PRESETS[m.preset].get("max_seq_len", 512), seq_len)
+    if seq_len > shape["max_seq_len"]:
+        raise TinylmError(f"data.seq_len {seq_len} is longer than model.max_seq_len {shape['max_seq_len']}")
     if ("dim" in shape or "n_heads" in shape) and "n_kv_heads" not in shape:
         shape["n_kv_heads"] = None  # derived from n_heads again
     if tokenizer is not None:
@@ -440,7 +452,7 @@ def _fit(run: Run, loss_fn: LossFn) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
             record: dict[str, Any] = {}
-            if run.step % max(1, cfg.log_every) == 0 or run.step == run.total_steps:
+            if run.step % cfg.log_every == 0 or run.step == run.total_steps:
                 lr = run.cfg.optim.lr * lr_factor(run.step - 1, run.total_steps, run.cfg.schedule)
                 record = dict(step=run.step, tokens=run.step * tokens_per_step, **stats, lr=lr, tokens_per_s=tps,
                               mfu=mfu)
