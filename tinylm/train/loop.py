@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops, resolve_device
-from tinylm.core.errors import TinylmError
+from tinylm.core.errors import TinylmError, optional_import
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
@@ -68,6 +68,8 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     """
     _check_schedule(cfg.schedule)
     d, device = init_distributed(cfg.run.device)
+    if getattr(cfg.run, "tensorboard", False):
+        optional_import("torch.utils.tensorboard", "tensorboard", "run.tensorboard")
     if not cfg.data.dir:
         raise TinylmError("no training data: set data.dir (a dir made by `tinylm data prepare`)")
     train = TokenData.open(cfg.data.dir, "train")
