@@ -35,8 +35,8 @@ def load_schema(path: str | Path) -> dict[str, Any]:
         raise TinylmError(f"{path} is not JSON: {e}") from None
     check_schema(schema)
     check_satisfiable(schema)
-    check_patterns(schema)
-    schema_regex(schema)  # unsupported features fail here, before any model is loaded
+    check_supported(schema)
+    check_size(schema_regex(schema), 0)  # unsupported features and sizes fail here, before any model is loaded
     return schema
 
 
@@ -63,14 +63,18 @@ def _subschemas(schema: Any, where: str = "") -> Any:
             yield from _subschemas(value, f"{where}/{i}")
 
 
-def check_patterns(schema: Any) -> None:
-    """A one-line error for a `pattern` that is not a regular expression, or that uses a feature no automaton
-    can express (look-around, backreferences), naming where it is and the feature.
+def check_supported(schema: Any) -> None:
+    """A one-line error for what outlines-core cannot compile right: a `pattern` that is not a regular
+    expression or uses a feature no automaton can express (look-around, backreferences), or an allOf of
+    several schemas; it names where it is and the feature.
 
     Args:
         schema: the JSON schema (already checked against its metaschema).
     """
     for where, sub in _subschemas(schema):
+        if isinstance(sub.get("allOf"), list) and len(sub["allOf"]) > 1:  # outlines-core 0.2 concatenates them
+            raise TinylmError(f"allOf with {len(sub['allOf'])} schemas at {where} is not supported for constrained "
+                              "decoding: merge them into one schema")
         pattern = sub.get("pattern")
         if not isinstance(pattern, str):
             continue
@@ -131,7 +135,8 @@ def validate(instance_text: str, schema: dict[str, Any]) -> Any:
     try:
         value = json.loads(instance_text)
     except json.JSONDecodeError as e:
-        raise TinylmError(f"a constrained sample is not JSON ({e}); this is a tinylm bug, please report it") from None
+        raise TinylmError(f"a constrained sample is not JSON ({e}): this schema was compiled wrongly; "
+                          "please report it to tinylm") from None
     error = jsonschema.exceptions.best_match(
         jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)(schema).iter_errors(value))
     if error is not None:
@@ -335,7 +340,7 @@ class JsonIndex:
 
 def check_size(regex: str, n_tokens: int) -> None:
     """A one-line error if the schema's automaton would exceed MAX_STATES, or building its token index over
-    `n_tokens` distinct tokens would exceed MAX_STEPS.
+    `n_tokens` distinct tokens would exceed MAX_STEPS (0: the states alone, before the vocabulary is known).
 
     Args:
         regex: the schema's regular expression.

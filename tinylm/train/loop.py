@@ -69,7 +69,7 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     _check_schedule(cfg.schedule)
     d, device = init_distributed(cfg.run.device)
     if getattr(cfg.run, "tensorboard", False):
-        optional_import("torch.utils.tensorboard", "tensorboard", "run.tensorboard")
+        optional_import("tensorboard", "tensorboard", "run.tensorboard")
     if not cfg.data.dir:
         raise TinylmError("no training data: set data.dir (a dir made by `tinylm data prepare`)")
     train = TokenData.open(cfg.data.dir, "train")
