@@ -6,6 +6,11 @@ Rust core of Outlines, Willard & Louf 2023, "Efficient Guided Generation for LLM
 tinylm adds a length budget: every state knows the fewest tokens that reach an accepting state, and a
 token is allowed only if the JSON can still be closed in the tokens that remain, so a sample that hits
 `max_new_tokens` still parses.
+
+The work is bounded (issue 12): what outlines-core cannot compile right (look-around, backreferences, an
+allOf of several schemas) and bounds no value meets are refused by name; the automaton's size is estimated
+from the regex's repetition counts and refused over MAX_STATES and MAX_STEPS; building the index has a
+wall-clock limit, COMPILE_SECONDS, and Ctrl-C ends it.
 """
 
 from __future__ import annotations
