@@ -28,7 +28,8 @@ class Dist:
 
 
 def resolve_device(name: str | torch.device) -> torch.device:
-    """The device a `--device` value names: auto (cuda if available, else cpu), cpu, cuda or cuda:N.
+    """The device a `--device` value names: auto (cuda if available, else cpu), cpu, cuda, cuda:N or mps; a
+    device this machine does not have is a one-line error.
 
     Args:
         name: the value; a torch.device passes through.
@@ -37,14 +38,22 @@ def resolve_device(name: str | torch.device) -> torch.device:
         return name
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    known = "auto, cpu, cuda, cuda:N or mps"
     try:
         device = torch.device(name)
-    except RuntimeError:
-        raise TinylmError(f"not a device: {name!r} (auto, cpu, cuda or cuda:N)") from None
-    if device.type not in ("cpu", "cuda"):
-        raise TinylmError(f"not a device: {name!r} (auto, cpu, cuda or cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TinylmError(f"device {name} asked for but no CUDA device is available")
+    except (RuntimeError, TypeError):
+        raise TinylmError(f"not a device: {name!r} ({known})") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise TinylmError(f"not a device: {name!r} ({known})")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TinylmError(f"device {name} asked for but no CUDA device is available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise TinylmError(f"device {name} asked for but this machine has {count} CUDA device"
+                              f"{'s' if count != 1 else ''} (cuda:0 to cuda:{count - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise TinylmError(f"device {name} asked for but no MPS (Apple GPU) device is available")
     return device
 
 

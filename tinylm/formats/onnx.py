@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from tinylm.core.errors import optional_import
 from tinylm.core.fs import atomic_file
 from tinylm.model.kvcache import StaticCache
 from tinylm.model.llama import Llama
@@ -41,6 +42,8 @@ def export_onnx(model: Llama, out_path: str | os.PathLike) -> Path:
         model: a float Llama (a quantised one is dequantised first).
         out_path: the .onnx file.
     """
+    for module in ("onnx", "onnxscript"):  # torch.onnx's dynamo exporter imports both
+        optional_import(module, "onnx", "export --format onnx")
     model = float_model(model).float().eval()
     cfg = model.config
     cache = torch.zeros(cfg.n_layers, 2, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_dim)

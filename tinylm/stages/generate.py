@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable
 
@@ -42,25 +43,53 @@ class GenerateConfig:
 
 def main(cfg: GenerateConfig) -> None:
     """`tinylm generate`: read the prompts and the JSON schema (both fail before the model loads), load the
-    model, stream the samples to stdout; constrained samples are checked against the schema.
+    model, stream the samples to stdout; constrained samples are checked against the schema, then printed.
 
     Args:
         cfg: the command's config.
     """
     prompts = read_prompts(cfg.prompt, cfg.prompt_file)
-    schema = constraint = None
     if cfg.json_schema:
-        from tinylm.infer.constrained import constraint_factory, load_schema, validate
+        return _main_json(cfg, prompts)
+    loaded = _load(cfg)
+    run(loaded.model, loaded.tokenizer, cfg, prompts)
 
-        schema = load_schema(cfg.json_schema)
+
+def _load(cfg: GenerateConfig) -> Any:
+    """The model, refused before any generation when --chat asks for a chat template it does not have."""
     loaded = load(cfg.source)
     if cfg.chat and loaded.tokenizer is not None and not loaded.tokenizer.chat_template:
         raise TinylmError(f"--chat: the tokenizer of {cfg.source} has no chat template (drop --chat)")
-    if schema is not None and loaded.tokenizer is not None:
-        constraint = constraint_factory(schema, loaded.tokenizer, loaded.config.vocab_size)
-    for text in run(loaded.model, loaded.tokenizer, cfg, prompts, constraint=constraint):
-        if schema is not None:
-            validate(text, schema)  # the automaton guarantees it; a failure here is a tinylm bug
+    return loaded
+
+
+def _main_json(cfg: GenerateConfig, prompts: list[str]) -> None:
+    """`generate --json-schema`: samples that are checked against the schema before any is printed, so the
+    output is valid JSON or one error line."""
+    from tinylm.infer.constrained import (
+        JsonConstraint,
+        JsonIndex,
+        load_schema,
+        validate,
+    )
+
+    schema = load_schema(cfg.json_schema)
+    if cfg.stop:
+        raise TinylmError("--stop cannot be combined with --json-schema: a stop string would cut the JSON short")
+    loaded = _load(cfg)
+    if loaded.tokenizer is None:
+        raise TinylmError("this model has no tokenizer; generation needs one")
+    index = JsonIndex(schema, loaded.tokenizer, loaded.config.vocab_size)
+    if cfg.max_tokens < index.min_tokens:
+        raise TinylmError(f"--max-tokens {cfg.max_tokens} is too small for this JSON schema: its shortest valid "
+                          f"value takes {index.min_tokens} tokens")
+    texts = run(loaded.model, loaded.tokenizer, cfg, prompts, out=lambda _: None,
+                constraint=lambda: JsonConstraint(index))
+    for text in texts:
+        validate(text, schema)
+    sep = "\n" if len(texts) == 1 else "\n---\n"
+    sys.stdout.write("".join(text + sep for text in texts))
+    sys.stdout.flush()
 
 
 def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:

@@ -28,8 +28,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from tinylm.core.devices import Dist, _autocast, _sync, init_distributed, measure_peak_flops, resolve_device
-from tinylm.core.errors import Terminated, TinylmError
+from tinylm.core.devices import (
+    Dist,
+    _autocast,
+    _sync,
+    init_distributed,
+    measure_peak_flops,
+    resolve_device,
+)
+from tinylm.core.errors import Terminated, TinylmError, optional_import
 from tinylm.core.fs import check_out
 from tinylm.core.recipe import check_context
 from tinylm.core.recipe import validate as validate_config
@@ -43,7 +50,13 @@ from tinylm.train.config import DataSection, ModelSection, RunSection
 from tinylm.train.losses import LossFn, eval_nats, lm_loss
 from tinylm.train.metrics import MetricsLog, plot_metrics
 from tinylm.train.optim import make_optimizer, set_lr
-from tinylm.train.schedule import _check_schedule, branch_total, decay_steps, lr_factor, planned_steps
+from tinylm.train.schedule import (
+    _check_schedule,
+    branch_total,
+    decay_steps,
+    lr_factor,
+    planned_steps,
+)
 from tinylm.train.state import (
     Run,
     _prune_checkpoints,
@@ -76,6 +89,8 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     _check_schedule(cfg.schedule)
     check_out(cfg.run.out, overwrite=True)  # a run dir is resumed or added to, never replaced: check the path
     d, device = init_distributed(cfg.run.device)
+    if getattr(cfg.run, "tensorboard", False):
+        optional_import("tensorboard", "tensorboard", "run.tensorboard")
     if not cfg.data.dir:
         raise TinylmError("no training data: set data.dir (a dir made by `tinylm data prepare`)")
     train = TokenData.open(cfg.data.dir, "train")
