@@ -142,3 +142,14 @@ def test_a_missing_json_extra_is_a_one_line_error(tmp_path, capsys, monkeypatch,
     assert main(["generate", "smollm2-135m", "--prompt", "hi", "--json-schema", str(tmp_path / "s.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"--json-schema needs {missing}" in err and "tinylm[json]" in err, err
+
+
+@needs_smollm2
+@pytest.mark.slow
+@pytest.mark.parametrize("schema", [{"type": "object"}, SCHEMA])
+def test_common_schemas_stay_within_the_limits_on_smollm2(tmp_path, capsys, schema):
+    """The compile limits refuse what would hang, not the schemas people use with a 49k-token vocabulary."""
+    (tmp_path / "s.json").write_text(json.dumps(schema))
+    assert main(["generate", "smollm2-135m", "--chat", "--prompt", "A user record", "--json-schema",
+                 str(tmp_path / "s.json"), "--max-tokens", "60", "--greedy"]) == 0
+    jsonschema.validate(json.loads(capsys.readouterr().out), schema)

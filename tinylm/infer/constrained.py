@@ -168,10 +168,11 @@ def token_bytes(tokenizer: Tokenizer) -> dict[int, bytes]:
 # Limits on the work one schema may cause (issue 12: `{"type": "string", "minLength": 100000}` ran for minutes).
 # A JSON string character is about 10 DFA states (UTF-8 sequences and escapes), so 50,000 states is a string of
 # about 5,000 characters. Building the token index walks every state with every distinct token, about 0.1 us a
-# step in outlines-core 0.2.14 on one core (measured: 3.5M steps in 0.32 s), so 50M steps is about 5 seconds;
-# tabulating the allowed tokens in Python costs about 2 us per allowed (state, token) pair.
+# step in outlines-core 0.2.14 on one core (measured: 3.5M steps in 0.32 s); the estimate is an upper bound
+# (SmolLM2-135M's 49k tokens with {"type": "object"}: ~97M estimated, the whole command 7 s). Tabulating the
+# allowed tokens in Python costs about 2 us per allowed (state, token) pair.
 MAX_STATES = 50_000  # estimated automaton states of a schema's regular expression
-MAX_STEPS = 50_000_000  # estimated states x distinct tokens walked to build the token index
+MAX_STEPS = 400_000_000  # estimated states x distinct tokens walked to build the token index (at most ~40 s)
 COMPILE_SECONDS = 30.0  # wall-clock limit on building the token index, a backstop for what the estimate misses
 
 # The regex is searched from a sentinel byte that JSON never contains. outlines-core builds a dense DFA with an
