@@ -205,8 +205,8 @@ def test_a_signal_during_data_prepare_cleans_up_and_says_one_line(signum: int, c
     proc = start(["data", "prepare", "tinytales:200000", "--tokenizer", str(inputs["tok"]), "--out", str(out)])
     assert wait_for_temporary(proc, out), proc.stderr.read()
     proc.send_signal(signum)
-    assert proc.wait(timeout=60) == code
-    assert proc.stderr.read().splitlines() == [line]
+    returncode, err = proc.wait(timeout=60), proc.stderr.read()
+    assert returncode == code and err.splitlines() == [line], (returncode, err[-3000:])
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no output, no temporary
 
 
