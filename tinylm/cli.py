@@ -50,7 +50,11 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
         "prepare": Command("clean, dedup, split and tokenise a corpus into token shards", "data", "PrepareConfig",
                            "prepare_main", positional=("inputs",)),
         "tinytales": Command("generate the built-in TinyTales story corpus", "data", "TinytalesConfig",
-                             "tinytales_main")}),
+                             "tinytales_main"),
+        "task": Command("write a built-in fine-tuning task as JSONL: tinytales-instruct or function-calling",
+                        "tasks", "TaskConfig", "task_main", positional=("task",)),
+        "check": Command("score predictions for a built-in task's examples", "tasks", "CheckConfig", "check_main",
+                         positional=("task",))}),
     "tokenizer": Command("train, inspect and trim byte-level BPE tokenizers", sub={
         "train": Command("train a byte-level BPE tokenizer on a corpus", "tokenizer", "TrainTokenizerConfig",
                          "train_main", positional=("inputs",)),

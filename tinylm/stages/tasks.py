@@ -1,0 +1,112 @@
+"""`tinylm data task` (write a built-in task's examples as JSONL) and `tinylm data check` (score predictions)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tinylm.core.errors import TinylmError
+from tinylm.core.fs import atomic_file, check_out
+from tinylm.core.recipe import Count, Seed, one_of
+from tinylm.data import tasks
+
+TASK_NAMES = tuple(tasks.TASKS)
+
+
+@dataclass
+class TaskConfig:
+    """What `tinylm data task` writes."""
+
+    task: one_of(*TASK_NAMES)  # the built-in task: tinytales-instruct or function-calling
+    out: str  # JSONL file to write, one record a line
+    n: Count = 1000  # number of examples
+    split: one_of("train", "test") = "train"  # train or held-out test (they never share a prompt)
+    seed: Seed = 0  # the same seed gives the same examples
+    pairs: bool = False  # preference pairs (prompt / chosen / rejected / reason) instead of chat SFT examples
+    overwrite: bool = False  # replace an existing --out file
+
+
+@dataclass
+class CheckConfig:
+    """What `tinylm data check` scores."""
+
+    task: one_of(*TASK_NAMES)  # the built-in task: tinytales-instruct or function-calling
+    data: str  # the examples: JSONL written by `tinylm data task` (SFT form)
+    # JSONL, one answer a line in the examples' order: a JSON string, {"prediction": ...}, or a chat record
+    # whose last message is the answer
+    predictions: str
+    show: Count = 5  # how many failures to print
+
+
+def task_main(cfg: TaskConfig) -> None:
+    """`tinylm data task`: draw the examples, then write them atomically.
+
+    Args:
+        cfg: the command's config.
+    """
+    check_out(cfg.out, cfg.overwrite, kind="file")
+    records = tasks.examples(cfg.task, cfg.n, cfg.split, cfg.seed, cfg.pairs)
+    with atomic_file(cfg.out, cfg.overwrite) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    kind = "preference pairs" if cfg.pairs else "examples"
+    print(f"wrote {cfg.out}: {len(records)} {cfg.task} {cfg.split} {kind} (seed {cfg.seed})")
+
+
+def read_jsonl(path: str, what: str) -> list[Any]:
+    """Every line of a JSONL file, parsed; a missing file or a bad line is a one-line error.
+
+    Args:
+        path: the file.
+        what: what it holds, for messages ("--data").
+    """
+    if not path:
+        raise TinylmError(f"{what} is required")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinylmError(f"cannot read {what} {path}: {e}") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TinylmError(f"{path}:{i} is not JSON: {e}") from None
+    return rows
+
+
+def _prediction(row: Any) -> Any:
+    """The answer in one line of a predictions file."""
+    if isinstance(row, dict) and "prediction" in row:
+        return row["prediction"]
+    if isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
+        return row["messages"][-1]
+    return row
+
+
+def _check_examples(task: str, rows: list[Any], path: str) -> None:
+    for i, row in enumerate(rows, 1):
+        ok = isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]
+        if ok and task == "tinytales-instruct":
+            ok = isinstance(row.get("spec"), dict)
+        elif ok:
+            ok = isinstance(row["messages"][-1], dict) and isinstance(row["messages"][-1].get("tool_calls"), list)
+        if not ok:
+            raise TinylmError(f"{path}:{i} is not a {task} example written by `tinylm data task {task}`")
+
+
+def check_main(cfg: CheckConfig) -> None:
+    """`tinylm data check`: the share of predictions that are right, and the first failures.
+
+    Args:
+        cfg: the command's config.
+    """
+    examples = read_jsonl(cfg.data, "--data")
+    _check_examples(cfg.task, examples, cfg.data)
+    predictions = [_prediction(r) for r in read_jsonl(cfg.predictions, "--predictions")]
+    result = tasks.score(cfg.task, examples, predictions)
+    for failure in result["failures"][:cfg.show]:
+        print(f"#{failure['index']}: {'; '.join(failure['reasons'])}")
+    print(f"{cfg.task}: {result['correct']}/{result['n']} correct ({100 * result['accuracy']:.1f}%)")
