@@ -36,6 +36,10 @@ class Batch:
         mask: (B, T) bool, True where the target tokens[:, 1:] counts in the loss (None: every target).
         extras: per-row data a loss needs beside the tokens (a preference pair's rejected half, ...).
         weight: what the loss averages over in this micro-batch; default the number of counted targets.
+        segments: (B, T + 1) integer example ids of packed rows, aligned with tokens (see
+            `model.llama.packed_layout`; -1 marks padding). The mask then also leaves out every target
+            whose input is padding or belongs to another example (an example's last token predicting
+            the next one's first): set here, once, so every loss and the weight see it.
     """
 
     tokens: torch.Tensor
@@ -43,8 +47,15 @@ class Batch:
     mask: torch.Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     weight: float | None = None
+    segments: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.segments is not None:
+            if self.segments.shape != self.tokens.shape:
+                raise ValueError(f"segments {tuple(self.segments.shape)} must have the shape of tokens "
+                                 f"{tuple(self.tokens.shape)}")
+            same = (self.segments[:, 1:] == self.segments[:, :-1]) & (self.segments[:, :-1] >= 0)  # (B, T)
+            self.mask = same if self.mask is None else self.mask & same
         if self.weight is None:
             n = self.mask.sum() if self.mask is not None else self.tokens[:, 1:].numel()
             self.weight = float(n)
@@ -58,6 +69,11 @@ class Batch:
         return self.tokens[:, 1:]  # (B, T)
 
     @property
+    def input_segments(self) -> torch.Tensor | None:
+        """(B, T) example ids of the inputs, or None for unpacked rows."""
+        return None if self.segments is None else self.segments[:, :-1]
+
+    @property
     def labels(self) -> torch.Tensor:
         """(B, T) targets with IGNORE_INDEX where the mask leaves them out."""
         return self.targets if self.mask is None else self.targets.masked_fill(~self.mask, IGNORE_INDEX)
@@ -67,7 +83,7 @@ class Batch:
             return v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
 
         return Batch(move(self.tokens), self.index, move(self.mask), {k: move(v) for k, v in self.extras.items()},
-                     self.weight)
+                     self.weight, move(self.segments))
 
 
 # (step, first row of the global batch, row count) -> the Batch of those rows. A pure function of its

@@ -49,10 +49,34 @@ def rope_tables(head_dim: int, length: int, theta: float, device: torch.device |
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate (B, H, T, head_dim) by position; cos/sin are (T, head_dim)."""
+    """Rotate (B, H, T, head_dim) by position; cos/sin are (T, head_dim), or (B, 1, T, head_dim) per row."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos + rotated * sin
+
+
+def packed_layout(segments: Tensor) -> tuple[Tensor, Tensor]:
+    """Positions and attention mask of packed rows, several examples side by side in each row.
+
+    An example is a maximal run of equal ids in a row; its positions restart at 0, and its tokens see
+    the earlier tokens of the same run only. A negative id marks padding: a padding token sees itself
+    only (a query that sees nothing would make softmax NaN) and no other token sees it.
+
+    Args:
+        segments: (B, T) integer example ids.
+
+    Returns:
+        positions (B, T) int64, and mask (B, 1, T, T) bool, True where query t may attend to key s.
+    """
+    B, T = segments.shape
+    idx = torch.arange(T, device=segments.device)  # (T,)
+    starts = torch.ones(B, T, dtype=torch.bool, device=segments.device)
+    starts[:, 1:] = segments[:, 1:] != segments[:, :-1]  # (B, T) the first token of each run
+    first = torch.where(starts, idx, 0).cummax(-1).values  # (B, T) where each token's run starts
+    run = starts.cumsum(-1)  # (B, T) the run's number in its row
+    visible = (run[:, :, None] == run[:, None, :]) & (idx[:, None] >= idx[None, :])  # (B, T, T) causal, in-run
+    visible &= (segments >= 0)[:, :, None] | torch.eye(T, dtype=torch.bool, device=segments.device)
+    return idx - first, visible[:, None]
 
 
 def one_query_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Tensor:
@@ -82,14 +106,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None,
+                packed: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product once fused for decoding
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
+        mask = packed  # (B, 1, T, T) bool for packed rows (packed_layout), None for plain causal
         if cache is not None:  # k, v: (B, Hkv, S, hd), every key so far; mask (T, S) or None for causal
             k, v, mask = cache.update(self.layer, k, v)
         if T == 1 and mask is not None:  # one query over a static cache's slots
@@ -124,8 +149,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None,
+                packed: Tensor | None = None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -200,7 +226,8 @@ class Llama(nn.Module):
 
     def forward(self, input_ids: Tensor, cache: KVCache | StaticCache | None = None,
                 output_hidden_states: bool = False,
-                logits_for: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+                logits_for: Tensor | None = None,
+                segments: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Next-token logits.
 
         Args:
@@ -211,6 +238,8 @@ class Llama(nn.Module):
                 each (B, T, dim), the residual stream before the final norm.
             logits_for: (V',) vocabulary ids: compute only these columns of the logits (a teacher
                 restricted to a trimmed vocabulary skips the rest of its head).
+            segments: (B, T) integer example ids of packed rows (see `packed_layout`): positions
+                restart at each example and attention stays inside it; -1 marks padding. No cache.
 
         Returns:
             logits (B, T, vocab_size) or (B, T, V'), or (logits, hidden_states).
@@ -219,12 +248,23 @@ class Llama(nn.Module):
         start = cache.pos if cache is not None else 0
         if cache is not None:
             self.reserve(cache.max_len)  # every slot's angles (a static cache gathers them by position)
-        cos, sin = self._rope(start, T)
+        packed = None
+        if segments is not None:
+            if cache is not None:
+                raise ValueError("packed rows (segments) are for training: no KV cache")
+            # A boolean block-diagonal mask through scaled_dot_product_attention: on this CPU its forward
+            # and backward take as long as is_causal's (B=4, T=512, 9 heads); flex_attention has no CPU
+            # backward in torch 2.13.
+            positions, packed = packed_layout(segments)  # (B, T), (B, 1, T, T)
+            self.reserve(T)
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]  # (B, 1, T, hd)
+        else:
+            cos, sin = self._rope(start, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, dim)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # once per forward, not once per block
         hidden = [x] if output_hidden_states else None
         for block in self.model.layers:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, packed)
             if hidden is not None:
                 hidden.append(x)
         if cache is not None:

@@ -25,12 +25,14 @@ def lm_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor | 
 
     Args:
         model: the (wrapped) language model.
-        batch: tokens (B, T + 1), and a (B, T) mask of the targets that count (None: all of them).
+        batch: tokens (B, T + 1), a (B, T) mask of the targets that count (None: all of them), and
+            for packed rows their example ids (the batch has already masked targets across examples).
 
     Returns:
         (the loss, no extra metrics).
     """
-    logits = model(batch.inputs).float().flatten(0, 1)  # (B * T, V)
+    packed = {} if batch.segments is None else {"segments": batch.input_segments}  # unpacked: the plain call
+    logits = model(batch.inputs, **packed).float().flatten(0, 1)  # (B * T, V)
     if batch.mask is None:
         return F.cross_entropy(logits, batch.targets.flatten()), {}
     # sum / count rather than reduction="mean": a micro-batch with every target masked gives 0, not NaN
