@@ -129,7 +129,7 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
             layer whose name equals it or ends with "." + entry ("q_proj", "model.layers.0.mlp.up_proj").
     """
     linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QLinear))
-              and ".lora_" not in n and not isinstance(m, LoraLinear)]
+              and ".lora_" not in n and not n.endswith(".base_layer")]
     if targets == ALL_LINEAR:
         return [n for n in linear if n != "lm_head"]
     if isinstance(targets, str) or not targets:
@@ -160,6 +160,8 @@ def apply_lora(model: nn.Module, r: int, alpha: float, dropout: float = 0.0, tar
         loftq_iters: LoftQ initialisation with this many alternations (0: PEFT's default init); needs
             `quantize`, since LoftQ reads the float weights.
     """
+    if loftq_iters < 0:
+        raise TinylmError(f"loftq_iters must be at least 0, got {loftq_iters}")
     if loftq_iters and quantize is None:
         raise TinylmError("LoftQ initialisation needs quantize (int8 or int4): it starts from the float weights")
     if lora_layers(model):
@@ -216,6 +218,8 @@ def loftq(w: Tensor, scheme: str, group_size: int, r: int, iters: int, scaling: 
     Returns:
         (the quantised base, A (r, in), B (out, r)).
     """
+    if iters < 1:
+        raise TinylmError(f"LoftQ needs at least one iteration, got {iters}")
     residual = w
     for _ in range(iters):
         q = _qlinear_of(residual, scheme, group_size)
