@@ -28,10 +28,11 @@ LAYERS: list[tuple[str, ...]] = [
     ("model.llama",),
     ("model.surgery",),
     ("model.growth",),
+    ("model.lora",),
     ("data.tinytales.words", "data.tinytales.plots"),
     # the tokenizer comes before formats: every model source carries one (a GGUF file holds its vocabulary)
     ("data.tinytales", "data.tokenizer"),
-    ("formats.gguf", "formats.onnx"),
+    ("formats.gguf", "formats.onnx", "formats.peft"),
     ("formats.checkpoint",),
     ("data.sources", "data.dedup", "data.tokens"),
     ("data.prepare",),

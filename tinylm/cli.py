@@ -94,6 +94,8 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
                         "QuantizeConfig", positional=SOURCE),
     "export": Command("write a model as an HF dir, a GGUF file (llama.cpp) or an ONNX graph", "export",
                       "ExportConfig", positional=SOURCE),
+    "merge": Command("fold a LoRA adapter (PEFT format) into its base model's weights", "merge", "MergeConfig",
+                     positional=SOURCE),
 }
 
 
