@@ -273,6 +273,13 @@ CASES = [
     Case("config", "export ck --format safetensors --out o", "format"),
     Case("config", "export ck --format gguf --out o.gguf --gguf-type q2_k", "gguf"),
     # data, tokenizer, quickstart
+    Case("config", "data task tinytales-instruct --n 0 --out t.jsonl", "--n"),
+    Case("config", "data task sudoku --out t.jsonl", "sudoku"),
+    Case("config", "data task function-calling --split dev --out t.jsonl", "--split"),
+    Case("output", "data task function-calling --n 5 --out corpus.txt", "exists"),
+    Case("output", "data task function-calling --n 5 --out a-dir --overwrite", "a-dir"),
+    Case("disk", "data check function-calling --data nowhere.jsonl --predictions corpus.txt", "nowhere.jsonl"),
+    Case("disk", "data check function-calling --data latin1.txt --predictions corpus.txt", "latin1.txt"),
     Case("config", "data tinytales --stories 0 --out t.txt", "stories"),
     Case("config", "data tinytales --stories -5", "stories"),
     Case("config", "data prepare corpus.txt --tokenizer tok --out d --val-fraction 1.5", "--val-fraction"),
