@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("formats.gguf", "formats.onnx"),
     ("formats.checkpoint",),
     ("data.sources", "data.dedup", "data.tokens"),
-    ("data.prepare",),
+    ("data.prepare", "data.chat"),
     ("data.vocab",),
     ("infer.sampling", "infer.constrained", "infer.decode"),
     ("infer.generate",),
