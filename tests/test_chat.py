@@ -309,6 +309,15 @@ def test_default_template_masks_and_checkpoint_round_trip(tmp_path: Path) -> Non
     assert hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"] == r.ids
 
 
+def test_a_template_with_generation_markers_renders_and_masks_as_the_plain_one() -> None:
+    """transformers' {% generation %} blocks are accepted by our renderer and change nothing."""
+    tok = _base_tokenizer()
+    tok, _ = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))
+    plain = render(Example([dict(m) for m in CONVERSATION]), tok)
+    tok.chat_template = GEN_CHATML
+    assert render(Example([dict(m) for m in CONVERSATION]), tok) == plain
+
+
 def test_a_template_turn_without_the_end_of_turn_token_is_refused() -> None:
     tok = _base_tokenizer()
     tok, _ = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))

@@ -446,7 +446,7 @@ def _chat_pieces(example: Example, tokenizer: Tokenizer, eot: int) -> tuple[list
                      _prefix_end(tokenizer, messages[:i + 1], False, tools, whole, cuts[-1])]
     cuts.append(len(whole))
     texts = [whole[a:b] for a, b in zip(cuts, cuts[1:])]
-    encoded = [e.ids for e in tokenizer.backend.encode_batch(texts, add_special_tokens=False)]
+    encoded = [tokenizer.backend.encode(t, add_special_tokens=False).ids for t in texts]
     pieces, flags = [], []
     for k, ids in enumerate(encoded):
         if k % 2 == 0:  # before, between and after the trained assistant turns
@@ -568,19 +568,19 @@ def pack(examples: list[Rendered], seq_len: int, packing: str = "fit", too_long:
         raise TinylmError("no example has a token that carries loss within the context")
     assign = _assign_rows(kept, cap, packing)
     n_rows = max(assign.values()) + 1
-    tokens = torch.full((n_rows, cap), pad_id, dtype=torch.long)
-    loss = torch.zeros((n_rows, cap), dtype=torch.bool)
-    segments = torch.full((n_rows, cap), -1, dtype=torch.long)
+    tokens = np.full((n_rows, cap), pad_id, dtype=np.int64)
+    loss = np.zeros((n_rows, cap), dtype=bool)
+    segments = np.full((n_rows, cap), -1, dtype=np.int64)
     fill, count = [0] * n_rows, [0] * n_rows
     places: list[tuple[int, int, int] | None] = [None] * len(examples)
     for i, n in kept:  # data order within a row
         row, start = assign[i], fill[assign[i]]
-        tokens[row, start:start + n] = torch.tensor(examples[i].ids[:n])
-        loss[row, start:start + n] = torch.tensor(examples[i].mask[:n])
+        tokens[row, start:start + n] = examples[i].ids[:n]
+        loss[row, start:start + n] = examples[i].mask[:n]
         segments[row, start:start + n] = count[row]
         places[i] = (row, start, n)
         fill[row], count[row] = start + n, count[row] + 1
-    return Packed(tokens, loss, segments, places, truncated=len(long), dropped=len(examples) - len(kept))
+    return Packed(torch.from_numpy(tokens), torch.from_numpy(loss), torch.from_numpy(segments), places, truncated=len(long), dropped=len(examples) - len(kept))
 
 
 def _assign_rows(kept: list[tuple[int, int]], cap: int, packing: str) -> dict[int, int]:
