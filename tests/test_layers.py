@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("formats.gguf", "formats.onnx", "formats.peft"),
     ("formats.checkpoint",),
     ("data.sources", "data.dedup", "data.tokens"),
-    ("data.prepare",),
+    ("data.prepare", "data.chat"),
     ("data.vocab",),
     ("data.tasks.split",),
     ("data.tasks.tinytales_instruct", "data.tasks.function_calling"),

@@ -6,6 +6,7 @@ ones `transformers.AutoTokenizer.from_pretrained(dir)` loads.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -89,27 +90,24 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
         """Render a conversation with the chat template, as transformers does.
 
         Args:
             messages: [{"role": "user", "content": "..."}, ...].
             add_generation_prompt: end with the assistant turn's opening.
+            tools: JSON-schema'd functions the conversation may call (the template's `tools`).
         """
         if not self.chat_template:
             raise TinylmError("this tokenizer has no chat template; drop --chat")
-        # Same environment transformers uses: sandboxed, trim_blocks and lstrip_blocks on.
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
         def raise_exception(message: str) -> None:
             raise TinylmError(f"chat template: {message}")
 
-        template = env.from_string(self.chat_template)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "",
-                               raise_exception=raise_exception)
+        return _compiled(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", raise_exception=raise_exception)
 
     # ----- files -------------------------------------------------------------------------------
 
@@ -159,6 +157,28 @@ class Tokenizer:
         return cls(backend, bos_token=special("bos_token"), eos_token=special("eos_token"),
                    pad_token=special("pad_token"), unk_token=special("unk_token"), chat_template=template,
                    model_max_length=int(min(config.get("model_max_length", 2048), 2**31 - 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(template: str) -> Any:
+    """A chat template compiled once, in the environment transformers uses: sandboxed, trim_blocks and
+    lstrip_blocks on, and `{% generation %}` blocks (transformers' assistant-mask markers) rendered as
+    their plain content."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> list[Any]:
+            next(parser.stream)
+            return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation])
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise TinylmError(f"chat template: not a valid Jinja template ({e.message}, line {e.lineno})") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

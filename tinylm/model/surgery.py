@@ -299,6 +299,35 @@ def trim_vocab(model: Llama, token_map: list[int] | Tensor) -> Llama:
     return slice_model(model, Keep(tokens=kept))
 
 
+@torch.no_grad()
+def resize_vocab(model: Llama, n: int) -> Llama:
+    """A copy of `model` with `n` embedding and LM-head rows: the first min(n, old) rows kept, new rows
+    set to the mean of the old rows (of each matrix; a tied head stays tied).
+
+    The mean keeps a new token's logit near the average token's instead of a random one's (Hewitt 2021,
+    "Initializing New Word Embeddings for Pretrained Language Models"; transformers' `resize_token_embeddings`
+    does the same). Logits of the old tokens are unchanged.
+
+    Args:
+        model: the source (unchanged).
+        n: the new vocabulary size.
+    """
+    old = model.config.vocab_size
+    if n < 1:
+        raise TinylmError(f"a vocabulary of {n} tokens is too small")
+    if n <= old:
+        return slice_model(model, Keep(tokens=torch.arange(n)))
+    if not isinstance(model.lm_head, nn.Linear) or not isinstance(model.model.embed_tokens, nn.Embedding):
+        raise TinylmError("resizing the vocabulary of a quantised embedding or LM head is not supported; "
+                          "resize before quantising")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        w = state[name]  # (old, dim)
+        state[name] = torch.cat([w, w.float().mean(0, keepdim=True).to(w.dtype).expand(n - old, -1)])
+    cfg = dataclasses.replace(model.config, vocab_size=n)
+    return build(cfg, state, next(model.parameters()).dtype, where="the resized model").train(model.training)
+
+
 def export_state_dict(model: Llama) -> dict[str, torch.Tensor]:
     """The tensors a checkpoint stores, detached on the CPU, HF names."""
     # Tied lm_head is not stored (HF does the same and re-ties from tie_word_embeddings).
