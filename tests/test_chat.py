@@ -382,7 +382,7 @@ def test_batch_masks_never_cross_examples_and_count_the_same_targets(rng: np.ran
         e.mask = [True] * len(e.ids)
     packed, unpacked = pack(examples, 12, "fit"), pack(examples, 12, "none")
     b = packed.rows(list(range(packed.n_rows)))
-    seg = b.extras["segments"]
+    seg = b.segments
     assert b.mask.shape == (packed.n_rows, 12) and torch.equal(seg, packed.segments)
     # a target counts iff it is a loss token whose input is the same example's previous token
     assert torch.equal(b.mask, packed.loss[:, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] >= 0))
@@ -415,7 +415,7 @@ def test_batches_depend_only_on_seed_and_step(rng: np.random.Generator) -> None:
     assert whole.index == 20
     halves = [again(5, 0, 2), again(5, 2, 2)]  # micro-batches / ranks read slices of the same global batch
     assert torch.equal(torch.cat([h.tokens for h in halves]), whole.tokens)
-    assert torch.equal(torch.cat([h.extras["segments"] for h in halves]), whole.extras["segments"])
+    assert torch.equal(torch.cat([h.segments for h in halves]), whole.segments)
     assert halves[1].index == 22
     # one epoch reads every row exactly once
     rows = torch.cat([source(s, 0, 4).tokens for s in range(-(-p.n_rows // 4))])[:p.n_rows]

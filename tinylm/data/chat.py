@@ -502,7 +502,8 @@ class Packed:
 
     def rows(self, idx: torch.Tensor | list[int], index: int = 0) -> Batch:
         """The Batch of rows `idx`: mask (B, T) True where a target carries loss and belongs to the same
-        example as its input (never across an example boundary), extras["segments"] (B, T + 1).
+        example as its input (never across an example boundary), segments (B, T + 1): the model's
+        attention and positions follow them (`Llama.forward(segments=...)`).
 
         Args:
             idx: row numbers.
@@ -511,7 +512,7 @@ class Packed:
         idx = torch.as_tensor(idx, dtype=torch.long)
         seg = self.segments[idx]  # (B, T + 1)
         mask = self.loss[idx, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] >= 0)  # (B, T)
-        return Batch(self.tokens[idx], index=index, mask=mask, extras={"segments": seg})
+        return Batch(self.tokens[idx], index=index, mask=mask, segments=seg)
 
     def batches(self, seed: int, global_batch: int) -> BatchSource:
         """The training loop's batch source: epochs over the rows, each in a shuffled order.
