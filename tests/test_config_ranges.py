@@ -69,7 +69,8 @@ def required_words(cls: type, tmp: Path) -> list[str]:
     words = []
     for key in config_keys(cls):
         if key.default is dataclasses.MISSING:
-            value = REQUIRED.get(key.name, str(tmp / key.name))
+            choices = key.check.choices if key.check is not None else ()
+            value = REQUIRED.get(key.name, choices[0] if choices else str(tmp / key.name))
             words += [f"--{spelling(key.name)}", str(value)]
     return words
 
