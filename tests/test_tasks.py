@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
+from helpers import needs_smollm2
 
 from tinylm.cli import main
 from tinylm.data import tasks, tinytales
@@ -101,7 +102,10 @@ def test_gold_calls_match_and_wrong_ones_do_not() -> None:
         call = json.loads(e["messages"][-1]["content"])
         reordered = {"arguments": dict(reversed(list(call["arguments"].items()))), "name": call["name"]}
         assert FC.matches(gold, json.dumps(reordered, indent=2)) == (True, [])  # key order, spacing
-        assert FC.matches(gold, {"tool_calls": e["messages"][-1]["tool_calls"]})[0]  # OpenAI style, string args
+        openai = [{"type": "function", "function": {"name": c["name"], "arguments": json.dumps(c["arguments"])}}
+                  for c in gold]
+        assert FC.matches(gold, {"tool_calls": openai})[0]  # OpenAI style, string args
+        assert "tool_calls" not in e["messages"][-1]  # the call is said once, as the content
         key = sorted(call["arguments"])[0]
         assert not FC.matches(gold, {**call, "arguments": {**call["arguments"], key: "x"}})[0]
         assert not FC.matches(gold, {**call, "arguments": {**call["arguments"], "extra": 1}})[0]
@@ -228,3 +232,17 @@ def test_bad_options_are_one_line_exit_2(tmp_path: Path, monkeypatch, capsys, wo
     assert len(err) == 1 and message in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
     assert (tmp_path / "exists.jsonl").read_text() == "not json\n"
+
+
+@needs_smollm2
+def test_the_call_is_learned_once_through_smollm2s_template() -> None:
+    """SmolLM2's template ignores tool_calls; the example says the call once, as the assistant's content, so
+    the loss-carrying tokens are exactly the call and the end of the turn."""
+    from tinylm.data.chat import render, to_example
+    from tinylm.formats.checkpoint import load_tokenizer
+
+    tok = load_tokenizer("smollm2-135m")
+    for record in tasks.examples("function-calling", 5, seed=3):
+        rendered = render(to_example(record, "fc"), tok)
+        said = tok.decode([i for i, m in zip(rendered.ids, rendered.mask) if m])
+        assert said == FC.call_text(FC.gold_calls(record)[0]) + "<|im_end|>"

@@ -92,7 +92,7 @@ def _check_examples(task: str, rows: list[Any], path: str) -> None:
         if ok and task == "tinytales-instruct":
             ok = isinstance(row.get("spec"), dict)
         elif ok:
-            ok = isinstance(row["messages"][-1], dict) and isinstance(row["messages"][-1].get("tool_calls"), list)
+            ok = isinstance(row["messages"][-1], dict) and bool(tasks.function_calling.gold_calls(row))
         if not ok:
             raise TinylmError(f"{path}:{i} is not a {task} example written by `tinylm data task {task}`")
 

@@ -3,7 +3,7 @@
 * "tinytales-instruct" (`tinytales_instruct`): "Write a story that uses the words X, Y and Z and has ..." with
   gold TinyTales stories; a prediction is the story text, judged by `tinytales_instruct.follows`.
 * "function-calling" (`function_calling`): requests to a small tool set with their gold calls; a prediction is
-  the model's answer (a JSON call, or an assistant message with `tool_calls`), judged by exact match.
+  the model's answer (a JSON call, or an assistant message with it or `tool_calls`), judged by exact match.
 
 Records are chat records: SFT examples hold "messages" (the last one is the gold assistant turn: give a model
 the ones before it); preference pairs hold "prompt", "chosen", "rejected" and "reason".

@@ -7,9 +7,10 @@ messages, durations), each slot said in several ways ("May 3, 2025", "3 May 2025
 "15:30", "half past three in the afternoon" is not used: every phrase maps to one exact argument).
 
 An example is a chat: a system message listing the tools (one line each, so a small context holds it) and how
-to answer, the user's request, and the assistant's call, both as text (`{"name": ..., "arguments": {...}}`, what
-`call_schema` constrains a model to write) and as `tool_calls` (OpenAI style, arguments a JSON string); the
-record's `tools` field carries the full schemas for templates that render them.
+to answer, the user's request, and the assistant's call as text (`{"name": ..., "arguments": {...}}`, what
+`call_schema` constrains a model to write); the record's `tools` field carries the full schemas. The call is
+not repeated as `tool_calls`: a chat template that ignores them makes tinylm's renderer write them into the
+content as well (tinylm.data.chat), and the model would learn to say the call twice.
 
 A prediction is correct when it names the gold function with the gold arguments, compared as parsed JSON (key
 order and spacing are irrelevant, a missing or extra argument is wrong). Requests are split by a hash of their
@@ -201,8 +202,7 @@ SYSTEM = ("You call functions for the user. Answer with one JSON object {\"name\
 
 def example(request: str, call: dict[str, Any]) -> dict[str, Any]:
     """The chat record of one request: system (the tools), user (the request), assistant (the call)."""
-    assistant = {"role": "assistant", "content": call_text(call), "tool_calls": [{"type": "function", "function": {
-        "name": call["name"], "arguments": json.dumps(call["arguments"], ensure_ascii=False)}}]}
+    assistant = {"role": "assistant", "content": call_text(call)}
     return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": request}, assistant],
             "tools": TOOLS}
 
@@ -281,8 +281,11 @@ def parse_calls(prediction: Any) -> list[dict[str, Any]] | None:
 
     Args:
         prediction: the model's text (a JSON call, a list of calls, or {"tool_calls": [...]}, optionally in a
-            ``` fence), or the same already parsed, or an assistant message with `tool_calls`.
+            ``` fence), or the same already parsed, or an assistant message (its `tool_calls`, else its
+            content).
     """
+    if isinstance(prediction, dict) and "role" in prediction and not prediction.get("tool_calls"):
+        prediction = prediction.get("content") or ""
     if isinstance(prediction, str):
         text = re.sub(r"^```(?:json)?\s*|\s*```$", "", prediction.strip())
         try:
@@ -297,8 +300,8 @@ def parse_calls(prediction: Any) -> list[dict[str, Any]] | None:
 
 
 def gold_calls(record: dict[str, Any]) -> list[dict[str, Any]]:
-    """The gold calls of an example written by `examples` (its last assistant message's tool_calls)."""
-    return [_as_call(c) for c in record["messages"][-1]["tool_calls"]]
+    """The gold calls of an example written by `examples` (its last assistant message, or its tool_calls)."""
+    return parse_calls(record["messages"][-1]) or []
 
 
 def matches(gold: list[dict[str, Any]], prediction: Any) -> tuple[bool, list[str]]:
