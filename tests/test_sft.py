@@ -194,3 +194,22 @@ def test_bad_data_is_one_line_exit_2_and_nothing_written(row: dict, says: str, b
     assert code == 2 and err.startswith("tinylm: error: ") and err.count("\n") == 1, err
     assert says in err, err
     assert not out.exists()
+
+
+def test_qlora_sft_saves_the_quantised_base_and_the_adapter(base: Path, chat: Path, tmp_path: Path) -> None:
+    from tinylm.model.qlinear import QLinear
+    from tinylm.stages.merge import merge_into
+
+    final = _train(_args(base, chat, tmp_path / "run", steps=3, **{"peft.method": "qlora", "peft.quantize": "int8"}))
+    assert json.loads((final / "config.json").read_text())["tinylm"]["quantization"]["scheme"] == "int8"
+    saved = checkpoint.load(final).model
+    layer = saved.model.layers[0].self_attn.q_proj
+    want = QLinear.from_linear(checkpoint.load(base).model.model.layers[0].self_attn.q_proj, "int8", 0)
+    assert isinstance(layer, QLinear) and torch.equal(layer.qweight, want.qweight)  # the base is not trained
+    ours = load_adapter(saved, final).eval()
+    ids = torch.tensor([[5, 40, 77, 120, 9]])
+    with torch.no_grad():
+        merged, n = merge_into(checkpoint.load(final).model, final)
+        assert n == 14  # 2 layers x 7 linear layers
+        # the unmerged int8 layers run PyTorch's kernel on bf16 activations: agreement to bf16 rounding
+        torch.testing.assert_close(merged.eval()(ids), ours(ids), rtol=2e-2, atol=2e-2)

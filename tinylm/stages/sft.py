@@ -26,8 +26,23 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.recipe import Count, Fraction, Interval, Positive, check_context, one_of
-from tinylm.data.chat import ChatSection, Example, Packed, add_chatml, pack, read_examples, render
+from tinylm.core.recipe import (
+    Count,
+    Fraction,
+    Interval,
+    Positive,
+    check_context,
+    one_of,
+)
+from tinylm.data.chat import (
+    ChatSection,
+    Example,
+    Packed,
+    add_chatml,
+    pack,
+    read_examples,
+    render,
+)
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch
 from tinylm.formats import checkpoint
