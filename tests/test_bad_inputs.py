@@ -221,6 +221,12 @@ CASES = [
     Case("config", f"pretrain {TRAIN.replace('seq_len 32', 'seq_len 128')} --out o --model.init ck", "128"),
     Case("config", "distill cache --teacher ck --data data --top-k 0 --out c", "top_k"),
     Case("config", "distill cache --teacher ck --data data --top-k 4 --out c --dtype int8", "dtype"),
+    # --- sft ---
+    Case("config", "sft ck --data chat.jsonl --out o --peft.r 0", "peft.r"),
+    Case("config", "sft ck --data chat.jsonl --out o --peft.method dora", "peft.method"),
+    Case("config", "sft ck --data chat.jsonl --out o --chat.val_fraction 2", "chat.val_fraction"),
+    Case("disk", "sft ck --data nonesuch.jsonl --out o --schedule.steps 2", "nonesuch.jsonl"),
+    Case("syntax", "sft ck --out o --schedule.steps 2", "no chat data"),
     Case("config", "distill cache --teacher ck --data data --top-k 4 --out c --temperature 0", "temperature"),
     Case("config", "distill cache --teacher ck --data data --top-k 4 --out c --batch-size 0", "batch_size"),
     # generate

@@ -30,6 +30,7 @@ SHRINK = [
     (r"--tinytales \d+", "--tinytales 2"),
     (r"step_\d+", "step_0000020"),  # a stable-phase checkpoint of the 40-step run
     (r"--preset 5m", "--preset 260k"),
+    (r"tinytales-instruct --n \d+", "tinytales-instruct --n 16"),
 ]
 # distillation runs 4 steps of 64 tokens: the teacher (SmolLM2-135M) is the slow part
 DISTILL = ("--schedule.steps 4 --schedule.tokens none --schedule.warmup_steps 1 --data.seq_len 32 "
@@ -39,6 +40,9 @@ APPEND = {
     "pretrain": TRAIN + " --model.preset 260k",
     "distill": DISTILL,
     "distill cache": DISTILL + " --batch-size 2",
+    # 2 LoRA steps on SmolLM2-135M over 256-token rows (the instruction examples are ~200 tokens)
+    "sft": DISTILL.replace("--schedule.steps 4", "--schedule.steps 2").replace("--data.seq_len 32", "--data.seq_len 256")
+                  .replace("--data.batch_tokens 64", "--data.batch_tokens 256"),
     "generate": "--max-tokens 8",
     "eval": "--max-tokens 2048",
     "prune": "--calib-batches 1 --batch-size 2 --seq-len 32",

@@ -90,6 +90,11 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
             aliases={"--teacher": "distill.teacher", "--data": "data.dir", "--out": "cache.out",
                      "--top-k": "cache.top_k", "--dtype": "cache.dtype", "--temperature": "cache.temperature",
                      "--batch-size": "cache.batch_size", "--overwrite": "cache.overwrite"})}),
+    "sft": Command(
+        "supervised fine-tuning on chat / instruction data: full, LoRA or QLoRA (adapters in PEFT's format)",
+        "sft", "SftConfig", positional=("model.init",),
+        aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume"},
+        epilog="Several processes: torchrun --nproc_per_node N -m tinylm sft ..."),
     "quantize": Command("weight-only int8 / int4 quantisation; reports size and perplexity change", "quantize",
                         "QuantizeConfig", positional=SOURCE),
     "export": Command("write a model as an HF dir, a GGUF file (llama.cpp) or an ONNX graph", "export",

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -66,7 +66,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def save(model: Llama, out_dir: str | os.PathLike, tokenizer: Tokenizer | None = None,
          meta: dict[str, Any] | None = None, train_state: dict[str, torch.Tensor] | None = None,
-         train_info: dict[str, Any] | None = None) -> Path:
+         train_info: dict[str, Any] | None = None, beside: Callable[[Path], None] | None = None) -> Path:
     """Write a checkpoint dir that tinylm and `transformers.AutoModelForCausalLM` both load.
 
     Args:
@@ -76,6 +76,8 @@ def save(model: Llama, out_dir: str | os.PathLike, tokenizer: Tokenizer | None =
         meta: JSON-able facts for the "tinylm" block of config.json (recipe, data, lineage).
         train_state: optimizer tensors for resumable checkpoints -> train_state/optimizer.safetensors.
         train_info: JSON-able training position -> train_state/state.json.
+        beside: writes more files into the dir before it appears (a LoRA adapter beside its base), so
+            the dir is complete with them or absent.
     """
     cfg = model.config
     state = export_state_dict(model)
@@ -96,6 +98,8 @@ def save(model: Llama, out_dir: str | os.PathLike, tokenizer: Tokenizer | None =
             tensors = {k: v.detach().contiguous().cpu() for k, v in (train_state or {}).items()}
             save_file(tensors, str(tmp / "train_state" / "optimizer.safetensors"))
             _write_json(tmp / "train_state" / "state.json", train_info or {})
+        if beside is not None:
+            beside(tmp)
     return Path(out_dir)
 
 

@@ -82,7 +82,9 @@ class QLinear(nn.Module):
         return self.scheme == "int8" and self.group_size == self.in_features
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.per_channel_int8 and x.device.type == "cpu":
+        # the int8 kernel has no backward: when a gradient must flow through x (QLoRA training, adapters
+        # below this layer), multiply by the dequantised weight instead
+        if self.per_channel_int8 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
             return int8_matmul(x, self.qweight, self.scales)
         return F.linear(x, self.dequantized(x.dtype))
 

@@ -5,7 +5,9 @@ output is written; `fit(run, loss_fn)` is one plain loop. A stage that trains di
 only in its batch source (`run.batches`, (step, first row, rows) -> `Batch`) and its loss function
 (`LossFn`, (model, batch) -> (loss, metrics)); schedules, evaluation, checkpoints, resume, DDP/FSDP2,
 signals, metrics and plots live here once (STYLE.md rules 4 and 5). A stage that trains a model held in
-memory for a few steps (prune's recovery steps) builds its run with `setup_model`.
+memory for a few steps (prune's recovery steps) builds its run with `setup_model`; a stage that builds
+its own model and batch source and trains it as pretraining does (sft: resume, validation, DDP) calls
+`begin`, checks its inputs, then `start`, the two halves of `setup`.
 
 Determinism: a step's batches depend only on (data seed, step) (`TokenData.batches`), the model has no
 dropout, and checkpoints hold the exact fp32 weights and AdamW moments, so a run killed and resumed
@@ -47,7 +49,7 @@ from tinylm.model.config import PRESETS, preset
 from tinylm.model.llama import Llama
 from tinylm.model.surgery import check_memory
 from tinylm.train.config import DataSection, ModelSection, RunSection
-from tinylm.train.losses import LossFn, eval_nats, lm_loss
+from tinylm.train.losses import LossFn, eval_batches, eval_nats, lm_loss
 from tinylm.train.metrics import MetricsLog, plot_metrics
 from tinylm.train.optim import make_optimizer, set_lr
 from tinylm.train.schedule import (
@@ -68,7 +70,7 @@ from tinylm.train.state import (
     save_checkpoint,
 )
 
-__all__ = ["Batch", "BatchSource", "LossFn", "Run", "fit", "setup", "setup_model", "train_step"]
+__all__ = ["Batch", "BatchSource", "LossFn", "Run", "begin", "fit", "setup", "setup_model", "start", "train_step"]
 
 ExtraModules = Callable[[Llama], nn.ModuleDict]  # model -> named trainable modules beside it (see Run)
 
@@ -85,12 +87,7 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
             distillation's projections); they get their own AdamW at the model's lr and are saved in
             train_state/ only.
     """
-    validate_config(cfg)  # the declared ranges, also for a config built in Python
-    _check_schedule(cfg.schedule)
-    check_out(cfg.run.out, overwrite=True)  # a run dir is resumed or added to, never replaced: check the path
-    d, device = init_distributed(cfg.run.device)
-    if getattr(cfg.run, "tensorboard", False):
-        optional_import("tensorboard", "tensorboard", "run.tensorboard")
+    d, device = begin(cfg)
     if not cfg.data.dir:
         raise TinylmError("no training data: set data.dir (a dir made by `tinylm data prepare`)")
     train = TokenData.open(cfg.data.dir, "train")
@@ -101,9 +98,52 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train, tokenizer)
     for split in (train, val) if val is not None else (train,):  # ids beyond the embedding rows
         split.check_vocab(model.config.vocab_size, str(cfg.model.init or "the model"))
+    return start(cfg, model, train.batches(cfg.data.seed, rows, cfg.data.seq_len), d, device, val, tokenizer,
+                 extra_modules)
+
+
+def begin(cfg: Any) -> tuple[Dist, torch.device]:
+    """The first part of every setup: check the config and the output path, join the process group.
+
+    Nothing is written. A stage that builds its own model and batches (sft) calls this, checks its
+    inputs, then calls `start`.
+
+    Args:
+        cfg: a config with model, data, optim, schedule and run sections.
+
+    Returns:
+        (the process layout, this process's device).
+    """
+    validate_config(cfg)  # the declared ranges, also for a config built in Python
+    _check_schedule(cfg.schedule)
+    check_out(cfg.run.out, overwrite=True)  # a run dir is resumed or added to, never replaced: check the path
+    d, device = init_distributed(cfg.run.device)
+    if getattr(cfg.run, "tensorboard", False):
+        optional_import("tensorboard", "tensorboard", "run.tensorboard")
+    return d, device
+
+
+def start(cfg: Any, model: Llama, batches: BatchSource, d: Dist, device: torch.device,
+          val: TokenData | list[Batch] | None = None, tokenizer: Tokenizer | None = None,
+          extra_modules: ExtraModules | None = None) -> Run:
+    """The shared part of every setup: plan the steps, build the run, restore a checkpoint if asked.
+
+    Resume (`run.resume`), checkpoints, validation, metrics and DDP then work as in pretraining, whatever
+    the model and batch source are (a model with LoRA adapters too: see `state.save_checkpoint`).
+
+    Args:
+        cfg: a config with model, data, optim, schedule and run sections (checked by `begin`).
+        model: the model to train, on the CPU in fp32 (its trainable parameters are the ones optimised).
+        batches: the batch source, a pure function of (step, first row, rows).
+        d, device: from `begin`.
+        val: validation data: a TokenData split (its windows) or a list of Batches (masked loss); None: none.
+        tokenizer: saved beside the weights in every checkpoint.
+        extra_modules: see `setup`.
+    """
     out = Path(cfg.run.out)
+    rows = batch_layout(cfg.data, d.world)[0]
     resume_from, total = _plan_start(cfg, out, rows)
-    run = _assemble(cfg, model, train.batches(cfg.data.seed, rows, cfg.data.seq_len), d, device, total, out)
+    run = _assemble(cfg, model, batches, d, device, total, out)
     run.val, run.tokenizer = val, tokenizer
     if extra_modules is not None:
         _attach_extra(run, extra_modules(model))
@@ -273,20 +313,27 @@ def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device) -> nn.Modu
 
 
 def validate(run: Run) -> float | None:
-    """Mean validation loss over run.eval_tokens tokens of the val split (ranks share the windows)."""
+    """Mean validation loss: over run.eval_tokens tokens of a val split's windows, or over every target
+    that counts in a list of val Batches (the masked loss); ranks share the windows or batches."""
     if run.val is None:
         return None
-    n = max(1, run.cfg.run.eval_tokens // run.cfg.data.seq_len)
-    windows = run.val.eval_windows(run.cfg.data.seq_len, max_windows=n)
+    if isinstance(run.val, TokenData):
+        n = max(1, run.cfg.run.eval_tokens // run.cfg.data.seq_len)
+        items: Any = run.val.eval_windows(run.cfg.data.seq_len, max_windows=n)
+    else:
+        items = run.val
     split = dist.is_initialized() and not run.cfg.run.fsdp  # FSDP ranks must run the same forwards
-    mine = (w for i, w in enumerate(windows) if not split or i % run.dist.world == run.dist.rank)
+    mine = (w for i, w in enumerate(items) if not split or i % run.dist.world == run.dist.rank)
     run.model.eval()
-    nats, count = eval_nats(run.model, mine, run.micro, run.device, run.amp_dtype)
+    if isinstance(run.val, TokenData):
+        nats, count = eval_nats(run.model, mine, run.micro, run.device, run.amp_dtype)
+    else:
+        nats, count = eval_batches(run.model, mine, run.device, run.amp_dtype)
     run.model.train()
     totals = torch.tensor([nats, float(count)], dtype=torch.float64, device=run.device)
     if split:
         dist.all_reduce(totals)
-    return float(totals[0] / totals[1])
+    return float(totals[0] / totals[1]) if totals[1] > 0 else None
 
 
 # ----- extra modules: trainable, but not part of the model (distillation's hidden-state projections) -----

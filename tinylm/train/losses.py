@@ -68,6 +68,27 @@ def eval_nats(model: nn.Module, windows: Iterable[Tensor], batch_size: int = 8,
     return total, count
 
 
+@torch.no_grad()
+def eval_batches(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu",
+                 amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Summed negative log-likelihood (nats) of the targets that count (mask, segments) and their number.
+
+    Args:
+        model: the language model (called in no-grad mode; switch it to eval() yourself if it matters).
+        batches: Batches, e.g. held-out chat examples packed into rows.
+        device: where to run.
+        amp_dtype: autocast dtype, or None for the model's own.
+    """
+    total, count = 0.0, 0.0
+    for batch in batches:
+        batch = batch.to(device)
+        with _autocast(torch.device(device), amp_dtype):
+            loss, _ = lm_loss(model, batch)  # the mean over batch.weight targets
+        total += float(loss) * batch.weight
+        count += batch.weight
+    return total, count
+
+
 def _batches(windows: Iterable[Tensor], size: int) -> Iterator[Tensor]:
     pending: list[Tensor] = []
     for w in windows:

@@ -32,6 +32,8 @@ def param_groups(model: Llama, cfg: OptimSection) -> list[dict[str, Any]]:
     scale = cfg.base_width / model.config.dim if cfg.width_scaling else 1.0
     hidden, other = [], []
     for name, p in model.named_parameters():  # a tied lm_head is the embedding, listed once
+        if not p.requires_grad:  # frozen (a LoRA base): no gradient, no optimizer state
+            continue
         is_hidden = p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
         (hidden if is_hidden else other).append(p)
     return [dict(params=hidden, lr_scale=scale, weight_decay=cfg.weight_decay),

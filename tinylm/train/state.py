@@ -18,9 +18,12 @@ from torch import Tensor, nn
 from tinylm.core.devices import Dist
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import Tokenizer
-from tinylm.data.tokens import BatchSource, TokenData
+from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
+from tinylm.formats.peft import is_adapter, load_adapter, write_adapter
 from tinylm.model.llama import Llama
+from tinylm.model.lora import base_model, lora_layers
+from tinylm.model.qlinear import quantization_of
 from tinylm.model.surgery import build
 
 # ----- the run: everything setup() builds and fit() advances ----------------------------------------
@@ -34,7 +37,7 @@ class Run:
     train_model: nn.Module  # what the loss step calls: the model, compiled and/or DDP/FSDP-wrapped
     optimizer: torch.optim.Optimizer
     batches: BatchSource  # (step, first row, rows) -> Batch: the training data, a pure function of its arguments
-    val: TokenData | None
+    val: TokenData | list[Batch] | None  # a val split's windows, or held-out Batches (sft's chat examples)
     tokenizer: Tokenizer | None
     dist: Dist
     device: torch.device
@@ -189,12 +192,16 @@ def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> Path:
     """
     msd, osd = _full_state(run) if (resumable or run.cfg.run.fsdp) else (None, None)
     if run.dist.main:
-        model = run.model
+        model, meta, beside = run.model, _meta(run), None
         if run.cfg.run.fsdp:  # a plain CPU copy of the gathered weights to save
             model = build(run.model.config, msd)
+        if lora_layers(model):  # the base (quantised for QLoRA) under HF names, the adapter beside it (PEFT)
+            model, adapted = base_model(model), model
+            meta["quantization"] = quantization_of(model)
+            beside = lambda d: write_adapter(adapted, d, meta.get("base"))  # noqa: E731
         info = dict(step=run.step, tokens=run.step * run.rows * run.cfg.data.seq_len, total_steps=run.total_steps,
                     best_val=run.best_val, world=run.dist.world, config=run.cfg.to_dict()) if resumable else None
-        checkpoint.save(model, path, run.tokenizer, meta=_meta(run), train_info=info,
+        checkpoint.save(model, path, run.tokenizer, meta=meta, train_info=info, beside=beside,
                         train_state={**_flatten_optimizer(osd), **_extra_state(run)} if resumable else None)
     _barrier()
     return path
@@ -217,7 +224,10 @@ def restore(run: Run, ckpt: Path) -> None:
     info = read_train_info(ckpt)
     flat, _ = checkpoint.load_train_state(ckpt)
     _load_extra(run, flat)  # pops the extra modules' entries
-    weights = checkpoint.load(ckpt).model.state_dict()
+    saved = checkpoint.load(ckpt).model
+    if is_adapter(ckpt):  # a LoRA run: its base with the adapter put back, named as run.model's tensors
+        load_adapter(saved, ckpt)
+    weights = saved.state_dict()
     opts = StateDictOptions(full_state_dict=True)
     _, osd = get_state_dict(run.model, run.optimizer, options=opts)  # the param_groups layout to fill
     osd["state"] = _unflatten_optimizer(flat)

@@ -1,0 +1,215 @@
+"""`tinylm sft`: supervised fine-tuning through the shared loop, on a tiny model and a tokenizer trained here."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import REPO, assert_bitwise, kill_note, run_and_kill, tiny_model, weights
+
+from tinylm import cli
+from tinylm.core.recipe import load_config
+from tinylm.data.chat import add_chatml, read_examples, render
+from tinylm.data.tokenizer import Tokenizer, train_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.formats.peft import load_adapter
+from tinylm.stages.sft import SftConfig, pack_examples, sft
+from tinylm.train.losses import eval_batches
+from tinylm.train.metrics import read_metrics
+
+SEQ = 64
+
+
+def _rows(n: int = 48) -> list[dict]:
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        a, b = (int(x) for x in rng.integers(0, 10, 2))
+        rows.append({"messages": [{"role": "system", "content": "you add"},
+                                  {"role": "user", "content": f"{a} plus {b}"},
+                                  {"role": "assistant", "content": f"it is {a + b}"}]})
+    return rows
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny checkpoint with a tokenizer trained here (ChatML through add_chatml)."""
+    texts = [m["content"] for r in _rows() for m in r["messages"]] * 4
+    tok = train_tokenizer(texts, vocab_size=300, min_frequency=2)
+    tok, model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))
+    return checkpoint.save(model, tmp_path_factory.mktemp("base") / "ck", tok)
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write(tmp_path_factory.mktemp("chat") / "chat.jsonl", _rows())
+
+
+def _args(base: Path, chat: Path, out: Path, steps: int = 12, **extra: object) -> dict[str, object]:
+    args = {"model.init": str(base), "chat.data": str(chat), "run.out": str(out), "data.seq_len": SEQ,
+            "data.batch_tokens": 4 * SEQ, "data.micro_batch": 2, "schedule.steps": steps,
+            "schedule.warmup_steps": 2, "schedule.decay_fraction": 0.25, "optim.lr": 3e-3, "run.log_every": 1,
+            "run.eval_every": 0, "run.ckpt_every": 0, "run.compile": False, "run.progress": False,
+            "run.plot": False, "run.device": "cpu", "run.peak_flops": 1e11}
+    return {**args, **extra}
+
+
+def _train(args: dict[str, object]) -> Path:
+    return sft(load_config(SftConfig, None, args))
+
+
+def _packed(ckpt: Path, chat: Path):
+    loaded = checkpoint.load(ckpt)
+    examples, _ = read_examples([str(chat)])
+    return loaded, pack_examples(examples, loaded.tokenizer, load_config(SftConfig, None, {}).chat, SEQ)
+
+
+def _masked_loss(model: torch.nn.Module, packed) -> float:
+    rows = packed.rows(list(range(packed.n_rows)))
+    model.eval()
+    nats, count = eval_batches(model, [rows])
+    return nats / count
+
+
+def test_sft_lowers_the_masked_loss_and_writes_a_loadable_checkpoint(base: Path, chat: Path, tmp_path: Path) -> None:
+    final = _train(_args(base, chat, tmp_path / "run", steps=12, **{"chat.val_fraction": 0.2, "optim.lr": 1e-2,
+                                                                    "run.eval_every": 6}))
+    before, packed = _packed(base, chat)
+    after = checkpoint.load(final)
+    assert _masked_loss(after.model, packed) < _masked_loss(before.model, packed) - 0.5
+    vals = [r["val_loss"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert len(vals) == 2 and vals[-1] < vals[0]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoModelForCausalLM.from_pretrained(final).eval()
+    ids = torch.tensor([packed.tokens[0, :SEQ].tolist()])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, after.model.eval()(ids), rtol=1e-5, atol=1e-5)
+    assert "<|im_start|>" in AutoTokenizer.from_pretrained(final).chat_template
+
+
+def test_first_step_loss_is_the_mean_over_exactly_the_assistant_tokens(base: Path, chat: Path,
+                                                                      tmp_path: Path) -> None:
+    loaded, packed = _packed(base, chat)
+    # one global batch holds every packed row once: the first step's loss is the mean over all examples
+    _train(_args(base, chat, tmp_path / "run", steps=1, **{"data.batch_tokens": packed.n_rows * SEQ}))
+    first = read_metrics(tmp_path / "run" / "metrics.jsonl")[0]["loss"]
+    tok: Tokenizer = loaded.tokenizer
+    examples, _ = read_examples([str(chat)])
+    total, count = 0.0, 0
+    for ex in examples:  # by hand: each example alone, unpacked, its assistant tokens only
+        r = render(ex, tok)
+        said = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
+        assert said == ex.messages[-1]["content"] + "<|im_end|>"
+        ids = torch.tensor([r.ids])
+        with torch.no_grad():
+            logp = F.log_softmax(loaded.model.eval()(ids[:, :-1]).float(), -1)[0]  # (T, V)
+        targets = torch.tensor(r.ids[1:])
+        keep = torch.tensor(r.mask[1:])
+        total -= float(logp[torch.arange(len(targets)), targets][keep].sum())
+        count += int(keep.sum())
+    assert first == pytest.approx(total / count, rel=1e-5)
+
+
+def test_lora_sft_changes_only_the_adapter_and_peft_loads_it(base: Path, chat: Path, tmp_path: Path) -> None:
+    final = _train(_args(base, chat, tmp_path / "run", steps=8, **{"peft.method": "lora", "peft.r": 4,
+                                                                   "optim.lr": 1e-2}))
+    assert_bitwise(weights(base), weights(final), "(the base in final/ is the original)")
+    ours = load_adapter(checkpoint.load(final).model, final).eval()
+    assert any(float(p.detach().abs().sum()) > 0 for n, p in ours.named_parameters() if ".lora_B." in n)
+    from peft import PeftModel
+    from transformers import LlamaForCausalLM
+
+    ids = torch.tensor([[5, 40, 77, 120, 9, 200, 31]])
+    for base_dir in (final, base):  # final/'s own base, and the original one it equals
+        ref = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), final).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ref(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+        plain = checkpoint.load(base).model.eval()(ids)
+        assert not torch.allclose(plain, ours(ids))
+    assert cli.main(["merge", str(final), "--adapter", str(final), "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint.load(tmp_path / "merged").model.eval()(ids), ours(ids),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def _cli_words(args: dict[str, object]) -> list[str]:
+    words = [sys.executable, "-m", "tinylm", "sft"]
+    for k, v in args.items():
+        words += [f"--{k}", str(v)]
+    return words
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_kill9_then_resume_is_bitwise_identical(method: str, base: Path, chat: Path, tmp_path: Path,
+                                                rng: np.random.Generator) -> None:
+    steps = 24
+    extra = {"peft.method": method, "chat.val_fraction": 0.2, "run.eval_every": 6}
+    reference = _train(_args(base, chat, tmp_path / "straight", steps=steps, **extra))
+    args = _args(base, chat, tmp_path / "killed", steps=steps, **extra, **{"run.ckpt_every": 4})
+    kill_at = int(rng.integers(5, 20))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run_and_kill(_cli_words(args), tmp_path / "killed" / "metrics.jsonl", kill_at, env)
+    resumed = subprocess.run(_cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, f"{kill_note(kill_at)} {resumed.stderr}"
+    assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"), kill_note(kill_at))
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        assert_bitwise(load_file(str(reference / "adapter_model.safetensors")),
+                       load_file(str(tmp_path / "killed" / "final" / "adapter_model.safetensors")), kill_note(kill_at))
+
+
+ASSISTANT = {"role": "assistant", "content": "it is 3"}
+USER = {"role": "user", "content": "1 plus 2"}
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"text": "no fields"}, "no 'messages'"),
+    ({"messages": [USER, {"role": "assistant", "content": "  "}]}, "empty assistant turn"),
+    ({"messages": [USER, {"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": "{1"}}]}]},
+     "do not parse"),
+    ({"messages": [USER, {"role": "assistant", "content": "it is " + "3 " * 200}]}, "longer than the context"),
+])
+def test_bad_data_is_one_line_exit_2_and_nothing_written(row: dict, says: str, base: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    data = _write(tmp_path / "bad.jsonl", _rows(3) + [row])
+    out = tmp_path / "out"
+    code = cli.main(["sft", str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(SEQ),
+                     "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tinylm: error: ") and err.count("\n") == 1, err
+    assert says in err, err
+    assert not out.exists()
+
+
+def test_qlora_sft_saves_the_quantised_base_and_the_adapter(base: Path, chat: Path, tmp_path: Path) -> None:
+    from tinylm.model.qlinear import QLinear
+    from tinylm.stages.merge import merge_into
+
+    final = _train(_args(base, chat, tmp_path / "run", steps=3, **{"peft.method": "qlora", "peft.quantize": "int8"}))
+    assert json.loads((final / "config.json").read_text())["tinylm"]["quantization"]["scheme"] == "int8"
+    saved = checkpoint.load(final).model
+    layer = saved.model.layers[0].self_attn.q_proj
+    want = QLinear.from_linear(checkpoint.load(base).model.model.layers[0].self_attn.q_proj, "int8", 0)
+    assert isinstance(layer, QLinear) and torch.equal(layer.qweight, want.qweight)  # the base is not trained
+    ours = load_adapter(saved, final).eval()
+    ids = torch.tensor([[5, 40, 77, 120, 9]])
+    with torch.no_grad():
+        merged, n = merge_into(checkpoint.load(final).model, final)
+        assert n == 14  # 2 layers x 7 linear layers
+        # the unmerged int8 layers run PyTorch's kernel on bf16 activations: agreement to bf16 rounding
+        torch.testing.assert_close(merged.eval()(ids), ours(ids), rtol=2e-2, atol=2e-2)
