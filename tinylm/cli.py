@@ -46,6 +46,8 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
     "info": Command("describe a model: shape, parameters, vocabulary, size, FLOPs/token", "info", "InfoConfig",
                     positional=SOURCE),
     "generate": Command("continue a prompt (streams to stdout)", "generate", "GenerateConfig", positional=SOURCE),
+    "chat": Command("talk to a model in the terminal: history, streamed replies, /reset /system /exit", "chat",
+                    "ChatConfig", positional=SOURCE),
     "data": Command("corpora: the built-in TinyTales generator, preparing token shards", sub={
         "prepare": Command("clean, dedup, split and tokenise a corpus into token shards", "data", "PrepareConfig",
                            "prepare_main", positional=("inputs",)),

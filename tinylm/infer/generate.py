@@ -22,7 +22,7 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  repetition_penalty: float = 1.0, seed: int | None = None, stop_ids: Sequence[int] = (),
                  on_token: Callable[[int, int], bool] | None = None, constraints: Sequence[Any] | None = None,
-                 fast: bool = False) -> list[int] | list[list[int]]:
+                 fast: bool = False, cache: KVCache | None = None) -> list[int] | list[list[int]]:
     """Continue one prompt (a list of ids) or a batch of equal-length prompts; return the new ids.
 
     Args:
@@ -36,6 +36,9 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
             given the tokens left) and `advance(token) -> bool` (True ends the row), e.g.
             jsonschema_fsm.JsonConstraint.
         fast: decode with StaticDecoder (fixed-shape cache, compiled one-token step); same tokens.
+        cache: a one-row KVCache holding the keys and values of the first `cache.pos` prompt ids (fewer than
+            all of them), e.g. the previous turn of a chat; only the rest of the prompt is computed, and the
+            cache keeps every id fed (all but the last new one). Needs max_len >= prompt + max_new_tokens.
 
     Returns:
         the new ids of the prompt, or a list of them per row.
@@ -51,15 +54,19 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
     # every id so far, for the repetition penalty; filled in place (no per-token concatenation)
     seq = torch.empty(len(rows), T + max_new_tokens, dtype=torch.long, device=device)  # (B, T + new)
     seq[:, :T] = torch.tensor(rows, dtype=torch.long, device=device)
+    if cache is not None and (fast or len(rows) != 1 or cache.pos >= T or cache.max_len < T + max_new_tokens):
+        raise ValueError("a given KV cache needs one row, eager decoding, a prefix of the prompt and room")
     if fast:
         step: Callable[[Tensor], Tensor] = StaticDecoder(model, len(rows), T + max_new_tokens)
     else:
-        step = partial(_cached_forward, model, KVCache.new(model, len(rows), T + max_new_tokens))
+        cache = cache if cache is not None else KVCache.new(model, len(rows), T + max_new_tokens)
+        step = partial(_cached_forward, model, cache)
     if constraints is not None:
         on_token = _with_constraints(constraints, on_token)
     out: list[list[int]] = [[] for _ in rows]
     done, stop = [False] * len(rows), set(stop_ids)  # per-token bookkeeping in Python, not tiny tensors
-    logits = step(seq[:, :T])[:, -1]  # (B, V)
+    start = cache.pos if cache is not None else 0  # ids already in a given cache
+    logits = step(seq[:, start:T])[:, -1]  # (B, V)
     for i in range(max_new_tokens):
         if cfg.repetition_penalty != 1.0:
             logits = penalize_repetition(logits, seq[:, :T + i], cfg.repetition_penalty)
