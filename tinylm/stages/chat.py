@@ -26,7 +26,7 @@ class ChatConfig:
 
     source: str  # checkpoint dir, HF Llama dir, .gguf file or alias (smollm2-135m); needs a chat template
     system: str | None = None  # system message at the start of the history (/system TEXT changes it)
-    max_tokens: Count = 256  # most new tokens per reply (the history gets the rest of the context)
+    max_tokens: Count = 128  # most new tokens per reply (the history gets the rest of the context)
     temperature: NonNegative = 0.7  # softmax temperature; 0 = greedy
     top_p: Annotated[float, Check(gt=0, le=1)] | None = None  # nucleus sampling: the smallest set of tokens with this probability (none: all)
     seed: Seed | None = None  # sampling seed (reply i of the session uses seed + i)
