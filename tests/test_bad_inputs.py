@@ -241,6 +241,15 @@ CASES = [
     Case("config", "generate ck --prompt hi --n 0", "n"),
     Case("config", "generate ck-no-chat --prompt hi --chat", "chat template"),
     Case("config", "generate ck", "prompt"),
+    # chat (errors come before stdin is read)
+    Case("config", "chat ck-no-chat", "tinylm sft"),
+    Case("config", "chat ck --max-tokens 0", "max"),
+    Case("config", "chat ck --max-tokens 64", "context"),
+    Case("config", "chat ck --temperature -1", "temperature"),
+    Case("config", "chat ck --top-p 1.5", "top"),
+    Case("disk", "chat nowhere", "nowhere"),
+    Case("bounded", "chat ck --json-schema nowhere.json", "nowhere.json"),
+    Case("bounded", "chat ck --json-schema schema-object.json --max-tokens 2", "--max-tokens"),
     # eval
     Case("config", "eval ck --data data --seq-len 0", "seq"),
     Case("config", "eval ck --data data --batch-size 0", "batch"),
