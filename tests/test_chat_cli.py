@@ -149,3 +149,21 @@ def test_smollm2_two_greedy_turns_equal_transformers(monkeypatch, capsys) -> Non
                                 eos_token_id=tok.eos_id, pad_token_id=tok.eos_id)[0, len(prompt):].tolist()
         assert new == want
         history.append(("assistant", _reply(tok, new)))
+
+
+def test_ctrl_c_during_a_reply_stops_it_and_the_chat_goes_on(ck: Path, monkeypatch, capsys) -> None:
+    calls: list[list[int]] = []
+
+    def interrupted_once(model, ids, *a, **kw):
+        calls.append(list(ids))
+        if len(calls) == 1:
+            kw["cache"].pos += 1  # half-written, as a Ctrl-C in the middle of a forward pass leaves it
+            raise KeyboardInterrupt
+        return infer_generate.generate_ids(model, ids, *a, **kw)
+
+    monkeypatch.setattr(chat_stage, "generate_ids", interrupted_once)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\nagain\n"))
+    assert cli.main(["chat", str(ck), "--temperature", "0", "--max-tokens", "6"]) == 0
+    tok = load(ck).tokenizer
+    assert calls[1] == _prompt(tok, [("user", "again")])  # the stopped turn left the history
+    assert "reply stopped" in capsys.readouterr().err
