@@ -87,9 +87,19 @@ def to_pair(record: Any, where: str) -> tuple[Example, Example]:
     """
     if not isinstance(record, dict) or not all(k in record for k in ("prompt", "chosen", "rejected")):
         raise TinylmError(f"{where}: a pair needs 'prompt', 'chosen' and 'rejected' fields")
-    tools = record.get("tools")
-    return tuple(to_example({"prompt": record["prompt"], "completion": record[k], **({"tools": tools} if tools else {})},
-                            where) for k in ("chosen", "rejected"))
+    plain = isinstance(record["prompt"], str)
+    for k in ("prompt", "chosen", "rejected"):
+        if not isinstance(record[k], str if plain else (str, list)):
+            raise TinylmError(f"{where}: '{k}' must be a string" + ("" if plain else " or a list of messages") +
+                              f" like 'prompt', not {type(record[k]).__name__}")
+    tools = {"tools": record["tools"]} if record.get("tools") else {}
+    pair = []
+    for k in ("chosen", "rejected"):
+        try:
+            pair.append(to_example({"prompt": record["prompt"], "completion": record[k], **tools}, where))
+        except TinylmError as e:  # the sft reader's words: the completion here is the chosen / rejected one
+            raise TinylmError(str(e).replace("completion", f"'{k}' response")) from None
+    return pair[0], pair[1]
 
 
 def read_pairs(inputs: list[str], skip_bad: bool = False) -> tuple[list[tuple[Example, Example]], list[str]]:
