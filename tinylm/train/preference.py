@@ -10,6 +10,7 @@ the pairs (batch.weight = B).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +57,8 @@ def preference_losses(kind: str, p: PairLogps, beta: float, label_smoothing: flo
         h = beta ((pi_c - ref_c) - (pi_r - ref_r)), loss = -(1 - eps) log s(h) - eps log s(-h),
         rewards beta (pi - ref) on summed log-probabilities.
     ipo (Azar et al. 2023, eq. 17): h = (pi_c - ref_c) - (pi_r - ref_r) on per-token average
-        log-probabilities (as TRL does), loss = (h - 1 / (2 beta))^2, rewards beta (pi - ref) on the averages.
+        log-probabilities (as TRL 1.16 does), loss = (h - 1 / (2 beta))^2, rewards beta (pi - ref) on the
+        sums (the rewards TRL logs for every loss).
     simpo (Meng et al. 2024, eq. 6): reference-free, h = beta (pi_c / |y_c| - pi_r / |y_r|) - gamma,
         loss = -(1 - eps) log s(h) - eps log s(-h), rewards beta pi / |y|.
 
@@ -76,7 +78,8 @@ def preference_losses(kind: str, p: PairLogps, beta: float, label_smoothing: flo
     if kind == "ipo":
         c = p.chosen / p.len_chosen - p.ref_chosen / p.len_chosen  # per-token log-ratio of the chosen
         r = p.rejected / p.len_rejected - p.ref_rejected / p.len_rejected
-        return (c - r - 1 / (2 * beta)) ** 2, beta * c, beta * r
+        rewards = beta * (p.chosen - p.ref_chosen), beta * (p.rejected - p.ref_rejected)
+        return (c - r - 1 / (2 * beta)) ** 2, *rewards
     if kind == "simpo":
         chosen, rejected = beta * p.chosen / p.len_chosen, beta * p.rejected / p.len_rejected
         return _smoothed(chosen - rejected - gamma, label_smoothing), chosen, rejected
@@ -96,7 +99,10 @@ def pair_logps(model: nn.Module, batch: Batch) -> PairLogps:
                      counts[:n].clamp_min(1), counts[n:].clamp_min(1))
 
 
-def preference_loss(kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0):
+PairLoss = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, Tensor | float]]]  # a train.losses.LossFn
+
+
+def preference_loss(kind: str, beta: float, label_smoothing: float = 0.0, gamma: float = 0.0) -> PairLoss:
     """The loop's loss step (a LossFn) for `preference_losses(kind, ...)`: the mean over the batch's pairs,
     with the mean chosen and rejected rewards, their margin and the share of pairs whose chosen reward
     is higher (reward accuracy) as metrics.
