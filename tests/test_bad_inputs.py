@@ -89,6 +89,8 @@ def _broken_files(root: Path) -> None:
     }.items():
         shutil.copytree(root / "ck", root / name)
         _edit_json(root / name / "config.json", change)
+    pair = {"prompt": "once", "chosen": "upon a time", "rejected": "a time upon"}
+    _write(root / "pairs-no-rejected.jsonl", json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": None}) + "\n")
     shutil.copytree(root / "ck", root / "ck-no-chat")
     _edit_json(root / "ck-no-chat" / "tokenizer_config.json", lambda c: c.pop("chat_template"))
     shutil.copytree(root / "ck", root / "ck-not-json")
@@ -227,6 +229,13 @@ CASES = [
     Case("config", "sft ck --data chat.jsonl --out o --chat.val_fraction 2", "chat.val_fraction"),
     Case("disk", "sft ck --data nonesuch.jsonl --out o --schedule.steps 2", "nonesuch.jsonl"),
     Case("syntax", "sft ck --out o --schedule.steps 2", "no chat data"),
+    # --- dpo ---
+    Case("config", "dpo ck --data pairs.jsonl --out o --dpo.beta 0", "dpo.beta"),
+    Case("config", "dpo ck --data pairs.jsonl --out o --dpo.loss kto", "dpo.loss"),
+    Case("config", "dpo ck --data pairs.jsonl --out o --dpo.label_smoothing 0.5", "label_smoothing"),
+    Case("disk", "dpo ck --data nonesuch.jsonl --out o --schedule.steps 2", "nonesuch.jsonl"),
+    Case("disk", "dpo ck --data pairs-no-rejected.jsonl --out o --schedule.steps 2", "pairs-no-rejected.jsonl:2"),
+    Case("syntax", "dpo ck --out o --schedule.steps 2", "no preference pairs"),
     Case("config", "distill cache --teacher ck --data data --top-k 4 --out c --temperature 0", "temperature"),
     Case("config", "distill cache --teacher ck --data data --top-k 4 --out c --batch-size 0", "batch_size"),
     # generate

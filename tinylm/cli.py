@@ -97,6 +97,11 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
         "sft", "SftConfig", positional=("model.init",),
         aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume"},
         epilog="Several processes: torchrun --nproc_per_node N -m tinylm sft ..."),
+    "dpo": Command(
+        "preference tuning on prompt / chosen / rejected pairs: DPO, IPO or SimPO, full or LoRA",
+        "dpo", "DpoConfig", positional=("model.init",),
+        aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume"},
+        epilog="Several processes: torchrun --nproc_per_node N -m tinylm dpo ..."),
     "quantize": Command("weight-only int8 / int4 quantisation; reports size and perplexity change", "quantize",
                         "QuantizeConfig", positional=SOURCE),
     "export": Command("write a model as an HF dir, a GGUF file (llama.cpp) or an ONNX graph", "export",

@@ -101,6 +101,15 @@ def read_examples(inputs: list[str], skip_bad: bool = False) -> tuple[list[Examp
     return examples, skipped
 
 
+def read_records(inputs: list[str]) -> Iterator[tuple[str, Any]]:
+    """(where, row) for every row of the inputs (as `read_examples` takes them), unchecked; where is file:line.
+
+    Args:
+        inputs: .jsonl / .json / .parquet files, dirs of them, or `datasets.save_to_disk` dirs.
+    """
+    return _records(_chat_sources(inputs))
+
+
 def _chat_sources(inputs: list[str]) -> list[Source]:
     """The data files of the inputs; files of other kinds inside a dir are left out, given ones refused."""
     sources = []

@@ -26,29 +26,19 @@ from pathlib import Path
 import torch.distributed as dist
 
 from tinylm.core.errors import TinylmError
-from tinylm.core.recipe import (
-    Count,
-    Fraction,
-    Interval,
-    Positive,
-    check_context,
-    one_of,
-)
+from tinylm.core.recipe import Fraction, Positive
 from tinylm.data.chat import (
     ChatSection,
     Example,
     Packed,
-    add_chatml,
     pack,
     read_examples,
     render,
 )
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch
-from tinylm.formats import checkpoint
-from tinylm.model.llama import Llama
-from tinylm.model.lora import ALL_LINEAR, apply_lora
 from tinylm.train.config import TrainConfig
+from tinylm.train.finetune import PeftSection, load_model
 from tinylm.train.loop import batch_layout, begin, fit, start
 from tinylm.train.losses import lm_loss
 
@@ -60,21 +50,6 @@ class SftChatSection(ChatSection):
     data: str | None = None  # chat JSONL (messages, prompt/completion, Alpaca), .json, parquet, or a dir of them
     val_fraction: Fraction = 0.0  # share of the examples held out for val_loss (chosen by a hash of each)
     epochs: Positive = 1.0  # passes over the packed rows when neither schedule.steps nor schedule.tokens is set
-
-
-@dataclass
-class PeftSection:
-    """Full fine-tuning, or low-rank adapters (LoRA, QLoRA) over a frozen base."""
-
-    method: one_of("none", "lora", "qlora") = "none"  # none (full fine-tuning) | lora | qlora
-    r: Count = 8  # adapter rank
-    alpha: Positive = 16.0  # the update is scaled by alpha / r (alpha / sqrt(r) with use_rslora)
-    dropout: Fraction = 0.0  # dropout on the adapters' input (above 0, a resumed run is no longer bitwise)
-    targets: list[str] = field(default_factory=lambda: [ALL_LINEAR])  # all-linear, or layer names / suffixes
-    use_rslora: bool = False  # rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023)
-    quantize: one_of("int8", "int4") = "int4"  # qlora: the base's weight-only scheme
-    group_size: Interval = 0  # qlora: inputs per quantisation scale (0: per output row)
-    loftq_iters: Interval = 0  # qlora: LoftQ initialisation alternations (0: PEFT's default init)
 
 
 @dataclass
@@ -120,36 +95,6 @@ def val_batches(packed: Packed, rows: int) -> list[Batch]:
 
 
 # ----- model ------------------------------------------------------------------------------------------------
-
-def load_model(cfg: SftConfig) -> tuple[Llama, Tokenizer]:
-    """The model to fine-tune and its tokenizer, with ChatML added when it has no template, and adapters
-    when `peft.method` asks for them."""
-    if not cfg.model.init:
-        raise TinylmError("give the model to fine-tune: tinylm sft MODEL (a checkpoint dir, HF dir, .gguf or alias)")
-    loaded = checkpoint.load(cfg.model.init)
-    if loaded.tokenizer is None:
-        raise TinylmError(f"{cfg.model.init} has no tokenizer: sft renders chat data through it")
-    model = loaded.model
-    if not cfg.model.extend_context:
-        check_context("data.seq_len", cfg.data.seq_len, model.config.max_seq_len, f"the model {cfg.model.init}",
-                      extend="model.extend_context true")
-    elif cfg.data.seq_len > model.config.max_seq_len:
-        model.config.max_seq_len = cfg.data.seq_len
-        model.reserve(cfg.data.seq_len)
-    tokenizer, model = add_chatml(loaded.tokenizer, model)
-    p = cfg.peft
-    if p.method != "none":
-        if cfg.run.fsdp:
-            raise TinylmError("peft.method lora / qlora does not run under run.fsdp (use DDP: torchrun without it)")
-        targets = ALL_LINEAR if p.targets == [ALL_LINEAR] else list(p.targets)
-        apply_lora(model, p.r, p.alpha, p.dropout, targets, seed=cfg.run.seed, use_rslora=p.use_rslora,
-                   quantize=p.quantize if p.method == "qlora" else None, group_size=int(p.group_size),
-                   loftq_iters=int(p.loftq_iters) if p.method == "qlora" else 0)
-    elif p.loftq_iters:
-        raise TinylmError("peft.loftq_iters needs peft.method qlora")
-    model.train()
-    return model, tokenizer
-
 
 # ----- the stage ----------------------------------------------------------------------------------------------
 

@@ -1,0 +1,302 @@
+"""`tinylm dpo`: preference losses against their formulas, the cached reference, and runs through the shared
+loop on a tiny model with a tokenizer trained here."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import REPO, assert_bitwise, kill_note, run_and_kill, tiny_model, weights
+from safetensors import safe_open
+
+from tinylm import cli
+from tinylm.core.recipe import load_config
+from tinylm.data.chat import add_chatml, render
+from tinylm.data.tokenizer import train_tokenizer
+from tinylm.formats import checkpoint
+from tinylm.formats.peft import load_adapter
+from tinylm.stages.dpo import (
+    CACHE,
+    DpoConfig,
+    cached_reference,
+    dpo,
+    read_pairs,
+    reference_logps,
+    render_pairs,
+)
+from tinylm.train.metrics import read_metrics
+from tinylm.train.preference import (
+    PairLogps,
+    pair_logps,
+    preference_losses,
+    reward_metrics,
+)
+
+SEQ = 32
+
+
+def _rows(n: int = 32, plain: bool = False) -> list[dict]:
+    """Sums: the chosen answer is right, the rejected one off by one to five."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(n):
+        a, b, off = (int(x) for x in rng.integers(0, 10, 3))
+        good, bad = f"it is {a + b}", f"it is {a + b + 1 + off % 5}"
+        if plain:
+            rows.append({"prompt": f"{a} plus {b}: ", "chosen": good, "rejected": bad})
+        else:
+            rows.append({"prompt": [{"role": "user", "content": f"{a} plus {b}"}],
+                         "chosen": [{"role": "assistant", "content": good}],
+                         "rejected": [{"role": "assistant", "content": bad}], "reason": "sum", "spec": {}})
+    return rows
+
+
+def _write(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    texts = [f"{a} plus {b}: it is {c}" for a in range(10) for b in range(10) for c in range(0, 24, 5)]
+    tok = train_tokenizer(texts, vocab_size=300, min_frequency=2)
+    tok, model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))
+    return checkpoint.save(model, tmp_path_factory.mktemp("base") / "ck", tok)
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", _rows())
+
+
+def _args(base: Path, data: Path, out: Path, steps: int = 8, **extra: object) -> dict[str, object]:
+    args = {"model.init": str(base), "chat.data": str(data), "run.out": str(out), "data.seq_len": SEQ,
+            "data.batch_tokens": 8 * SEQ, "data.micro_batch": 4, "schedule.steps": steps,
+            "schedule.warmup_steps": 1, "schedule.decay_fraction": 0.25, "optim.lr": 1e-2, "run.log_every": 1,
+            "run.eval_every": 0, "run.ckpt_every": 0, "run.compile": False, "run.progress": False,
+            "run.plot": False, "run.device": "cpu", "run.peak_flops": 1e11, "dpo.beta": 0.5}
+    return {**args, **extra}
+
+
+def _train(args: dict[str, object]) -> Path:
+    return dpo(load_config(DpoConfig, None, args))
+
+
+# ----- the losses against their formulas ------------------------------------------------------------------
+
+def _fixed() -> PairLogps:
+    g = torch.Generator().manual_seed(0)
+    lp = -torch.rand(4, 4, generator=g, dtype=torch.float64) * 30  # (4 kinds of logps, 4 pairs)
+    return PairLogps(*lp, torch.tensor([3.0, 5, 7, 2], dtype=torch.float64), torch.tensor([4.0, 5, 1, 9],
+                                                                                         dtype=torch.float64))
+
+
+def _sig(x: float) -> float:
+    return 1 / (1 + math.exp(-x))
+
+
+@pytest.mark.parametrize("kind, beta, eps, gamma", [("sigmoid", 0.1, 0.0, 0.0), ("sigmoid", 0.5, 0.2, 0.0),
+                                                    ("ipo", 0.1, 0.0, 0.0), ("ipo", 2.0, 0.0, 0.0),
+                                                    ("simpo", 2.0, 0.0, 1.0), ("simpo", 2.5, 0.1, 0.3)])
+def test_losses_and_rewards_equal_the_papers_formulas(kind: str, beta: float, eps: float, gamma: float) -> None:
+    p = _fixed()
+    losses, chosen, rejected = preference_losses(kind, p, beta, eps, gamma)
+    for i in range(4):
+        pc, pr, rc, rr = (float(t[i]) for t in (p.chosen, p.rejected, p.ref_chosen, p.ref_rejected))
+        lc, lr = float(p.len_chosen[i]), float(p.len_rejected[i])
+        if kind == "sigmoid":  # Rafailov et al. 2023 eq. 7, cDPO's smoothing
+            rw_c, rw_r = beta * (pc - rc), beta * (pr - rr)
+            h = rw_c - rw_r
+            want = -(1 - eps) * math.log(_sig(h)) - eps * math.log(_sig(-h))
+        elif kind == "ipo":  # Azar et al. 2023 eq. 17, on per-token averages as TRL 1.16 DPOTrainer._compute_loss
+            h = (pc / lc - rc / lc) - (pr / lr - rr / lr)
+            want = (h - 1 / (2 * beta)) ** 2
+            rw_c, rw_r = beta * (pc - rc), beta * (pr - rr)  # the rewards TRL logs
+        else:  # Meng et al. 2024 eq. 6
+            rw_c, rw_r = beta * pc / lc, beta * pr / lr
+            h = rw_c - rw_r - gamma
+            want = -(1 - eps) * math.log(_sig(h)) - eps * math.log(_sig(-h))
+        assert float(losses[i]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+        assert float(chosen[i]) == pytest.approx(rw_c, rel=1e-9)
+        assert float(rejected[i]) == pytest.approx(rw_r, rel=1e-9)
+    m = reward_metrics(chosen, rejected)
+    margins = (chosen - rejected).tolist()
+    assert float(m["reward_margin"]) == pytest.approx(sum(margins) / 4, rel=1e-9)
+    assert float(m["reward_accuracy"]) == sum(x > 0 for x in margins) / 4
+    assert float(m["reward_chosen"]) == pytest.approx(float(chosen.sum()) / 4, rel=1e-9)
+
+
+# ----- data and log-probabilities ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("plain", [False, True])
+def test_masks_cover_exactly_the_responses(plain: bool, base: Path, tmp_path: Path) -> None:
+    tok = checkpoint.load(base).tokenizer
+    raw, _ = read_pairs([str(_write(tmp_path / "p.jsonl", _rows(4, plain)))])
+    pairs = render_pairs(raw, tok, load_config(DpoConfig, None, {}).chat, SEQ)
+    end = "<|im_end|>" if not plain else tok.decode([tok.eos_id])
+    for i, row in enumerate(_rows(4, plain)):
+        for j, key in enumerate(("chosen", "rejected")):
+            said = tok.decode(pairs.tokens[i, j][pairs.loss[i, j]].tolist())
+            text = row[key] if plain else row[key][0]["content"]
+            assert said == text + end
+
+
+def test_too_long_pairs_are_truncated_or_dropped_and_counted(base: Path, tmp_path: Path) -> None:
+    tok = checkpoint.load(base).tokenizer
+    long_answer = {"prompt": "1 plus 2: ", "chosen": "it is 3 " * 30, "rejected": "it is 4"}
+    long_prompt = {"prompt": "1 plus 2 " * 40, "chosen": "it is 3", "rejected": "it is 4"}
+    raw, _ = read_pairs([str(_write(tmp_path / "p.jsonl", _rows(3, plain=True) + [long_answer, long_prompt]))])
+    c = load_config(DpoConfig, None, {"chat.too_long": "truncate"}).chat
+    pairs = render_pairs(raw, tok, c, SEQ)
+    assert (pairs.n, pairs.truncated, pairs.dropped) == (4, 2, 1)
+    assert pairs.tokens.shape == (4, 2, SEQ + 1) and bool(pairs.loss[3, 0, -1]) and int(pairs.loss[3, 1].sum()) > 0
+
+
+def test_summed_response_logps_equal_a_per_sequence_computation(base: Path, pairs_file: Path) -> None:
+    loaded = checkpoint.load(base)
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    raw, _ = read_pairs([str(pairs_file)])
+    pairs = render_pairs(raw, tok, load_config(DpoConfig, None, {}).chat, SEQ)
+    pairs.ref = torch.zeros(pairs.n, 2)
+    with torch.no_grad():
+        got = pair_logps(model, pairs.rows([3, 0, 5]))
+    for k, i in enumerate([3, 0, 5]):
+        for j, (logp, count) in enumerate([(got.chosen, got.len_chosen), (got.rejected, got.len_rejected)]):
+            r = render(raw[i][j], tok)  # unpadded, alone
+            ids = torch.tensor([r.ids])
+            with torch.no_grad():
+                lp = F.log_softmax(model(ids[:, :-1]).double(), -1)[0]  # (T, V)
+            keep = torch.tensor(r.mask[1:])
+            want = lp[torch.arange(len(r.ids) - 1), ids[0, 1:]][keep].sum()
+            assert float(logp[k]) == pytest.approx(float(want), abs=1e-4)
+            assert int(count[k]) == int(keep.sum())
+
+
+# ----- runs -----------------------------------------------------------------------------------------------
+
+def _accuracy_and_margin(ckpt: Path, base: Path, data: Path, adapter: bool = False) -> tuple[float, float]:
+    model = checkpoint.load(ckpt).model
+    if adapter:
+        model = load_adapter(model, ckpt)
+    tok = checkpoint.load(base).tokenizer
+    raw, _ = read_pairs([str(data)])
+    pairs = render_pairs(raw, tok, load_config(DpoConfig, None, {}).chat, SEQ)
+    ref = reference_logps(checkpoint.load(base).model, pairs, 8)
+    pol = reference_logps(model, pairs, 8)
+    margins = (pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])
+    return float((margins > 0).float().mean()), float(margins.mean())
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "ipo", "simpo"])
+def test_a_short_run_raises_reward_accuracy_and_margin(loss: str, base: Path, pairs_file: Path,
+                                                       tmp_path: Path) -> None:
+    extra = {"dpo.loss": loss, **({"dpo.beta": 2.0} if loss == "simpo" else {})}
+    final = _train(_args(base, pairs_file, tmp_path / "run", steps=10, **extra))
+    acc, margin = _accuracy_and_margin(final, base, pairs_file)
+    assert acc >= 0.7 and margin > 0.5, (acc, margin)  # at the start: 0 and 0 (the policy is the reference)
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert len(rows) == 10 and rows[-1]["reward_margin"] > rows[0]["reward_margin"]
+    if loss == "sigmoid":  # the policy starts as the reference: every reward 0, the loss log 2
+        assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6) and rows[0]["reward_accuracy"] == 0
+    assert (tmp_path / "run" / CACHE).is_file() == (loss != "simpo")
+
+
+def test_cached_reference_equals_recomputed_and_is_reused_or_refreshed(base: Path, pairs_file: Path,
+                                                                      tmp_path: Path, capsys) -> None:
+    _train(_args(base, pairs_file, tmp_path / "run", steps=2))
+    cache = tmp_path / "run" / CACHE
+    with safe_open(str(cache), "pt") as f:
+        cached, meta = f.get_tensor("ref"), f.metadata()
+    loaded = checkpoint.load(base)
+    raw, _ = read_pairs([str(pairs_file)])
+    pairs = render_pairs(raw, loaded.tokenizer, load_config(DpoConfig, None, {}).chat, SEQ)
+    torch.testing.assert_close(cached, reference_logps(loaded.model, pairs, 1), rtol=0, atol=1e-6)
+    assert meta["data_sha256"] == pairs.digest() and meta["seq_len"] == str(SEQ)
+    assert cached_reference(cache, meta) is not None
+    capsys.readouterr()
+    assert cached_reference(cache, {**meta, "data_sha256": "other"}) is None
+    assert "another data_sha256" in capsys.readouterr().out
+    # a second run into the same dir on other data recomputes, and says so
+    other = _write(tmp_path / "other.jsonl", _rows(12))
+    _train(_args(base, other, tmp_path / "run", steps=4, **{"run.resume": "auto"}))
+    out = capsys.readouterr().out
+    assert "recomputing" in out
+    with safe_open(str(cache), "pt") as f:
+        assert f.get_tensor("ref").shape == (12, 2)
+
+
+@pytest.mark.slow
+def test_lora_dpo_trains_only_the_adapter_against_the_base(base: Path, pairs_file: Path, tmp_path: Path) -> None:
+    final = _train(_args(base, pairs_file, tmp_path / "run", steps=10, **{"peft.method": "lora", "peft.r": 4,
+                                                                          "optim.lr": 2e-2}))
+    assert_bitwise(weights(base), weights(final), "(the base in final/ is the original)")
+    with safe_open(str(tmp_path / "run" / CACHE), "pt") as f:  # the reference is the base
+        cached = f.get_tensor("ref")
+    loaded = checkpoint.load(base)
+    raw, _ = read_pairs([str(pairs_file)])
+    pairs = render_pairs(raw, loaded.tokenizer, load_config(DpoConfig, None, {}).chat, SEQ)
+    torch.testing.assert_close(cached, reference_logps(loaded.model, pairs, 3), rtol=0, atol=1e-6)
+    acc, margin = _accuracy_and_margin(final, base, pairs_file, adapter=True)
+    assert acc > 0.5 and margin > 0.1, (acc, margin)  # at the start: 0 and 0 (B = 0: the policy is the base)
+
+
+def _cli_words(args: dict[str, object]) -> list[str]:
+    words = [sys.executable, "-m", "tinylm", "dpo"]
+    for k, v in args.items():
+        words += [f"--{k}", str(v)]
+    return words
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_kill9_then_resume_is_bitwise_identical(method: str, base: Path, pairs_file: Path, tmp_path: Path,
+                                                rng: np.random.Generator) -> None:
+    steps = 16
+    reference = _train(_args(base, pairs_file, tmp_path / "straight", steps=steps, **{"peft.method": method}))
+    args = _args(base, pairs_file, tmp_path / "killed", steps=steps, **{"peft.method": method, "run.ckpt_every": 3})
+    kill_at = int(rng.integers(4, 14))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run_and_kill(_cli_words(args), tmp_path / "killed" / "metrics.jsonl", kill_at, env)
+    resumed = subprocess.run(_cli_words({**args, "run.resume": "auto"}), env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, f"{kill_note(kill_at)} {resumed.stderr}"
+    if (tmp_path / "killed" / CACHE).is_file():  # killed after the cache was written: the resume reused it
+        assert "from " in resumed.stdout, resumed.stdout
+    assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"), kill_note(kill_at))
+    if method == "lora":
+        from safetensors.torch import load_file
+
+        assert_bitwise(load_file(str(reference / "adapter_model.safetensors")),
+                       load_file(str(tmp_path / "killed" / "final" / "adapter_model.safetensors")), kill_note(kill_at))
+
+
+GOOD = _rows(1)[0]
+
+
+@pytest.mark.parametrize("row, says", [
+    ({"prompt": "a", "chosen": "b"}, "'rejected' fields"),
+    ({**GOOD, "rejected": [{"role": "assistant", "content": "  "}]}, "empty assistant turn"),
+    ({"prompt": "1 plus 2", "chosen": "it is 3", "rejected": ""}, "empty 'rejected' response"),
+    ({"prompt": "1 plus 2", "chosen": "it is 3", "rejected": 4}, "'rejected' must be a string"),
+    ('{"prompt": ', "not valid JSON"),
+    ({**GOOD, "chosen": [{"role": "assistant", "content": "it is " + "3 " * 60}]}, "longer than the context"),
+])
+def test_bad_data_is_one_line_exit_2_and_nothing_written(row: object, says: str, base: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture) -> None:
+    data = _write(tmp_path / "bad.jsonl", _rows(3) + [row])
+    out = tmp_path / "out"
+    code = cli.main(["dpo", str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(SEQ),
+                     "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tinylm: error: ") and err.count("\n") == 1, err
+    assert says in err, err
+    if "longer" not in says:
+        assert f"{data}:4" in err, err
+    assert not out.exists()
