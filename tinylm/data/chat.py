@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import numpy as np
 import tokenizers
@@ -36,6 +36,8 @@ from tinylm.model.surgery import resize_vocab
 
 ROLES = ("system", "user", "assistant", "tool")
 CHATML_TOKENS = ("<|im_start|>", "<|im_end|>")
+
+T = TypeVar("T")  # what a row is converted to
 
 
 @dataclass
@@ -88,26 +90,31 @@ def read_examples(inputs: list[str], skip_bad: bool = False) -> tuple[list[Examp
     Returns:
         (examples, one line per skipped row).
     """
-    examples, skipped = [], []
+    return read_rows(inputs, to_example, skip_bad, "examples")
+
+
+def read_rows(inputs: list[str], convert: Callable[[Any, str], T], skip_bad: bool = False,
+              what: str = "examples") -> tuple[list[T], list[str]]:
+    """Every row of the inputs (as `read_examples` takes them) through `convert(row, where)` (where is
+    file:line), and the problems of the rows skipped; `convert` raises a TinylmError for a bad row.
+
+    Args:
+        inputs: .jsonl / .json / .parquet files, dirs of them, or `datasets.save_to_disk` dirs.
+        convert: checks and converts one row (`to_example`; dpo's `to_pair`).
+        skip_bad: skip a bad row (its problem is returned) instead of refusing the data.
+        what: what the rows are, for the message when none is left.
+    """
+    rows, skipped = [], []
     for where, record in _records(_chat_sources(inputs)):
         try:
-            examples.append(to_example(record, where))
+            rows.append(convert(record, where))
         except TinylmError as e:
             if not skip_bad:
                 raise
             skipped.append(str(e))
-    if not examples:
-        raise TinylmError(f"no examples in {', '.join(inputs)}" + (f" ({len(skipped)} bad rows)" if skipped else ""))
-    return examples, skipped
-
-
-def read_records(inputs: list[str]) -> Iterator[tuple[str, Any]]:
-    """(where, row) for every row of the inputs (as `read_examples` takes them), unchecked; where is file:line.
-
-    Args:
-        inputs: .jsonl / .json / .parquet files, dirs of them, or `datasets.save_to_disk` dirs.
-    """
-    return _records(_chat_sources(inputs))
+    if not rows:
+        raise TinylmError(f"no {what} in {', '.join(inputs)}" + (f" ({len(skipped)} bad rows)" if skipped else ""))
+    return rows, skipped
 
 
 def _chat_sources(inputs: list[str]) -> list[Source]:

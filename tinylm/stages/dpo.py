@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_file
 from tinylm.core.recipe import Fraction, Interval, Positive, one_of
-from tinylm.data.chat import Example, read_records, render, to_example
+from tinylm.data.chat import Example, read_rows, render, to_example
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource
 from tinylm.model.llama import Llama
@@ -106,20 +106,10 @@ def read_pairs(inputs: list[str], skip_bad: bool = False) -> tuple[list[tuple[Ex
     """Every pair of the user's files, in order, and the problems of the rows skipped.
 
     Args:
-        inputs: files or dirs (see `data.chat.read_records`).
+        inputs: files or dirs (see `data.chat.read_rows`).
         skip_bad: skip a bad row (its problem is returned) instead of refusing the data.
     """
-    pairs, skipped = [], []
-    for where, record in read_records(inputs):
-        try:
-            pairs.append(to_pair(record, where))
-        except TinylmError as e:
-            if not skip_bad:
-                raise
-            skipped.append(str(e))
-    if not pairs:
-        raise TinylmError(f"no pairs in {', '.join(inputs)}" + (f" ({len(skipped)} bad rows)" if skipped else ""))
-    return pairs, skipped
+    return read_rows(inputs, to_pair, skip_bad, "pairs")
 
 
 @dataclass
