@@ -128,3 +128,33 @@ def readme_commands() -> list[str]:
 def padded_model(tok: Any, **kwargs: Any) -> Llama:
     """A tiny model over `tok`'s vocabulary with 3 padding logits (ids no tokenizer can produce)."""
     return tiny_model(vocab_size=tok.vocab_size + 3, eos_token_id=tok.eos_id, **kwargs)
+
+
+# ----- fine-tuning runs (sft, dpo) ----------------------------------------------------------------------------
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    """`rows` one a line: a dict as JSON, a str as it is (a broken row)."""
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def chat_checkpoint(texts: list[str], directory: Path) -> Path:
+    """A tiny checkpoint whose tokenizer is trained on `texts` and given ChatML (data.chat.add_chatml)."""
+    from tinylm.data.chat import add_chatml
+    from tinylm.data.tokenizer import train_tokenizer
+    from tinylm.formats import checkpoint
+
+    tok = train_tokenizer(texts, vocab_size=300, min_frequency=2)
+    tok, model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))
+    return checkpoint.save(model, directory, tok)
+
+
+def tune_args(base: Path, data: Path, out: Path, seq: int, rows: int, micro: int, steps: int, warmup: int,
+              lr: float, **extra: object) -> dict[str, object]:
+    """The overrides of a short, quiet CPU fine-tuning run (sft, dpo) of `base` on `data` into `out`."""
+    args = {"model.init": str(base), "chat.data": str(data), "run.out": str(out), "data.seq_len": seq,
+            "data.batch_tokens": rows * seq, "data.micro_batch": micro, "schedule.steps": steps,
+            "schedule.warmup_steps": warmup, "schedule.decay_fraction": 0.25, "optim.lr": lr, "run.log_every": 1,
+            "run.eval_every": 0, "run.ckpt_every": 0, "run.compile": False, "run.progress": False,
+            "run.plot": False, "run.device": "cpu", "run.peak_flops": 1e11}
+    return {**args, **extra}

@@ -3,7 +3,6 @@ loop on a tiny model with a tokenizer trained here."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -14,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_bitwise, kill_note, run_and_kill, tiny_model, weights
+from helpers import REPO, assert_bitwise, chat_checkpoint, kill_note, run_and_kill, tune_args, weights, write_jsonl
 from safetensors import safe_open
 
 from tinylm import cli
 from tinylm.core.recipe import load_config
-from tinylm.data.chat import add_chatml, render
-from tinylm.data.tokenizer import train_tokenizer
+from tinylm.data.chat import render
 from tinylm.formats import checkpoint
 from tinylm.formats.peft import load_adapter
 from tinylm.stages.dpo import (
@@ -59,31 +57,20 @@ def _rows(n: int = 32, plain: bool = False) -> list[dict]:
     return rows
 
 
-def _write(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     texts = [f"{a} plus {b}: it is {c}" for a in range(10) for b in range(10) for c in range(0, 24, 5)]
-    tok = train_tokenizer(texts, vocab_size=300, min_frequency=2)
-    tok, model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))
-    return checkpoint.save(model, tmp_path_factory.mktemp("base") / "ck", tok)
+    return chat_checkpoint(texts, tmp_path_factory.mktemp("base") / "ck")
 
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", _rows())
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", _rows())
 
 
 def _args(base: Path, data: Path, out: Path, steps: int = 8, **extra: object) -> dict[str, object]:
-    args = {"model.init": str(base), "chat.data": str(data), "run.out": str(out), "data.seq_len": SEQ,
-            "data.batch_tokens": 8 * SEQ, "data.micro_batch": 4, "schedule.steps": steps,
-            "schedule.warmup_steps": 1, "schedule.decay_fraction": 0.25, "optim.lr": 1e-2, "run.log_every": 1,
-            "run.eval_every": 0, "run.ckpt_every": 0, "run.compile": False, "run.progress": False,
-            "run.plot": False, "run.device": "cpu", "run.peak_flops": 1e11, "dpo.beta": 0.5}
-    return {**args, **extra}
+    return tune_args(base, data, out, SEQ, rows=8, micro=4, steps=steps, warmup=1, lr=1e-2,
+                     **{"dpo.beta": 0.5, **extra})
 
 
 def _train(args: dict[str, object]) -> Path:
@@ -139,7 +126,7 @@ def test_losses_and_rewards_equal_the_papers_formulas(kind: str, beta: float, ep
 @pytest.mark.parametrize("plain", [False, True])
 def test_masks_cover_exactly_the_responses(plain: bool, base: Path, tmp_path: Path) -> None:
     tok = checkpoint.load(base).tokenizer
-    raw, _ = read_pairs([str(_write(tmp_path / "p.jsonl", _rows(4, plain)))])
+    raw, _ = read_pairs([str(write_jsonl(tmp_path / "p.jsonl", _rows(4, plain)))])
     pairs = render_pairs(raw, tok, load_config(DpoConfig, None, {}).chat, SEQ)
     end = "<|im_end|>" if not plain else tok.decode([tok.eos_id])
     for i, row in enumerate(_rows(4, plain)):
@@ -153,7 +140,7 @@ def test_too_long_pairs_are_truncated_or_dropped_and_counted(base: Path, tmp_pat
     tok = checkpoint.load(base).tokenizer
     long_answer = {"prompt": "1 plus 2: ", "chosen": "it is 3 " * 30, "rejected": "it is 4"}
     long_prompt = {"prompt": "1 plus 2 " * 40, "chosen": "it is 3", "rejected": "it is 4"}
-    raw, _ = read_pairs([str(_write(tmp_path / "p.jsonl", _rows(3, plain=True) + [long_answer, long_prompt]))])
+    raw, _ = read_pairs([str(write_jsonl(tmp_path / "p.jsonl", _rows(3, plain=True) + [long_answer, long_prompt]))])
     c = load_config(DpoConfig, None, {"chat.too_long": "truncate"}).chat
     pairs = render_pairs(raw, tok, c, SEQ)
     assert (pairs.n, pairs.truncated, pairs.dropped) == (4, 2, 1)
@@ -225,7 +212,7 @@ def test_cached_reference_equals_recomputed_and_is_reused_or_refreshed(base: Pat
     assert cached_reference(cache, {**meta, "data_sha256": "other"}) is None
     assert "another data_sha256" in capsys.readouterr().out
     # a second run into the same dir on other data recomputes, and says so
-    other = _write(tmp_path / "other.jsonl", _rows(12))
+    other = write_jsonl(tmp_path / "other.jsonl", _rows(12))
     _train(_args(base, other, tmp_path / "run", steps=4, **{"run.resume": "auto"}))
     out = capsys.readouterr().out
     assert "recomputing" in out
@@ -290,7 +277,7 @@ GOOD = _rows(1)[0]
 ])
 def test_bad_data_is_one_line_exit_2_and_nothing_written(row: object, says: str, base: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    data = _write(tmp_path / "bad.jsonl", _rows(3) + [row])
+    data = write_jsonl(tmp_path / "bad.jsonl", _rows(3) + [row])
     out = tmp_path / "out"
     code = cli.main(["dpo", str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(SEQ),
                      "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_bitwise, kill_note, run_and_kill, tiny_model, weights
+from helpers import REPO, assert_bitwise, chat_checkpoint, kill_note, run_and_kill, tune_args, weights, write_jsonl
 
 from tinylm import cli
 from tinylm.core.recipe import load_config
-from tinylm.data.chat import add_chatml, read_examples, render
-from tinylm.data.tokenizer import Tokenizer, train_tokenizer
+from tinylm.data.chat import read_examples, render
+from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats import checkpoint
 from tinylm.formats.peft import load_adapter
 from tinylm.stages.sft import SftConfig, pack_examples, sft
@@ -38,32 +38,20 @@ def _rows(n: int = 48) -> list[dict]:
     return rows
 
 
-def _write(path: Path, rows: list) -> Path:
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny checkpoint with a tokenizer trained here (ChatML through add_chatml)."""
     texts = [m["content"] for r in _rows() for m in r["messages"]] * 4
-    tok = train_tokenizer(texts, vocab_size=300, min_frequency=2)
-    tok, model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))
-    return checkpoint.save(model, tmp_path_factory.mktemp("base") / "ck", tok)
+    return chat_checkpoint(texts, tmp_path_factory.mktemp("base") / "ck")
 
 
 @pytest.fixture(scope="module")
 def chat(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _write(tmp_path_factory.mktemp("chat") / "chat.jsonl", _rows())
+    return write_jsonl(tmp_path_factory.mktemp("chat") / "chat.jsonl", _rows())
 
 
 def _args(base: Path, chat: Path, out: Path, steps: int = 12, **extra: object) -> dict[str, object]:
-    args = {"model.init": str(base), "chat.data": str(chat), "run.out": str(out), "data.seq_len": SEQ,
-            "data.batch_tokens": 4 * SEQ, "data.micro_batch": 2, "schedule.steps": steps,
-            "schedule.warmup_steps": 2, "schedule.decay_fraction": 0.25, "optim.lr": 3e-3, "run.log_every": 1,
-            "run.eval_every": 0, "run.ckpt_every": 0, "run.compile": False, "run.progress": False,
-            "run.plot": False, "run.device": "cpu", "run.peak_flops": 1e11}
-    return {**args, **extra}
+    return tune_args(base, chat, out, SEQ, rows=4, micro=2, steps=steps, warmup=2, lr=3e-3, **extra)
 
 
 def _train(args: dict[str, object]) -> Path:
@@ -186,7 +174,7 @@ USER = {"role": "user", "content": "1 plus 2"}
 ])
 def test_bad_data_is_one_line_exit_2_and_nothing_written(row: dict, says: str, base: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture) -> None:
-    data = _write(tmp_path / "bad.jsonl", _rows(3) + [row])
+    data = write_jsonl(tmp_path / "bad.jsonl", _rows(3) + [row])
     out = tmp_path / "out"
     code = cli.main(["sft", str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(SEQ),
                      "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])

@@ -527,7 +527,7 @@ class Packed:
         """
         idx = torch.as_tensor(idx, dtype=torch.long)
         seg = self.segments[idx]  # (B, T + 1)
-        mask = self.loss[idx, 1:] & (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] >= 0)  # (B, T)
+        mask = self.loss[idx, 1:]  # (B, T); Batch drops the targets across examples and on padding
         return Batch(self.tokens[idx], index=index, mask=mask, segments=seg)
 
     def batches(self, seed: int, global_batch: int) -> BatchSource:
