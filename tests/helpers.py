@@ -138,14 +138,15 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def chat_checkpoint(texts: list[str], directory: Path) -> Path:
-    """A tiny checkpoint whose tokenizer is trained on `texts` and given ChatML (data.chat.add_chatml)."""
+def chat_checkpoint(texts: list[str], directory: Path, vocab_size: int = 300, **config: object) -> Path:
+    """A tiny checkpoint whose tokenizer is trained on `texts` and given ChatML (data.chat.add_chatml);
+    `config` overrides tiny_config (e.g. max_seq_len)."""
     from tinylm.data.chat import add_chatml
     from tinylm.data.tokenizer import train_tokenizer
     from tinylm.formats import checkpoint
 
-    tok = train_tokenizer(texts, vocab_size=300, min_frequency=2)
-    tok, model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size))
+    tok = train_tokenizer(texts, vocab_size=vocab_size, min_frequency=2)
+    tok, model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size, **config))
     return checkpoint.save(model, directory, tok)
 
 

@@ -47,7 +47,7 @@ LAYERS: list[tuple[str, ...]] = [
      "train.preference"),
     ("train.state", "train.finetune"),
     ("train.loop",),
-    ("evals.perplexity", "evals.tinytales"),
+    ("evals.perplexity", "evals.tinytales", "evals.tasks"),
     ("stages.*",),
     ("cli",),
     ("__main__", ""),  # "" is the package's face, tinylm/__init__.py

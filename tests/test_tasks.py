@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from helpers import needs_smollm2
+from helpers import chat_checkpoint, needs_smollm2
 
 from tinylm.cli import main
 from tinylm.data import tasks, tinytales
@@ -212,6 +212,46 @@ def test_cli_writes_jsonl_and_checks_it(tmp_path: Path, capsys) -> None:
                for line in pairs.read_text().splitlines())
 
 
+def _fc_checkpoint(tmp_path: Path, n: int = 4) -> tuple[Path, Path, list[dict]]:
+    rows = tasks.examples("function-calling", n, "test", 5)
+    data = tmp_path / "fc.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    texts = [m["content"] for r in tasks.examples("function-calling", 40) for m in r["messages"]]
+    return chat_checkpoint(texts, tmp_path / "m", vocab_size=1000, max_seq_len=512), data, rows
+
+
+def test_model_answers_equal_single_prompt_greedy_decoding(tmp_path: Path, capsys) -> None:
+    """--model answers each example greedily through the chat template; the prefix cache shared between
+    examples changes nothing: each answer equals `generate_ids` on its own prompt with a fresh cache."""
+    from tinylm.data.chat import end_of_turn_id
+    from tinylm.formats.checkpoint import load
+    from tinylm.infer.generate import generate_ids
+
+    ckpt, data, rows = _fc_checkpoint(tmp_path)
+    saved = tmp_path / "answers.jsonl"
+    assert main(["data", "check", "function-calling", "--data", str(data), "--model", str(ckpt),
+                 "--max-tokens", "12", "--save", str(saved)]) == 0
+    assert f"/{len(rows)} correct" in capsys.readouterr().out
+    got = [json.loads(line)["prediction"] for line in saved.read_text().splitlines()]
+    loaded = load(ckpt)
+    tok, stops = loaded.tokenizer, [end_of_turn_id(loaded.tokenizer), loaded.tokenizer.eos_id]
+    for row, answer in zip(rows, got, strict=True):
+        ids = tok.encode(tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True))
+        new = generate_ids(loaded.model.eval(), ids, 12, temperature=0.0, stop_ids=stops)
+        assert answer == tok.decode([t for t in new if t not in stops])
+
+
+def test_constrained_answers_are_valid_calls(tmp_path: Path, capsys) -> None:
+    """Under --constrained even an untrained model writes a call of one of the tools with valid arguments."""
+    ckpt, data, rows = _fc_checkpoint(tmp_path, 3)
+    saved = tmp_path / "answers.jsonl"
+    assert main(["data", "check", "function-calling", "--data", str(data), "--model", str(ckpt),
+                 "--max-tokens", "200", "--constrained", "--save", str(saved)]) == 0
+    validator = jsonschema.Draft202012Validator(FC.call_schema())
+    for line in saved.read_text().splitlines():
+        validator.validate(json.loads(json.loads(line)["prediction"]))
+
+
 @pytest.mark.parametrize("words, message", [
     (["data", "task", "nope", "--out", "x.jsonl"], "--task must be one of"),
     (["data", "task", "function-calling", "--n", "0", "--out", "x.jsonl"], "--n must be >= 1"),
@@ -222,10 +262,22 @@ def test_cli_writes_jsonl_and_checks_it(tmp_path: Path, capsys) -> None:
      "cannot read --data"),
     (["data", "check", "function-calling", "--data", "exists.jsonl", "--predictions", "exists.jsonl"],
      "is not JSON"),
+    (["data", "check", "function-calling", "--data", "fc.jsonl"], "--predictions FILE, or --model SOURCE"),
+    (["data", "check", "function-calling", "--data", "fc.jsonl", "--predictions", "fc.jsonl", "--model", "m"],
+     "--predictions FILE, or --model SOURCE"),
+    (["data", "check", "function-calling", "--data", "fc.jsonl", "--predictions", "fc.jsonl", "--constrained"],
+     "apply to --model's answers"),
+    (["data", "check", "tinytales-instruct", "--data", "ti.jsonl", "--model", "m", "--constrained"],
+     "--constrained is for function-calling"),
+    (["data", "check", "function-calling", "--data", "fc.jsonl", "--model", "m", "--save", "exists.jsonl"],
+     "already exists"),
+    (["data", "check", "function-calling", "--data", "fc.jsonl", "--model", "nowhere"], "nowhere"),
 ])
 def test_bad_options_are_one_line_exit_2(tmp_path: Path, monkeypatch, capsys, words: list[str], message: str) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "exists.jsonl").write_text("not json\n")
+    (tmp_path / "fc.jsonl").write_text(json.dumps(tasks.examples("function-calling", 1)[0]) + "\n")
+    (tmp_path / "ti.jsonl").write_text(json.dumps(tasks.examples("tinytales-instruct", 1)[0]) + "\n")
     before = sorted(p.name for p in tmp_path.iterdir())
     assert main(words) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -35,8 +35,13 @@ class CheckConfig:
     task: one_of(*TASK_NAMES)  # the built-in task: tinytales-instruct or function-calling
     data: str  # the examples: JSONL written by `tinylm data task` (SFT form)
     # JSONL, one answer a line in the examples' order: a JSON string, {"prediction": ...}, or a chat record
-    # whose last message is the answer
-    predictions: str
+    # whose last message is the answer (or give --model and the model answers)
+    predictions: str | None = None
+    model: str | None = None  # answer the examples with this model (checkpoint dir, HF dir, .gguf or alias), greedily
+    constrained: bool = False  # with --model, function calling: decode under the tools' JSON schema
+    max_tokens: Count = 256  # with --model: the most new tokens per answer
+    save: str | None = None  # with --model: write its answers here as JSONL ({"prediction": ...} a line)
+    overwrite: bool = False  # replace an existing --save file
     show: Count = 5  # how many failures to print
 
 
@@ -105,8 +110,39 @@ def check_main(cfg: CheckConfig) -> None:
     """
     examples = read_jsonl(cfg.data, "--data")
     _check_examples(cfg.task, examples, cfg.data)
-    predictions = [_prediction(r) for r in read_jsonl(cfg.predictions, "--predictions")]
+    if (cfg.model is None) == (cfg.predictions is None):
+        raise TinylmError("give the answers to check: --predictions FILE, or --model SOURCE to answer them")
+    if cfg.model is None and (cfg.constrained or cfg.save):
+        raise TinylmError("--constrained and --save apply to --model's answers")
+    if cfg.constrained and cfg.task != "function-calling":
+        raise TinylmError("--constrained is for function-calling (its answers are JSON calls)")
+    if cfg.save:
+        check_out(cfg.save, cfg.overwrite, kind="file")
+    if cfg.model is not None:
+        predictions: list[Any] = _model_answers(cfg, examples)
+    else:
+        predictions = [_prediction(r) for r in read_jsonl(cfg.predictions, "--predictions")]
     result = tasks.score(cfg.task, examples, predictions)
     for failure in result["failures"][:cfg.show]:
         print(f"#{failure['index']}: {'; '.join(failure['reasons'])}")
     print(f"{cfg.task}: {result['correct']}/{result['n']} correct ({100 * result['accuracy']:.1f}%)")
+
+
+def _model_answers(cfg: CheckConfig, examples: list[Any]) -> list[str]:
+    """The model's greedy answers, with a progress line on stderr; written to --save when asked."""
+    import sys
+
+    from tinylm.evals.tasks import answer
+    from tinylm.formats.checkpoint import load
+
+    loaded = load(cfg.model)
+    if loaded.tokenizer is None:
+        raise TinylmError(f"{cfg.model} has no tokenizer")
+    loaded.model.eval()
+    answers = answer(loaded.model, loaded.tokenizer, examples, cfg.max_tokens, cfg.constrained,
+                     progress=lambda i: print(f"\ranswered {i}/{len(examples)}", end="", file=sys.stderr))
+    print(file=sys.stderr)
+    if cfg.save:
+        with atomic_file(cfg.save, cfg.overwrite) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+            f.writelines(json.dumps({"prediction": a}, ensure_ascii=False) + "\n" for a in answers)
+    return answers

@@ -8,8 +8,10 @@ messages, durations), each slot said in several ways ("May 3, 2025", "3 May 2025
 
 An example is a chat: a system message listing the tools (one line each, so a small context holds it) and how
 to answer, the user's request, and the assistant's call as text (`{"name": ..., "arguments": {...}}`, what
-`call_schema` constrains a model to write); the record's `tools` field carries the full schemas. The call is
-not repeated as `tool_calls`: a chat template that ignores them makes tinylm's renderer write them into the
+`call_schema` constrains a model to write). The records carry no `tools` field: templates that render one
+(SmolLM2's) would add the full JSON schemas, ~1,100 tokens, to every prompt that the one-line signatures
+already describe in ~230 (TinyAgent shortens its prompts for the same reason); the schemas are TOOLS. The call
+is not repeated as `tool_calls`: a chat template that ignores them makes tinylm's renderer write them into the
 content as well (tinylm.data.chat), and the model would learn to say the call twice.
 
 A prediction is correct when it names the gold function with the gold arguments, compared as parsed JSON (key
@@ -203,8 +205,7 @@ SYSTEM = ("You call functions for the user. Answer with one JSON object {\"name\
 def example(request: str, call: dict[str, Any]) -> dict[str, Any]:
     """The chat record of one request: system (the tools), user (the request), assistant (the call)."""
     assistant = {"role": "assistant", "content": call_text(call)}
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": request}, assistant],
-            "tools": TOOLS}
+    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": request}, assistant]}
 
 
 def wrong_call(call: dict[str, Any], rng: random.Random) -> tuple[dict[str, Any], str]:
@@ -225,7 +226,7 @@ def examples(n: int, split: str = "train", seed: int = 0, pairs: bool = False) -
         split: "train" or "test" (disjoint by normalised request text: see `in_test_split`).
         seed: the seed of the requests.
         pairs: preference pairs ({"prompt": system + user, "chosen", "rejected": one wrong argument value,
-            "reason"}) instead of SFT chats ({"messages", "tools"}).
+            "reason"}) instead of SFT chats ({"messages"}).
     """
     rng, out, seen = random.Random(seed), [], set()
     for _ in range(200 * n + 10_000):  # the space holds millions of requests; this bound is never reached
@@ -239,7 +240,7 @@ def examples(n: int, split: str = "train", seed: int = 0, pairs: bool = False) -
             bad, reason = wrong_call(call, rng)
             rejected = example(request, bad)["messages"][-1]
             record = {"prompt": record["messages"][:2], "chosen": record["messages"][2:], "rejected": [rejected],
-                      "reason": reason, "tools": TOOLS}
+                      "reason": reason}
         out.append(record)
         if len(out) == n:
             return out
