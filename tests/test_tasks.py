@@ -11,7 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from helpers import chat_checkpoint, needs_smollm2
+from helpers import chat_checkpoint, needs_smollm2, tiny_model
 
 from tinylm.cli import main
 from tinylm.data import tasks, tinytales
@@ -239,6 +239,30 @@ def test_model_answers_equal_single_prompt_greedy_decoding(tmp_path: Path, capsy
         ids = tok.encode(tok.apply_chat_template(row["messages"][:-1], add_generation_prompt=True))
         new = generate_ids(loaded.model.eval(), ids, 12, temperature=0.0, stop_ids=stops)
         assert answer == tok.decode([t for t in new if t not in stops])
+
+
+def test_a_model_without_a_template_is_asked_through_default_chatml(tmp_path: Path, capsys) -> None:
+    """A base model (no chat template) answers through the ChatML that sft would add: the same answers as the
+    checkpoint that add_chatml makes of it."""
+    from tinylm.data.chat import add_chatml
+    from tinylm.formats import checkpoint
+
+    rows = tasks.examples("tinytales-instruct", 2, "test", 1)
+    data = tmp_path / "ti.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tok = train_tokenizer([m["content"] for r in tasks.examples("tinytales-instruct", 30) for m in r["messages"]],
+                          vocab_size=400, min_frequency=2)
+    tok.chat_template = None  # as a tokenizer trained elsewhere, or an HF base model's
+    base = checkpoint.save(tiny_model(vocab_size=tok.vocab_size, max_seq_len=256), tmp_path / "base", tok)
+    chat_tok, chat_model = add_chatml(tok, tiny_model(vocab_size=tok.vocab_size, max_seq_len=256))
+    chatml = checkpoint.save(chat_model, tmp_path / "chatml", chat_tok)
+    got = {}
+    for name, source in (("base", base), ("chatml", chatml)):
+        assert main(["data", "check", "tinytales-instruct", "--data", str(data), "--model", str(source),
+                     "--max-tokens", "20", "--save", str(tmp_path / f"{name}.jsonl")]) == 0
+        got[name] = (tmp_path / f"{name}.jsonl").read_text()
+    assert "no chat template" in capsys.readouterr().err
+    assert got["base"] == got["chatml"]
 
 
 def test_constrained_answers_are_valid_calls(tmp_path: Path, capsys) -> None:

@@ -138,8 +138,14 @@ def _model_answers(cfg: CheckConfig, examples: list[Any]) -> list[str]:
     loaded = load(cfg.model)
     if loaded.tokenizer is None:
         raise TinylmError(f"{cfg.model} has no tokenizer")
-    loaded.model.eval()
-    answers = answer(loaded.model, loaded.tokenizer, examples, cfg.max_tokens, cfg.constrained,
+    tokenizer, model = loaded.tokenizer, loaded.model
+    if not tokenizer.chat_template:  # a base model, before `tinylm sft`: asked through the ChatML sft would give it
+        from tinylm.data.chat import add_chatml
+
+        print(f"tinylm: {cfg.model} has no chat template: asking it through the default ChatML, as `tinylm sft` "
+              "would add it (its new tokens untrained)", file=sys.stderr)
+        tokenizer, model = add_chatml(tokenizer, model)
+    answers = answer(model.eval(), tokenizer, examples, cfg.max_tokens, cfg.constrained,
                      progress=lambda i: print(f"\ranswered {i}/{len(examples)}", end="", file=sys.stderr))
     print(file=sys.stderr)
     if cfg.save:
