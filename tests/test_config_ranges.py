@@ -98,6 +98,21 @@ def test_every_numeric_or_enum_field_declares_a_range() -> None:
     assert not missing, f"int/float fields without a declared range (Count, Positive, ...): {missing}"
 
 
+def test_every_default_has_its_fields_type() -> None:
+    """A float default on an int field (dpo.gamma was `Interval = 0.5`) shows in --help as "int ... default
+    0.5" and refuses the very values it documents."""
+    wrong = []
+    for path, _, key in _keys():
+        base, default = _base(key.hint), key.default
+        if default is dataclasses.MISSING or default is None or base not in (int, float):
+            continue
+        ok = isinstance(default, int) and not isinstance(default, bool) if base is int else \
+            isinstance(default, (int, float)) and not isinstance(default, bool)
+        if not ok:
+            wrong.append(f"{' '.join(path)} {key.name}: {base.__name__} = {default!r}")
+    assert not wrong, wrong
+
+
 def test_enum_like_fields_are_one_of() -> None:
     # A field whose comment lists its values as `a | b` or `a or b` and that takes no free text is a one_of.
     free = {"device", "teacher_device", "resume", "run.device", "run.resume", "distill.teacher_device",

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_file
-from tinylm.core.recipe import Fraction, Interval, Positive, one_of
+from tinylm.core.recipe import Fraction, NonNegative, Positive, one_of
 from tinylm.data.chat import Example, read_rows, render, to_example
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource
@@ -62,7 +62,7 @@ class DpoSection:
     loss: one_of(*LOSSES) = "sigmoid"  # sigmoid (DPO) | ipo | simpo (reference-free)
     beta: Positive = 0.1  # inverse temperature (DPO paper: 0.1; SimPO's paper uses 2.0-2.5)
     label_smoothing: Fraction = 0.0  # sigmoid / simpo: assumed share of flipped labels, below 0.5 (cDPO)
-    gamma: Interval = 0.5  # simpo: target reward margin (SimPO's paper: gamma / beta 0.5)
+    gamma: NonNegative = 0.5  # simpo: target reward margin (SimPO's paper: gamma / beta 0.5)
 
 
 @dataclass
