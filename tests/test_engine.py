@@ -11,10 +11,12 @@ import pytest
 import torch
 from helpers import needs_smollm2, padded_model, tiny_model
 
+from tinylm.cli import main
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import train_tokenizer
+from tinylm.formats import checkpoint
 from tinylm.infer.engine import Engine, EngineConfig, Request
-from tinylm.infer.generate import TextStream, generate_ids
+from tinylm.infer.generate import TextStream, generate, generate_ids
 from tinylm.infer.sampling import SamplingConfig
 from tinylm.model.kvcache import PagedCache
 
@@ -166,12 +168,13 @@ def test_seeded_requests_draw_the_same_tokens_in_any_batch(model, tok, rng):
 
 
 def test_events_stream_text_and_logprobs(model, tok):
-    events, finished = [], []
+    log: list = []
     prompt = tok.encode("café")
     request = Request(prompt, 30, SamplingConfig(temperature=1.0, seed=3), top_logprobs=3,
-                      on_token=events.append, on_finish=finished.append)
+                      on_token=log.append, on_finish=log.append)
     done = Engine(model, tok).run([request])[0]
-    assert finished == [done] and [e.token for e in events] == done.token_ids
+    events = log[:-1]
+    assert log[-1] is done and [e.token for e in events] == done.token_ids  # on_finish after the last token
     assert "".join(e.text for e in events) == done.text == tok.decode(done.token_ids)
     # held back until complete: a character's bytes never show as U+FFFD in a delta that precedes its end
     # (TextStream's own tests cover the cases; a random model may also spell bytes that never complete)
@@ -186,6 +189,26 @@ def test_events_stream_text_and_logprobs(model, tok):
     assert [[t for t, _ in row] for row in done.top_logprobs] == top.indices.tolist()
     torch.testing.assert_close(torch.tensor([[lp for _, lp in row] for row in done.top_logprobs]), top.values,
                                atol=1e-4, rtol=0)
+
+
+# ----- the generate command ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("extra", [["--n", "3", "--temperature", "1.0", "--seed", "5"],
+                                   ["--greedy", "--stop", "at", "--max-batch", "1"]])
+def test_cli_generate_decodes_several_samples_with_the_engine(model, tok, tmp_path, capsys, monkeypatch, extra):
+    """Several prompts or samples go through the engine and print, in order, what one-at-a-time `generate`
+    prints for each (sample i of a prompt seeded with seed + i)."""
+    checkpoint.save(model, tmp_path / "m", tokenizer=tok)
+    steps = []
+    monkeypatch.setattr(Engine, "step", lambda self, step=Engine.step: steps.append(1) or step(self))
+    prompts = ["the cat", "hello"]
+    assert main(["generate", str(tmp_path / "m"), "--max-tokens", "12", *sum((["--prompt", p] for p in prompts), []),
+                 *extra]) == 0
+    n = 3 if "--n" in extra else 1
+    kwargs = dict(temperature=1.0) if n == 3 else dict(temperature=0.0, stop=["at"])
+    want = [p + generate(model, tok, p, 12, seed=5 + i if n == 3 else None, **kwargs)
+            for p in prompts for i in range(n)]
+    assert capsys.readouterr().out == "".join(w + "\n---\n" for w in want) and steps
 
 
 # ----- cancellation and bad requests ---------------------------------------------------------------------
@@ -224,8 +247,6 @@ def test_bad_requests_are_one_line_errors(model, tok, request_, message):
 
 @needs_smollm2
 def test_smollm2_requests_equal_single_stream():
-    from tinylm.formats import checkpoint
-
     loaded = checkpoint.load("smollm2-135m")
     model, tok = loaded.model.eval(), loaded.tokenizer
     texts = ["The capital of France is", "def fib(n):", "Once upon a time, a little"]

@@ -389,12 +389,14 @@ class Engine:
         live.logprobs.append(float(logp[token]))
         live.top.append(list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else [])
         reason = "stop" if self._ends(live, token) else "length" if len(live.out) >= req.max_tokens else None
-        if reason is not None:
-            self._finish(live, reason)
+        if reason is not None and live.stream is not None:
+            live.stream.finish()  # the held-back text goes out with the last token
         event = TokenEvent(live.id, token, "".join(live.pending), live.logprobs[-1], live.top[-1], reason)
         live.pending.clear()
         if req.on_token is not None:
             req.on_token(event)
+        if reason is not None:  # after the last event: on_finish comes last
+            self._finish(live, reason)
         return event
 
     def _ends(self, live: _Live, token: int) -> bool:
