@@ -239,10 +239,6 @@ class _Live:
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.tokens) - len(self.out)
-
 
 class Engine:
     """Continuous batching over one model: submit requests, step until they finish, cancel any between steps.
