@@ -149,7 +149,18 @@ def test_a_small_pool_queues_requests_and_evicts_cached_blocks(model, tok, rng):
     engine = Engine(model, tok, EngineConfig(max_batch=8, block_size=4, kv_tokens=48))
     got = engine.run([Request(p, 10, stop_ids=[]) for p in prompts])
     assert [c.token_ids for c in got] == want
-    assert engine.pool.n_blocks == 12 and sum(engine.pool.refs) == 0
+    assert engine.pool.n_blocks == 12 and engine.pool.evicted > 0 and sum(engine.pool.refs) == 0
+
+
+def test_a_later_turn_reuses_the_blocks_of_the_earlier_one(model, tok, rng):
+    """A chat's next prompt (prompt + reply + more) finds the blocks written while the reply was decoded."""
+    first = rng.integers(3, tok.vocab_size, 10).tolist()
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    reply = engine.run([Request(first, 12, stop_ids=[])])[0].token_ids
+    second = first + reply + rng.integers(3, tok.vocab_size, 2).tolist()  # 24 ids; 21 were in the pool
+    done = engine.run([Request(second, 8, stop_ids=[])])[0]
+    assert done.cached_tokens == 20  # the 5 full blocks; the 6th was not full
+    assert done.token_ids == generate_ids(model, second, 8, temperature=0.0)
 
 
 # ----- sampling, streaming, log-probabilities ------------------------------------------------------------

@@ -138,6 +138,7 @@ class BlockPool:
         self.by_digest: dict[bytes, int] = {}
         self.free: list[int] = []
         self.evictable: OrderedDict[int, None] = OrderedDict()  # cached, unreferenced; oldest first
+        self.evicted = 0  # cached blocks reused for other content so far
 
     @property
     def n_blocks(self) -> int:
@@ -216,6 +217,7 @@ class BlockPool:
         b, _ = self.evictable.popitem(last=False)
         del self.by_digest[self.digest_of[b]]
         self.digest_of[b] = None
+        self.evicted += 1
         return b
 
 
