@@ -241,6 +241,27 @@ def test_cancel_frees_the_slot_at_once(model, tok, rng):
     assert not engine.busy and engine.pop(second).finish_reason == "cancelled"
 
 
+def test_callbacks_may_cancel_requests(model, tok, rng):
+    """A streaming callback that cancels its own request and another one (a client gone) frees each once."""
+    prompts = _prompts(rng, tok.vocab_size, 3)
+    engine = Engine(model, tok, EngineConfig(block_size=4))
+    ids: list[int] = []
+
+    def on_token(event) -> None:
+        if len(engine.running[event.request].out) == 3:
+            engine.cancel(ids[1])  # the next row of this step
+            engine.cancel(event.request)
+
+    ids += [engine.submit(Request(prompts[0], 20, stop_ids=[], on_token=on_token))]
+    ids += [engine.submit(Request(p, 20, stop_ids=[])) for p in prompts[1:]]
+    while engine.busy:
+        engine.step()
+    done = [engine.pop(i) for i in ids]
+    assert [c.finish_reason for c in done] == ["cancelled", "cancelled", "length"]
+    assert [len(c.token_ids) for c in done] == [3, 2, 20] and sum(engine.pool.refs) == 0
+    assert done[2].token_ids == generate_ids(model, prompts[2], 20, temperature=0.0)
+
+
 @pytest.mark.parametrize("request_, message", [
     (Request([]), "non-empty prompt"),
     (Request([5, 400]), "outside the model's vocabulary"),

@@ -243,7 +243,8 @@ class _Live:
 
 
 class Engine:
-    """Continuous batching over one model: submit requests, step until they finish, cancel any between steps.
+    """Continuous batching over one model: submit requests, step until they finish, cancel any between steps
+    (or from a callback). Not thread-safe: one thread (a server's loop) calls submit, step and cancel.
 
     Args:
         model: the model (eval mode), on any device.
@@ -296,7 +297,8 @@ class Engine:
         """Admit waiting requests (prefilling their prompts), choose one token for every running request,
         and run the batched forward of those that go on. Returns this step's events."""
         self._admit()
-        events = [self._choose(live) for live in list(self.running.values())]
+        # (a callback may cancel requests: those are skipped)
+        events = [self._choose(live) for live in list(self.running.values()) if live.id in self.running]
         if self.running:
             self._decode(list(self.running.values()))
         return events
@@ -316,8 +318,9 @@ class Engine:
             raise TinylmError("a request needs a non-empty prompt")
         if min(r.prompt_ids) < 0 or max(r.prompt_ids) >= vocab:
             raise TinylmError(f"a prompt token id is outside the model's vocabulary [0, {vocab})")
-        if r.max_tokens < 1 or r.top_logprobs < 0:
-            raise TinylmError(f"max_tokens must be >= 1 and top_logprobs >= 0, got {r.max_tokens} and {r.top_logprobs}")
+        if r.max_tokens < 1 or not 0 <= r.top_logprobs <= vocab:
+            raise TinylmError(f"max_tokens must be >= 1 and top_logprobs in [0, {vocab}], got {r.max_tokens} "
+                              f"and {r.top_logprobs}")
         if r.stop and self.tokenizer is None:
             raise TinylmError("stop strings need a tokenizer")
         need = len(r.prompt_ids) + r.max_tokens
@@ -393,7 +396,7 @@ class Engine:
         live.pending.clear()
         if req.on_token is not None:
             req.on_token(event)
-        if reason is not None:  # after the last event: on_finish comes last
+        if reason is not None and live.id in self.running:  # on_finish after the last event (unless cancelled)
             self._finish(live, reason)
         return event
 
