@@ -42,6 +42,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data.tasks",),
     ("infer.sampling", "infer.constrained", "infer.decode"),
     ("infer.generate",),
+    ("infer.engine",),
     ("train.config",),
     ("train.schedule", "train.optim", "train.metrics", "train.losses",
      "train.preference"),

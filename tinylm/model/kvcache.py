@@ -100,3 +100,52 @@ class StaticCache:
             visible = torch.arange(self.max_len, device=device)[None, :] <= positions[:, None]  # (T, M)
             self._slots = (self.pos, positions, visible)
         return self._slots[1], self._slots[2]
+
+
+class PagedCache:
+    """One step's view of a shared pool of key/value positions: B rows, each at its own position, each
+    reading and writing its own pool positions (paged attention's block table, Kwon et al. 2023, spelled
+    out per position). No row stores padding; a step gathers each row's keys into a (B, Hkv, S, hd) batch,
+    the positions past a row's end masked out.
+
+    Args:
+        k, v: (n_layers, N, n_kv_heads, head_dim) pools, written in place.
+        slots: (B, S) int64: the pool position of each row's context position s < S; S is the longest
+            row's pos + T, and a shorter row's tail holds any valid index (masked).
+        pos: each row's count of positions already in the pool (where its new tokens go).
+    """
+
+    def __init__(self, k: Tensor, v: Tensor, slots: Tensor, pos: list[int]) -> None:
+        self.k, self.v, self.slots, self.rows = k, v, slots, list(pos)
+        self.pos = torch.tensor(pos, dtype=torch.long, device=slots.device)  # (B,) the model advances it
+        self.max_len = slots.shape[1]
+        self._step: tuple[Tensor, Tensor | None] | None = None  # (write index, mask), shared by the layers
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Write (B, n_kv, T, hd) at each row's positions pos..pos+T-1.
+
+        Returns:
+            each row's keys and values (B, n_kv, S, hd), and the mask of the keys each new query sees:
+            (B, 1, T, S) bool, or for one row what KVCache returns (so one row decodes as KVCache does).
+        """
+        B, H, T, hd = k.shape
+        where, mask = self._layout(T)
+        self.k[layer].index_copy_(0, where, k.transpose(1, 2).reshape(B * T, H, hd))
+        self.v[layer].index_copy_(0, where, v.transpose(1, 2).reshape(B * T, H, hd))
+        keys = self.k[layer][self.slots].transpose(1, 2)  # (B, S, Hkv, hd) -> (B, Hkv, S, hd)
+        return keys, self.v[layer][self.slots].transpose(1, 2), mask
+
+    def _layout(self, T: int) -> tuple[Tensor, Tensor | None]:
+        # once per step: the pool positions the new tokens go to (B*T,), and the mask
+        if self._step is None:
+            device, S = self.slots.device, self.slots.shape[1]
+            start = torch.tensor(self.rows, dtype=torch.long, device=device)[:, None]  # (B, 1)
+            at = start + torch.arange(T, device=device)  # (B, T) context positions of the new tokens
+            where = self.slots.gather(1, at).flatten()  # (B*T,)
+            if len(self.rows) == 1:  # KVCache's mask: None for causal or one query, else chunked prefill
+                mask = None if self.rows[0] == 0 or T == 1 else torch.ones(
+                    T, S, dtype=torch.bool, device=device).tril(diagonal=self.rows[0])
+            else:
+                mask = (torch.arange(S, device=device) <= at[:, :, None])[:, None]  # (B, 1, T, S)
+            self._step = (where, mask)
+        return self._step

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from tinylm.model.config import ModelConfig
 from tinylm.model.fused import project
-from tinylm.model.kvcache import KVCache, StaticCache
+from tinylm.model.kvcache import KVCache, PagedCache, StaticCache
 
 
 class RMSNorm(nn.Module):
@@ -85,7 +85,7 @@ def one_query_attention(q: Tensor, k: Tensor, v: Tensor, visible: Tensor) -> Ten
 
     Args:
         q: (B, H, 1, hd); k, v: (B, Hkv, M, hd), query head h reading key head h // (H / Hkv) as GQA does;
-        visible: (1, M) bool, the slots the query may attend to.
+        visible: (1, M) bool, the slots the query may attend to, or (B, 1, 1, M), each row's own.
     """
     B, H, _, hd = q.shape
     Hkv = k.shape[1]
@@ -106,7 +106,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | PagedCache | None,
                 packed: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product once fused for decoding
@@ -149,7 +149,7 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | None,
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | PagedCache | None,
                 packed: Tensor | None = None) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, packed)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -207,7 +207,11 @@ class Llama(nn.Module):
                 p.normal_(0.0, std)
 
     def _rope(self, start: int | Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """cos and sin (length, head_dim) of positions start..start+length-1."""
+        """cos and sin (length, head_dim) of positions start..start+length-1; (B, 1, length, head_dim) when
+        `start` is a (B,) tensor, each row at its own position (a paged cache's rows)."""
+        if isinstance(start, Tensor) and start.dim() == 1:
+            positions = start[:, None] + torch.arange(length, device=start.device)  # (B, length)
+            return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         if isinstance(start, Tensor):  # a static cache's position: gather rows, one graph for every step
             positions = start + torch.arange(length, device=start.device)  # (length,)
             return self.rope_cos[positions], self.rope_sin[positions]
@@ -224,7 +228,7 @@ class Llama(nn.Module):
                                    self.config.rope_theta, self.rope_cos.device)
             self.rope_cos, self.rope_sin = cos.to(self.rope_cos.dtype), sin.to(self.rope_sin.dtype)
 
-    def forward(self, input_ids: Tensor, cache: KVCache | StaticCache | None = None,
+    def forward(self, input_ids: Tensor, cache: KVCache | StaticCache | PagedCache | None = None,
                 output_hidden_states: bool = False,
                 logits_for: Tensor | None = None,
                 segments: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
@@ -232,8 +236,9 @@ class Llama(nn.Module):
 
         Args:
             input_ids: (B, T) token ids; with a cache, the tokens after the cache's `pos`.
-            cache: a KVCache or StaticCache to read past keys/values from and write to; its `pos`
-                advances by T (out of place: a static cache's `pos` is a tensor its caller owns).
+            cache: a KVCache, StaticCache or PagedCache to read past keys/values from and write to; its
+                `pos` advances by T (out of place: a static cache's `pos` is a tensor its caller owns; a
+                paged cache's is (B,), each row at its own position).
             output_hidden_states: also return [embeddings, block 1 output, ..., block L output],
                 each (B, T, dim), the residual stream before the final norm.
             logits_for: (V',) vocabulary ids: compute only these columns of the logits (a teacher

@@ -10,7 +10,9 @@ from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import Check, Count, NonNegative, Positive, Seed
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats.checkpoint import load
+from tinylm.infer.engine import Engine, EngineConfig, Request
 from tinylm.infer.generate import generate
+from tinylm.infer.sampling import SamplingConfig
 from tinylm.model.llama import Llama
 
 
@@ -34,7 +36,8 @@ class GenerateConfig:
     stop: list[str] = field(default_factory=list)  # stop string (repeatable)
     add_bos: bool = False  # start the prompt with the bos token
     json_schema: str | None = None  # constrain the output to JSON valid for the JSON Schema in this file
-    fast: bool = False  # compiled fixed-shape decoding (torch.compile; same tokens)
+    fast: bool = False  # compiled fixed-shape decoding (torch.compile; same tokens), one sample at a time
+    max_batch: Count = 16  # samples decoded together by the engine when there are several (continuous batching)
 
     def __post_init__(self) -> None:
         if self.greedy:
@@ -123,7 +126,8 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 
 def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, prompts: list[str],
         out: Callable[[str], object] | None = None, constraint: Callable[[], Any] | None = None) -> list[str]:
-    """Generate for every prompt, streaming to `out` (default stdout); return the texts.
+    """Generate for every prompt, streaming to `out` (default stdout); return the texts. Several samples
+    (prompts, or --n above 1) are decoded together by the engine, printed in order as they come.
 
     Args:
         model, tokenizer: the loaded model.
@@ -132,24 +136,92 @@ def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, prompts:
         out: where the text streams.
         constraint: a per-sample constraint factory (JSON schema); the prompt is then not echoed.
     """
-    import sys
-
     if tokenizer is None:
         raise TinylmError("this model has no tokenizer; generation needs one")
     write = out or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+    texts = [_chat_text(tokenizer, cfg, p) for p in prompts]
+    heads = ["" if cfg.chat or constraint is not None else p for p in prompts for _ in range(cfg.n)]
+    sep = "\n" if len(heads) == 1 else "\n---\n"
+    if len(heads) > 1 and not cfg.fast:
+        return _run_engine(model, tokenizer, cfg, texts, _InOrder(write, heads, sep), constraint)
     results: list[str] = []
-    for prompt in prompts:
-        text = prompt
-        if cfg.chat:
-            messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
-                {"role": "user", "content": prompt}]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        for i in range(cfg.n):
-            if not cfg.chat and constraint is None:
-                write(prompt)
-            seed = None if cfg.seed is None else cfg.seed + i
-            sample = generate(model, tokenizer, text, cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                              cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write, constraint, cfg.fast)
-            write("\n" if cfg.n == 1 and len(prompts) == 1 else "\n---\n")
-            results.append(sample)
+    for j, text in enumerate(t for t in texts for _ in range(cfg.n)):
+        write(heads[j])
+        seed = None if cfg.seed is None else cfg.seed + j % cfg.n
+        results.append(generate(model, tokenizer, text, cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
+                                cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write, constraint, cfg.fast))
+        write(sep)
     return results
+
+
+def _chat_text(tokenizer: Tokenizer, cfg: GenerateConfig, prompt: str) -> str:
+    """The prompt, wrapped in the chat template (with --system) under --chat."""
+    if not cfg.chat:
+        return prompt
+    messages = ([{"role": "system", "content": cfg.system}] if cfg.system else []) + [
+        {"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _run_engine(model: Llama, tokenizer: Tokenizer, cfg: GenerateConfig, texts: list[str], shown: "_InOrder",
+                constraint: Callable[[], Any] | None) -> list[str]:
+    """Every sample of every prompt as one engine request (sample i of a prompt seeded with seed + i)."""
+    stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]  # as `generate` stops
+    requests = []
+    for text in texts:
+        ids = tokenizer.encode(text, add_bos=cfg.add_bos)
+        if not ids:
+            raise TinylmError("the prompt is empty; give some text or use --add-bos")
+        for i in range(cfg.n):
+            j = len(requests)
+            sampling = SamplingConfig(cfg.temperature, cfg.top_k, cfg.top_p, cfg.repetition_penalty,
+                                      None if cfg.seed is None else cfg.seed + i)
+            requests.append(Request(ids, cfg.max_tokens, sampling, cfg.stop, stop_ids,
+                                    constraint() if constraint is not None else None,
+                                    on_token=lambda e, j=j: shown.text(j, e.text),
+                                    on_finish=lambda c, j=j: shown.finish(j)))
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=cfg.max_batch, kv_tokens=_kv_tokens(requests, cfg)))
+    return [c.text for c in engine.run(requests)]
+
+
+def _kv_tokens(requests: list[Request], cfg: GenerateConfig) -> int:
+    """A KV pool for a full batch of the longest requests (blocks rounded up)."""
+    longest = max(len(r.prompt_ids) for r in requests) + cfg.max_tokens + EngineConfig.block_size
+    return min(len(requests), cfg.max_batch) * longest
+
+
+class _InOrder:
+    """Writes the samples' text in order while they are decoded together: the first unfinished sample's text
+    as it comes, the others' kept until their turn.
+
+    Args:
+        write: where the text goes.
+        heads: what each sample's text starts with (its prompt, or nothing).
+        sep: what follows each sample.
+    """
+
+    def __init__(self, write: Callable[[str], object], heads: list[str], sep: str) -> None:
+        self.write, self.sep = write, sep
+        self.parts: list[list[str]] = [[h] if h else [] for h in heads]
+        self.done = [False] * len(heads)
+        self.current = 0
+        self._flush()
+
+    def text(self, j: int, piece: str) -> None:
+        if piece:
+            self.parts[j].append(piece)
+            self._flush()
+
+    def finish(self, j: int) -> None:
+        self.parts[j].append(self.sep)
+        self.done[j] = True
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.current < len(self.parts):
+            for piece in self.parts[self.current]:
+                self.write(piece)
+            self.parts[self.current] = []
+            if not self.done[self.current]:
+                return
+            self.current += 1
