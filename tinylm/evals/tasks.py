@@ -15,13 +15,13 @@ from tinylm.core.errors import TinylmError
 from tinylm.data.chat import end_of_turn_id
 from tinylm.data.tasks import function_calling
 from tinylm.data.tokenizer import Tokenizer
-from tinylm.infer.generate import common_prefix, generate_ids
-from tinylm.model.kvcache import KVCache
+from tinylm.infer.engine import Engine, EngineConfig, Request
 from tinylm.model.llama import Llama
 
 
 def answer(model: Llama, tokenizer: Tokenizer, examples: list[dict[str, Any]], max_tokens: int,
-           constrained: bool = False, progress: Callable[[int], object] | None = None) -> list[str]:
+           constrained: bool = False, progress: Callable[[int], object] | None = None,
+           max_batch: int = 16) -> list[str]:
     """The model's greedy answer to every example, in order.
 
     Args:
@@ -30,6 +30,7 @@ def answer(model: Llama, tokenizer: Tokenizer, examples: list[dict[str, Any]], m
         max_tokens: the most new tokens per answer.
         constrained: decode function calls under `function_calling.call_schema` (a JSON-schema constraint).
         progress: called with the number of answers done after each one.
+        max_batch: answers decoded together.
     """
     if not tokenizer.chat_template:
         raise TinylmError("the model has no chat template: fine-tune it with `tinylm sft` (which adds ChatML) first")
@@ -41,19 +42,19 @@ def answer(model: Llama, tokenizer: Tokenizer, examples: list[dict[str, Any]], m
     if longest > model.config.max_seq_len:
         raise TinylmError(f"a prompt and --max-tokens {max_tokens} take {longest} tokens, more than the model's "
                           f"context of {model.config.max_seq_len}")
-    # The examples share their system message: each answer keeps the cached keys and values of the prefix its
-    # prompt shares with the previous one and computes only the rest (at least one id, for the logits).
-    cache, previous = KVCache.new(model, 1, longest), []
-    out = []
-    for i, ids in enumerate(prompts):
-        cache.pos = common_prefix(previous, ids[:-1])
-        new = generate_ids(model, ids, max_tokens, temperature=0.0, stop_ids=stops,
-                           constraints=[make()] if make else None, cache=cache)
-        previous = ids
-        out.append(tokenizer.decode([t for t in new if t not in stops]))
+    # Decoded together by the engine (continuous batching); the examples' shared system message is computed
+    # once and found again in its prefix cache. Greedy answers equal one-at-a-time decoding (tests/test_engine).
+    done = [0]
+
+    def finished(_: Any) -> None:
+        done[0] += 1
         if progress is not None:
-            progress(i + 1)
-    return out
+            progress(done[0])
+
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=max_batch, kv_tokens=max_batch * longest + longest))
+    requests = [Request(ids, max_tokens, stop_ids=stops, constraint=make() if make else None, on_finish=finished)
+                for ids in prompts]
+    return [tokenizer.decode([t for t in c.token_ids if t not in stops]) for c in engine.run(requests)]
 
 
 def _constraint(model: Llama, tokenizer: Tokenizer, max_tokens: int) -> Callable[[], Any]:

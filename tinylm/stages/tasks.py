@@ -40,6 +40,7 @@ class CheckConfig:
     model: str | None = None  # answer the examples with this model (checkpoint dir, HF dir, .gguf or alias), greedily
     constrained: bool = False  # with --model, function calling: decode under the tools' JSON schema
     max_tokens: Count = 256  # with --model: the most new tokens per answer
+    max_batch: Count = 16  # with --model: answers decoded together (continuous batching)
     save: str | None = None  # with --model: write its answers here as JSONL ({"prediction": ...} a line)
     overwrite: bool = False  # replace an existing --save file
     show: Count = 5  # how many failures to print
@@ -146,7 +147,8 @@ def _model_answers(cfg: CheckConfig, examples: list[Any]) -> list[str]:
               "would add it (its new tokens untrained)", file=sys.stderr)
         tokenizer, model = add_chatml(tokenizer, model)
     answers = answer(model.eval(), tokenizer, examples, cfg.max_tokens, cfg.constrained,
-                     progress=lambda i: print(f"\ranswered {i}/{len(examples)}", end="", file=sys.stderr))
+                     progress=lambda i: print(f"\ranswered {i}/{len(examples)}", end="", file=sys.stderr),
+                     max_batch=cfg.max_batch)
     print(file=sys.stderr)
     if cfg.save:
         with atomic_file(cfg.save, cfg.overwrite) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
