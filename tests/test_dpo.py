@@ -13,14 +13,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_bitwise, chat_checkpoint, kill_note, run_and_kill, tune_args, weights, write_jsonl
+from helpers import (
+    REPO,
+    assert_bitwise,
+    chat_checkpoint,
+    kill_note,
+    run_and_kill,
+    tune_args,
+    weights,
+    write_jsonl,
+)
 from safetensors import safe_open
 
 from tinylm import cli
 from tinylm.core.recipe import load_config
-from tinylm.data.chat import render
+from tinylm.data.chat import is_held_out, render
 from tinylm.formats import checkpoint
 from tinylm.formats.peft import load_adapter
+from tinylm.stages import dpo as dpo_stage
 from tinylm.stages.dpo import (
     CACHE,
     DpoConfig,
@@ -233,6 +243,63 @@ def test_lora_dpo_trains_only_the_adapter_against_the_base(base: Path, pairs_fil
     torch.testing.assert_close(cached, reference_logps(loaded.model, pairs, 3), rtol=0, atol=1e-6)
     acc, margin = _accuracy_and_margin(final, base, pairs_file, adapter=True)
     assert acc > 0.5 and margin > 0.1, (acc, margin)  # at the start: 0 and 0 (B = 0: the policy is the base)
+
+
+def _alone_logps(model: torch.nn.Module, example: object, tok: object) -> float:
+    """The summed response log-probability of one rendered sequence, unpadded, in float64."""
+    r = render(example, tok)
+    ids = torch.tensor([r.ids])
+    with torch.no_grad():
+        lp = F.log_softmax(model(ids[:, :-1]).double(), -1)[0]  # (T, V)
+    return float(lp[torch.arange(len(r.ids) - 1), ids[0, 1:]][torch.tensor(r.mask[1:])].sum())
+
+
+def test_val_metrics_equal_a_hand_computation_on_the_held_out_pairs(base: Path, pairs_file: Path,
+                                                                    tmp_path: Path) -> None:
+    beta = 0.5
+    final = _train(_args(base, pairs_file, tmp_path / "run", steps=6, **{"chat.val_fraction": 0.4,
+                                                                          "run.eval_every": 4}))
+    vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in vals] == [4, 6] and "val_ppl" not in vals[-1]
+    loaded, policy = checkpoint.load(base), checkpoint.load(final).model.eval()
+    raw, _ = read_pairs([str(pairs_file)])
+    held = [pair for pair in raw if is_held_out(pair, 0.4)]
+    assert 0 < len(held) < len(raw) // 2
+    margins, losses = [], []
+    for pair in held:  # by hand: each sequence alone, the policy at the last step against the base
+        c, r = (beta * (_alone_logps(policy, e, loaded.tokenizer) - _alone_logps(loaded.model.eval(), e,
+                                                                                 loaded.tokenizer)) for e in pair)
+        margins.append(c - r)
+        losses.append(-math.log(_sig(c - r)))
+    assert vals[-1]["val_loss"] == pytest.approx(sum(losses) / len(held), abs=1e-4)
+    assert vals[-1]["val_reward_margin"] == pytest.approx(sum(margins) / len(held), abs=1e-4)
+    assert vals[-1]["val_reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(held), abs=1e-6)
+    with safe_open(str(tmp_path / "run" / CACHE), "pt") as f:  # the held-out pairs' references are cached too
+        assert f.get_tensor("ref").shape == (len(raw), 2)
+
+
+def test_held_out_pairs_never_reach_training_whatever_the_order(base: Path, pairs_file: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                rng: np.random.Generator) -> None:
+    runs = []
+    monkeypatch.setattr(dpo_stage, "fit", lambda run, loss_fn: runs.append(run) or run.out / "final")
+    shuffled = _rows()
+    rng.shuffle(shuffled)
+    for i, data in enumerate([pairs_file, write_jsonl(tmp_path / "shuffled.jsonl", shuffled)]):
+        _train(_args(base, data, tmp_path / f"run{i}", steps=6, **{"chat.val_fraction": 0.4, "data.seed": i}))
+    loaded = checkpoint.load(base)
+    raw, _ = read_pairs([str(pairs_file)])
+    every = {tuple(t.flatten().tolist()) for t in render_pairs(raw, loaded.tokenizer, runs[0].cfg.chat, SEQ).tokens}
+    seen = []
+    for run in runs:  # a pair is its chosen and rejected rows together (two pairs may share a chosen answer)
+        train = {tuple(torch.stack([b.tokens, b.extras["rejected"]], 1)[i].flatten().tolist())
+                 for b in (run.batches(step, 0, run.rows) for step in range(run.total_steps)) for i in range(len(b.tokens))}
+        val = {tuple(torch.stack([b.tokens, b.extras["rejected"]], 1)[i].flatten().tolist())
+               for b in run.val for i in range(len(b.tokens))}
+        assert val and not train & val
+        assert train | val == every  # 6 steps of 8 pairs: every training pair was read
+        seen.append(val)
+    assert seen[0] == seen[1]  # the split follows the content, not the order of the rows or the seed
 
 
 def _cli_words(args: dict[str, object]) -> list[str]:

@@ -12,7 +12,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_bitwise, chat_checkpoint, kill_note, run_and_kill, tune_args, weights, write_jsonl
+from helpers import (
+    REPO,
+    assert_bitwise,
+    chat_checkpoint,
+    kill_note,
+    run_and_kill,
+    tune_args,
+    weights,
+    write_jsonl,
+)
 
 from tinylm import cli
 from tinylm.core.recipe import load_config
@@ -67,7 +76,7 @@ def _packed(ckpt: Path, chat: Path):
 def _masked_loss(model: torch.nn.Module, packed) -> float:
     rows = packed.rows(list(range(packed.n_rows)))
     model.eval()
-    nats, count = eval_batches(model, [rows])
+    nats, count, _ = eval_batches(model, [rows])
     return nats / count
 
 
