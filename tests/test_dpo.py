@@ -40,6 +40,7 @@ from tinylm.stages.dpo import (
     reference_logps,
     render_pairs,
 )
+from tinylm.train.finetune import load_model
 from tinylm.train.metrics import read_metrics
 from tinylm.train.preference import (
     PairLogps,
@@ -302,6 +303,30 @@ def test_held_out_pairs_never_reach_training_whatever_the_order(base: Path, pair
     assert seen[0] == seen[1]  # the split follows the content, not the order of the rows or the seed
 
 
+@pytest.mark.slow
+def test_qlora_dpo_against_the_quantised_base_with_adapters_off(base: Path, pairs_file: Path, tmp_path: Path) -> None:
+    # LoftQ's adapters start non-zero: the policy starts away from the reference, which is the base alone
+    args = _args(base, pairs_file, tmp_path / "run", steps=10, **{"peft.method": "qlora", "peft.quantize": "int8",
+                                                                  "peft.r": 4, "peft.loftq_iters": 1, "optim.lr": 2e-2})
+    start, _ = load_model(load_config(DpoConfig, None, args), "dpo")
+    final = _train(args)
+    assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
+    quantised = checkpoint.load(final).model  # final/ holds the int8 base, untrained
+    raw, _ = read_pairs([str(pairs_file)])
+    pairs = render_pairs(raw, checkpoint.load(base).tokenizer, load_config(DpoConfig, None, {}).chat, SEQ)
+    ref = reference_logps(quantised, pairs, 8)
+    with safe_open(str(tmp_path / "run" / CACHE), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("ref"), ref, rtol=0, atol=1e-5)
+    assert not torch.allclose(ref, reference_logps(checkpoint.load(base).model, pairs, 8), atol=1e-4)
+
+    def accuracy(policy: torch.nn.Module) -> float:
+        pol = reference_logps(policy, pairs, 8)
+        return float((((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])) > 0).float().mean())
+
+    before, after = accuracy(start), accuracy(load_adapter(checkpoint.load(final).model, final))
+    assert after >= 0.7 and after > before, (before, after)
+
+
 def _cli_words(args: dict[str, object]) -> list[str]:
     words = [sys.executable, "-m", "tinylm", "dpo"]
     for k, v in args.items():
@@ -310,12 +335,13 @@ def _cli_words(args: dict[str, object]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["none", "lora"])
+@pytest.mark.parametrize("method", ["none", "lora", "qlora"])
 def test_kill9_then_resume_is_bitwise_identical(method: str, base: Path, pairs_file: Path, tmp_path: Path,
                                                 rng: np.random.Generator) -> None:
     steps = 16
-    reference = _train(_args(base, pairs_file, tmp_path / "straight", steps=steps, **{"peft.method": method}))
-    args = _args(base, pairs_file, tmp_path / "killed", steps=steps, **{"peft.method": method, "run.ckpt_every": 3})
+    peft = {"peft.method": method, **({"peft.loftq_iters": 1} if method == "qlora" else {})}
+    reference = _train(_args(base, pairs_file, tmp_path / "straight", steps=steps, **peft))
+    args = _args(base, pairs_file, tmp_path / "killed", steps=steps, **peft, **{"run.ckpt_every": 3})
     kill_at = int(rng.integers(4, 14))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run_and_kill(_cli_words(args), tmp_path / "killed" / "metrics.jsonl", kill_at, env)
@@ -324,7 +350,7 @@ def test_kill9_then_resume_is_bitwise_identical(method: str, base: Path, pairs_f
     if (tmp_path / "killed" / CACHE).is_file():  # killed after the cache was written: the resume reused it
         assert "from " in resumed.stdout, resumed.stdout
     assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"), kill_note(kill_at))
-    if method == "lora":
+    if method != "none":
         from safetensors.torch import load_file
 
         assert_bitwise(load_file(str(reference / "adapter_model.safetensors")),

@@ -6,7 +6,8 @@ masks on the response tokens only (`data.chat.render` of the prompt followed by 
 preference loss from `train.preference`: sigmoid DPO (Rafailov et al. 2023), IPO (Azar et al. 2023) or
 the reference-free SimPO (Meng et al. 2024).
 
-The reference model is the starting model (with LoRA: the base, since fresh adapters add zero). Its
+The reference model is the starting model; with LoRA / QLoRA, its base with the adapters off (the
+quantised base for QLoRA, as TRL's `disable_adapter` reference: LoftQ's adapters do not start at zero). Its
 summed response log-probabilities are computed once, before training, in eval mode, and cached in
 OUT/reference_logps.safetensors with the rendered data's hash, the model's hash and seq_len in its
 metadata; epochs and `--resume auto` reuse it, a cache made for other data or another model is
@@ -40,6 +41,7 @@ from tinylm.data.chat import Example, is_held_out, read_rows, render, to_example
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource
 from tinylm.model.llama import Llama
+from tinylm.model.lora import base_model, lora_layers
 from tinylm.train.config import TrainConfig
 from tinylm.train.finetune import PeftSection, load_model
 from tinylm.train.loop import batch_layout, begin, fit, start
@@ -227,7 +229,7 @@ def reference_logps(model: Llama, pairs: Pairs, micro: int, device: torch.device
     in eval mode, in fp32 (`response_logps`, the training forward), `micro` pairs per forward pass.
 
     Args:
-        model: the reference (the starting model); left in train mode.
+        model: the reference (the starting model, or its base with the adapters off); left in train mode.
         pairs: the rendered pairs.
         micro: pairs per forward pass.
         device: where to run.
@@ -301,7 +303,8 @@ def dpo(cfg: DpoConfig) -> Path:
         pairs.ref = cached_reference(cache, meta) if p.loss != "simpo" else torch.zeros(pairs.n, 2)
         fresh = pairs.ref is None
         if fresh:  # before `start`: a resumed run restores trained weights into the model
-            pairs.ref = reference_logps(model.to(device), pairs, micro, device)
+            reference = base_model(model) if lora_layers(model) else model  # adapters off; the base's tensors
+            pairs.ref = reference_logps(reference.to(device), pairs, micro, device)
             model.to("cpu")
         if d.main:
             print(f"dpo: {pairs.n - n_val} pairs, {n_val} held out, {len(skipped)} bad rows skipped, "
