@@ -17,7 +17,9 @@ from helpers import (
     assert_bitwise,
     chat_checkpoint,
     kill_note,
+    plain_tokenizer,
     run_and_kill,
+    tiny_model,
     tune_args,
     weights,
     write_jsonl,
@@ -140,6 +142,43 @@ def test_lora_sft_changes_only_the_adapter_and_peft_loads_it(base: Path, chat: P
     with torch.no_grad():
         torch.testing.assert_close(checkpoint.load(tmp_path / "merged").model.eval()(ids), ours(ids),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_lora_trains_the_rows_of_added_chatml_tokens_and_peft_loads_them(tie: bool, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    tok = plain_tokenizer([m["content"] for r in _rows() for m in r["messages"]] * 4)
+    plain = checkpoint.save(tiny_model(vocab_size=tok.vocab_size, tie=tie), tmp_path / "plain", tok)  # no template
+    chat = write_jsonl(tmp_path / "chat.jsonl", _rows())
+    lora = {"peft.method": "lora", "peft.r": 4, "optim.lr": 1e-2}
+    final = _train(_args(plain, chat, tmp_path / "run", steps=8, **lora, **{"run.ckpt_every": 4}))
+    # resumed from step 4 (the adapter and the rows put back onto the resized base): the same bits
+    resumed = _train(_args(plain, chat, tmp_path / "resumed", steps=8, **lora,
+                           **{"run.resume": str(tmp_path / "run" / "checkpoints" / "step_0000004")}))
+    assert_bitwise(*(load_file(str(d / "adapter_model.safetensors")) for d in (final, resumed)))
+    saved = checkpoint.load(final)
+    new = [saved.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>")]
+    assert min(new) >= tok.vocab_size
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == (new if tie else {"embed_tokens": new, "lm_head": new})
+    ours = load_adapter(saved.model, final).eval()
+    ids = torch.tensor([[new[0], 5, 40, 77, new[1], 120, 9, new[0], 31]])
+    ref = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(final), final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    assert cli.main(["merge", str(final), "--adapter", str(final), "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint.load(tmp_path / "merged").model.eval()(ids), ours(ids),
+                                   rtol=1e-5, atol=1e-5)
+    merged, start, original = weights(tmp_path / "merged"), weights(final), weights(plain)
+    old = torch.tensor([i for i in range(saved.model.config.vocab_size) if i not in new])
+    for key in ["model.embed_tokens.weight"] + ([] if tie else ["lm_head.weight"]):
+        assert torch.equal(start[key][:tok.vocab_size], original[key])  # final/'s base: the original rows
+        assert torch.equal(merged[key][old], start[key][old])  # no old row trained
+        assert bool(((merged[key][new] - start[key][new]).abs().amax(-1) > 1e-4).all())  # each new row did
 
 
 def _cli_words(args: dict[str, object]) -> list[str]:
