@@ -1,5 +1,5 @@
-"""`tinylm dpo`: preference losses against their formulas, the cached reference, and runs through the shared
-loop on a tiny model with a tokenizer trained here."""
+"""`tinylm dpo`: preference losses against their formulas and TRL's, the cached reference, and runs through the
+shared loop on a tiny model with a tokenizer trained here."""
 
 from __future__ import annotations
 
@@ -130,6 +130,51 @@ def test_losses_and_rewards_equal_the_papers_formulas(kind: str, beta: float, ep
     assert float(m["reward_margin"]) == pytest.approx(sum(margins) / 4, rel=1e-9)
     assert float(m["reward_accuracy"]) == sum(x > 0 for x in margins) / 4
     assert float(m["reward_chosen"]) == pytest.approx(float(chosen.sum()) / 4, rel=1e-9)
+
+
+def _trl_loss(kind: str, p: PairLogps, beta: float) -> tuple[float, dict[str, float]]:
+    """TRL 1.16's own DPO loss step (`DPOTrainer._compute_loss`, which has no public form over fixed
+    log-probabilities) on p: a stand-in trainer with precomputed reference log-probs, and a model whose
+    fused LM head gives per-token log-probs that sum to p's over completions of p's lengths.
+
+    Returns:
+        (the loss, TRL's logged rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies).
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    lens = torch.cat([p.len_chosen, p.len_rejected]).long()  # (2B,), TRL's batch is [chosen, rejected]
+    pos = torch.arange(int(lens.max()) + 1)
+    completion = ((pos >= 1) & (pos <= lens[:, None])).long()  # (2B, T + 1): the prompt is token 0
+    per_token = completion[:, 1:] * (torch.cat([p.chosen, p.rejected]) / lens)[:, None]  # (2B, T)
+    zeros = torch.zeros_like(per_token)
+    outputs = SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=[kind], loss_weights=[1.0], beta=beta, use_weighting=False,
+        label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device="cpu", gather=lambda t: t, gather_for_metrics=lambda t: t))
+    inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
+              "completion_mask": completion, "ref_chosen_logps": p.ref_chosen, "ref_rejected_logps": p.ref_rejected}
+    loss = DPOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
+    logged = trainer._metrics["train"]
+    return float(loss), {k: logged[f"rewards/{k}"][-1] for k in ("chosen", "rejected", "margins", "accuracies")}
+
+
+@pytest.mark.parametrize("kind, beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.1), ("ipo", 2.0)])
+def test_sigmoid_and_ipo_losses_and_rewards_equal_trls(kind: str, beta: float) -> None:
+    pytest.importorskip("trl", minversion="1.16")
+    p = _fixed()
+    losses, chosen, rejected = preference_losses(kind, p, beta)
+    want, trl_rewards = _trl_loss(kind, p, beta)
+    assert float(losses.mean()) == pytest.approx(want, rel=1e-9)
+    ours = reward_metrics(chosen, rejected)
+    names = {"chosen": "reward_chosen", "rejected": "reward_rejected", "margins": "reward_margin",
+             "accuracies": "reward_accuracy"}
+    for theirs, mine in names.items():
+        assert float(ours[mine]) == pytest.approx(trl_rewards[theirs], rel=1e-9, abs=1e-12), theirs
 
 
 # ----- data and log-probabilities ------------------------------------------------------------------------
