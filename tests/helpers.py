@@ -138,6 +138,22 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
+def plain_tokenizer(texts: list[str]) -> Any:
+    """A byte-level BPE trained on `texts` with bos/eos/pad, no ChatML tokens and no chat template."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from tinylm.data.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def chat_checkpoint(texts: list[str], directory: Path, vocab_size: int = 300, **config: object) -> Path:
     """A tiny checkpoint whose tokenizer is trained on `texts` and given ChatML (data.chat.add_chatml);
     `config` overrides tiny_config (e.g. max_seq_len)."""

@@ -91,6 +91,7 @@ def _broken_files(root: Path) -> None:
         _edit_json(root / name / "config.json", change)
     pair = {"prompt": "once", "chosen": "upon a time", "rejected": "a time upon"}
     _write(root / "pairs-no-rejected.jsonl", json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": None}) + "\n")
+    _write(root / "pairs.jsonl", json.dumps(pair) + "\n")
     shutil.copytree(root / "ck", root / "ck-no-chat")
     _edit_json(root / "ck-no-chat" / "tokenizer_config.json", lambda c: c.pop("chat_template"))
     shutil.copytree(root / "ck", root / "ck-not-json")
@@ -233,6 +234,9 @@ CASES = [
     Case("config", "dpo ck --data pairs.jsonl --out o --dpo.beta 0", "dpo.beta"),
     Case("config", "dpo ck --data pairs.jsonl --out o --dpo.loss kto", "dpo.loss"),
     Case("config", "dpo ck --data pairs.jsonl --out o --dpo.label_smoothing 0.5", "label_smoothing"),
+    Case("config", "dpo ck --data pairs.jsonl --out o --chat.val_fraction 2", "chat.val_fraction"),
+    Case("config", "dpo ck --data pairs.jsonl --out o --chat.val_fraction 1 --data.seq_len 32 --schedule.steps 2",
+         "holds out all"),
     Case("disk", "dpo ck --data nonesuch.jsonl --out o --schedule.steps 2", "nonesuch.jsonl"),
     Case("disk", "dpo ck --data pairs-no-rejected.jsonl --out o --schedule.steps 2", "pairs-no-rejected.jsonl:2"),
     Case("syntax", "dpo ck --out o --schedule.steps 2", "no preference pairs"),

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import tokenizers
 import torch
-from helpers import hf_model, needs_smollm2, tiny_model
+from helpers import hf_model, needs_smollm2, plain_tokenizer, tiny_model
 
 from tinylm.core.errors import TinylmError
 from tinylm.data.chat import (
@@ -242,15 +241,7 @@ def test_a_template_whose_prefixes_differ_is_refused() -> None:
 
 def _base_tokenizer() -> Tokenizer:
     """A byte-level BPE trained here on a few sentences, with bos/eos/pad and no chat template."""
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(["the weather in Paris is sunny", "you are terse", "thanks and bye"] * 5, trainer)
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    return plain_tokenizer(["the weather in Paris is sunny", "you are terse", "thanks and bye"] * 5)
 
 
 @pytest.mark.parametrize("tie", [True, False])

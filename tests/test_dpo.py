@@ -1,5 +1,5 @@
-"""`tinylm dpo`: preference losses against their formulas, the cached reference, and runs through the shared
-loop on a tiny model with a tokenizer trained here."""
+"""`tinylm dpo`: preference losses against their formulas and TRL's, the cached reference, and runs through the
+shared loop on a tiny model with a tokenizer trained here."""
 
 from __future__ import annotations
 
@@ -13,14 +13,24 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_bitwise, chat_checkpoint, kill_note, run_and_kill, tune_args, weights, write_jsonl
+from helpers import (
+    REPO,
+    assert_bitwise,
+    chat_checkpoint,
+    kill_note,
+    run_and_kill,
+    tune_args,
+    weights,
+    write_jsonl,
+)
 from safetensors import safe_open
 
 from tinylm import cli
 from tinylm.core.recipe import load_config
-from tinylm.data.chat import render
+from tinylm.data.chat import is_held_out, render
 from tinylm.formats import checkpoint
 from tinylm.formats.peft import load_adapter
+from tinylm.stages import dpo as dpo_stage
 from tinylm.stages.dpo import (
     CACHE,
     DpoConfig,
@@ -30,6 +40,7 @@ from tinylm.stages.dpo import (
     reference_logps,
     render_pairs,
 )
+from tinylm.train.finetune import load_model
 from tinylm.train.metrics import read_metrics
 from tinylm.train.preference import (
     PairLogps,
@@ -119,6 +130,51 @@ def test_losses_and_rewards_equal_the_papers_formulas(kind: str, beta: float, ep
     assert float(m["reward_margin"]) == pytest.approx(sum(margins) / 4, rel=1e-9)
     assert float(m["reward_accuracy"]) == sum(x > 0 for x in margins) / 4
     assert float(m["reward_chosen"]) == pytest.approx(float(chosen.sum()) / 4, rel=1e-9)
+
+
+def _trl_loss(kind: str, p: PairLogps, beta: float) -> tuple[float, dict[str, float]]:
+    """TRL 1.16's own DPO loss step (`DPOTrainer._compute_loss`, which has no public form over fixed
+    log-probabilities) on p: a stand-in trainer with precomputed reference log-probs, and a model whose
+    fused LM head gives per-token log-probs that sum to p's over completions of p's lengths.
+
+    Returns:
+        (the loss, TRL's logged rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies).
+    """
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from trl.trainer.dpo_trainer import DPOTrainer
+
+    lens = torch.cat([p.len_chosen, p.len_rejected]).long()  # (2B,), TRL's batch is [chosen, rejected]
+    pos = torch.arange(int(lens.max()) + 1)
+    completion = ((pos >= 1) & (pos <= lens[:, None])).long()  # (2B, T + 1): the prompt is token 0
+    per_token = completion[:, 1:] * (torch.cat([p.chosen, p.rejected]) / lens)[:, None]  # (2B, T)
+    zeros = torch.zeros_like(per_token)
+    outputs = SimpleNamespace(log_probs=per_token, entropy=zeros, mean_logits=zeros, is_top1=zeros.bool())
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True,
+        f_divergence_type="reverse_kl", loss_types=[kind], loss_weights=[1.0], beta=beta, use_weighting=False,
+        label_smoothing=0.0, _metrics=defaultdict(lambda: defaultdict(list)), _total_train_tokens=0, _tp_size=1,
+        accelerator=SimpleNamespace(device="cpu", gather=lambda t: t, gather_for_metrics=lambda t: t))
+    inputs = {"input_ids": torch.zeros_like(completion), "attention_mask": torch.ones_like(completion),
+              "completion_mask": completion, "ref_chosen_logps": p.ref_chosen, "ref_rejected_logps": p.ref_rejected}
+    loss = DPOTrainer._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
+    logged = trainer._metrics["train"]
+    return float(loss), {k: logged[f"rewards/{k}"][-1] for k in ("chosen", "rejected", "margins", "accuracies")}
+
+
+@pytest.mark.parametrize("kind, beta", [("sigmoid", 0.1), ("sigmoid", 0.5), ("ipo", 0.1), ("ipo", 2.0)])
+def test_sigmoid_and_ipo_losses_and_rewards_equal_trls(kind: str, beta: float) -> None:
+    pytest.importorskip("trl", minversion="1.16")
+    p = _fixed()
+    losses, chosen, rejected = preference_losses(kind, p, beta)
+    want, trl_rewards = _trl_loss(kind, p, beta)
+    assert float(losses.mean()) == pytest.approx(want, rel=1e-9)
+    ours = reward_metrics(chosen, rejected)
+    names = {"chosen": "reward_chosen", "rejected": "reward_rejected", "margins": "reward_margin",
+             "accuracies": "reward_accuracy"}
+    for theirs, mine in names.items():
+        assert float(ours[mine]) == pytest.approx(trl_rewards[theirs], rel=1e-9, abs=1e-12), theirs
 
 
 # ----- data and log-probabilities ------------------------------------------------------------------------
@@ -235,6 +291,87 @@ def test_lora_dpo_trains_only_the_adapter_against_the_base(base: Path, pairs_fil
     assert acc > 0.5 and margin > 0.1, (acc, margin)  # at the start: 0 and 0 (B = 0: the policy is the base)
 
 
+def _alone_logps(model: torch.nn.Module, example: object, tok: object) -> float:
+    """The summed response log-probability of one rendered sequence, unpadded, in float64."""
+    r = render(example, tok)
+    ids = torch.tensor([r.ids])
+    with torch.no_grad():
+        lp = F.log_softmax(model(ids[:, :-1]).double(), -1)[0]  # (T, V)
+    return float(lp[torch.arange(len(r.ids) - 1), ids[0, 1:]][torch.tensor(r.mask[1:])].sum())
+
+
+def test_val_metrics_equal_a_hand_computation_on_the_held_out_pairs(base: Path, pairs_file: Path,
+                                                                    tmp_path: Path) -> None:
+    beta = 0.5
+    final = _train(_args(base, pairs_file, tmp_path / "run", steps=6, **{"chat.val_fraction": 0.4,
+                                                                          "run.eval_every": 4}))
+    vals = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert [r["step"] for r in vals] == [4, 6] and "val_ppl" not in vals[-1]
+    loaded, policy = checkpoint.load(base), checkpoint.load(final).model.eval()
+    raw, _ = read_pairs([str(pairs_file)])
+    held = [pair for pair in raw if is_held_out(pair, 0.4)]
+    assert 0 < len(held) < len(raw) // 2
+    margins, losses = [], []
+    for pair in held:  # by hand: each sequence alone, the policy at the last step against the base
+        c, r = (beta * (_alone_logps(policy, e, loaded.tokenizer) - _alone_logps(loaded.model.eval(), e,
+                                                                                 loaded.tokenizer)) for e in pair)
+        margins.append(c - r)
+        losses.append(-math.log(_sig(c - r)))
+    assert vals[-1]["val_loss"] == pytest.approx(sum(losses) / len(held), abs=1e-4)
+    assert vals[-1]["val_reward_margin"] == pytest.approx(sum(margins) / len(held), abs=1e-4)
+    assert vals[-1]["val_reward_accuracy"] == pytest.approx(sum(m > 0 for m in margins) / len(held), abs=1e-6)
+    with safe_open(str(tmp_path / "run" / CACHE), "pt") as f:  # the held-out pairs' references are cached too
+        assert f.get_tensor("ref").shape == (len(raw), 2)
+
+
+def test_held_out_pairs_never_reach_training_whatever_the_order(base: Path, pairs_file: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                rng: np.random.Generator) -> None:
+    runs = []
+    monkeypatch.setattr(dpo_stage, "fit", lambda run, loss_fn: runs.append(run) or run.out / "final")
+    shuffled = _rows()
+    rng.shuffle(shuffled)
+    for i, data in enumerate([pairs_file, write_jsonl(tmp_path / "shuffled.jsonl", shuffled)]):
+        _train(_args(base, data, tmp_path / f"run{i}", steps=6, **{"chat.val_fraction": 0.4, "data.seed": i}))
+    loaded = checkpoint.load(base)
+    raw, _ = read_pairs([str(pairs_file)])
+    every = {tuple(t.flatten().tolist()) for t in render_pairs(raw, loaded.tokenizer, runs[0].cfg.chat, SEQ).tokens}
+    seen = []
+    for run in runs:  # a pair is its chosen and rejected rows together (two pairs may share a chosen answer)
+        train = {tuple(torch.stack([b.tokens, b.extras["rejected"]], 1)[i].flatten().tolist())
+                 for b in (run.batches(step, 0, run.rows) for step in range(run.total_steps)) for i in range(len(b.tokens))}
+        val = {tuple(torch.stack([b.tokens, b.extras["rejected"]], 1)[i].flatten().tolist())
+               for b in run.val for i in range(len(b.tokens))}
+        assert val and not train & val
+        assert train | val == every  # 6 steps of 8 pairs: every training pair was read
+        seen.append(val)
+    assert seen[0] == seen[1]  # the split follows the content, not the order of the rows or the seed
+
+
+@pytest.mark.slow
+def test_qlora_dpo_against_the_quantised_base_with_adapters_off(base: Path, pairs_file: Path, tmp_path: Path) -> None:
+    # LoftQ's adapters start non-zero: the policy starts away from the reference, which is the base alone
+    args = _args(base, pairs_file, tmp_path / "run", steps=10, **{"peft.method": "qlora", "peft.quantize": "int8",
+                                                                  "peft.r": 4, "peft.loftq_iters": 1, "optim.lr": 2e-2})
+    start, _ = load_model(load_config(DpoConfig, None, args), "dpo")
+    final = _train(args)
+    assert (final / "adapter_model.safetensors").is_file() and (final / "adapter_config.json").is_file()
+    quantised = checkpoint.load(final).model  # final/ holds the int8 base, untrained
+    raw, _ = read_pairs([str(pairs_file)])
+    pairs = render_pairs(raw, checkpoint.load(base).tokenizer, load_config(DpoConfig, None, {}).chat, SEQ)
+    ref = reference_logps(quantised, pairs, 8)
+    with safe_open(str(tmp_path / "run" / CACHE), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("ref"), ref, rtol=0, atol=1e-5)
+    assert not torch.allclose(ref, reference_logps(checkpoint.load(base).model, pairs, 8), atol=1e-4)
+
+    def accuracy(policy: torch.nn.Module) -> float:
+        pol = reference_logps(policy, pairs, 8)
+        return float((((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])) > 0).float().mean())
+
+    before, after = accuracy(start), accuracy(load_adapter(checkpoint.load(final).model, final))
+    assert after >= 0.7 and after > before, (before, after)
+
+
 def _cli_words(args: dict[str, object]) -> list[str]:
     words = [sys.executable, "-m", "tinylm", "dpo"]
     for k, v in args.items():
@@ -243,12 +380,13 @@ def _cli_words(args: dict[str, object]) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["none", "lora"])
+@pytest.mark.parametrize("method", ["none", "lora", "qlora"])
 def test_kill9_then_resume_is_bitwise_identical(method: str, base: Path, pairs_file: Path, tmp_path: Path,
                                                 rng: np.random.Generator) -> None:
     steps = 16
-    reference = _train(_args(base, pairs_file, tmp_path / "straight", steps=steps, **{"peft.method": method}))
-    args = _args(base, pairs_file, tmp_path / "killed", steps=steps, **{"peft.method": method, "run.ckpt_every": 3})
+    peft = {"peft.method": method, **({"peft.loftq_iters": 1} if method == "qlora" else {})}
+    reference = _train(_args(base, pairs_file, tmp_path / "straight", steps=steps, **peft))
+    args = _args(base, pairs_file, tmp_path / "killed", steps=steps, **peft, **{"run.ckpt_every": 3})
     kill_at = int(rng.integers(4, 14))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run_and_kill(_cli_words(args), tmp_path / "killed" / "metrics.jsonl", kill_at, env)
@@ -257,7 +395,7 @@ def test_kill9_then_resume_is_bitwise_identical(method: str, base: Path, pairs_f
     if (tmp_path / "killed" / CACHE).is_file():  # killed after the cache was written: the resume reused it
         assert "from " in resumed.stdout, resumed.stdout
     assert_bitwise(weights(reference), weights(tmp_path / "killed" / "final"), kill_note(kill_at))
-    if method == "lora":
+    if method != "none":
         from safetensors.torch import load_file
 
         assert_bitwise(load_file(str(reference / "adapter_model.safetensors")),

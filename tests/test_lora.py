@@ -29,6 +29,7 @@ from tinylm.model.lora import (
     lora_layers,
     lora_parameters,
     merge_lora,
+    token_rows,
     unload_lora,
     unmerge_lora,
 )
@@ -256,6 +257,36 @@ def test_an_adapter_peft_made_loads_into_tinylm_with_equal_logits(tmp_path: Path
         torch.testing.assert_close(logits(model), logits(peft_model), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_peft_trainable_token_rows_load_into_tinylm_and_merge_with_equal_logits(tmp_path: Path, tie: bool) -> None:
+    LoraConfig, _, get_peft_model, LlamaForCausalLM = hf_and_peft()
+    checkpoint.save(tiny_model(tie=tie), tmp_path / "base")
+    rows = [3, 42, 90]
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False,
+                        trainable_token_indices=rows if tie else {"embed_tokens": rows, "lm_head": rows[:2]})
+    torch.manual_seed(0)
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path / "base"), config).eval()
+    with torch.no_grad():  # trained rows: PEFT starts them as the base's
+        for name, p in peft_model.named_parameters():
+            if "trainable_tokens_delta" in name:
+                p.add_(torch.randn(p.shape) * 0.5)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    model = load_adapter(checkpoint.load(tmp_path / "base").model, tmp_path / "adapter").eval()
+    assert sorted(token_rows(model)) == ["lm_head", "model.embed_tokens"]
+    torch.testing.assert_close(logits(model), logits(peft_model), rtol=0, atol=1e-5)
+    save_adapter(model, tmp_path / "again")  # and back: the same config entry and tensors
+    again = json.loads((tmp_path / "again" / "adapter_config.json").read_text())
+    assert again["trainable_token_indices"] == config.trainable_token_indices
+    saved, ours = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("adapter", "again"))
+    assert saved.keys() == ours.keys() and all(torch.equal(saved[k], ours[k]) for k in saved)
+    base = checkpoint.load(tmp_path / "base").model.state_dict()
+    merged = merge_lora(model)
+    torch.testing.assert_close(logits(merged), logits(peft_model), rtol=0, atol=1e-5)
+    for key, ids in [("model.embed_tokens.weight", rows), ("lm_head.weight", rows if tie else rows[:2])]:
+        w, old = merged.state_dict()[key], [i for i in range(97) if i not in ids]
+        assert torch.equal(w[old], base[key][old]) and not torch.equal(w[ids], base[key][ids]), key
+
+
 # ----- tinylm merge ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("quantized", [False, True])
@@ -279,6 +310,9 @@ def test_cli_merge_writes_a_model_transformers_loads(tmp_path: Path, capsys, qua
     assert "--overwrite" in capsys.readouterr().err
 
 
+EMB_ROWS = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"  # PEFT's trainable tokens
+
+
 def _bad_adapters(root: Path) -> dict[str, tuple[Path, str]]:
     """Broken adapter dirs, each with the words its error must contain."""
     good = root / "good"
@@ -292,7 +326,14 @@ def _bad_adapters(root: Path) -> dict[str, tuple[Path, str]]:
                          "half": lambda c, t: t.pop("base_model.model.model.layers.0.mlp.up_proj.lora_B.weight"),
                          "nonesuch": lambda c, t: t.update({
                              "base_model.model.model.layers.9.mlp.up_proj.lora_A.weight": torch.zeros(2, 48),
-                             "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(80, 2)})}.items():
+                             "base_model.model.model.layers.9.mlp.up_proj.lora_B.weight": torch.zeros(80, 2)}),
+                         "rows-missing": lambda c, t: c.update(trainable_token_indices=[3, 4]),
+                         "rows-ids": lambda c, t: (c.update(trainable_token_indices=[3, 500]),
+                                                   t.update({f"{EMB_ROWS}": torch.zeros(2, 48)})),
+                         "rows-orphan": lambda c, t: t.update({f"{EMB_ROWS}": torch.zeros(2, 48)}),
+                         "rows-tied": lambda c, t: (c.update(trainable_token_indices={"lm_head": [3]}), t.update(
+                             {"base_model.model.lm_head.token_adapter.trainable_tokens_delta": torch.zeros(1, 48)}))
+                         }.items():
         d = root / name
         d.mkdir()
         c = json.loads((good / "adapter_config.json").read_text())
@@ -302,7 +343,9 @@ def _bad_adapters(root: Path) -> dict[str, tuple[Path, str]]:
         save_file(t, str(d / "adapter_model.safetensors"))
     cases.update(ia3=(root / "ia3", "IA3"), dora=(root / "dora", "use_dora"), r=(root / "r", "r must be"),
                  key=(root / "key", "unexpected tensor"), half=(root / "half", "partner"),
-                 nonesuch=(root / "nonesuch", "layers.9"))
+                 nonesuch=(root / "nonesuch", "layers.9"), **{"rows-missing": (root / "rows-missing", "no trained rows"),
+                 "rows-ids": (root / "rows-ids", "distinct and below 97"), "rows-tied": (root / "rows-tied", "tied"),
+                 "rows-orphan": (root / "rows-orphan", "trainable_token_indices does not name")})
     (root / "no-weights").mkdir()
     (root / "no-weights" / "adapter_config.json").write_text((good / "adapter_config.json").read_text())
     (root / "not-json").mkdir()

@@ -12,7 +12,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_bitwise, chat_checkpoint, kill_note, run_and_kill, tune_args, weights, write_jsonl
+from helpers import (
+    REPO,
+    assert_bitwise,
+    chat_checkpoint,
+    kill_note,
+    plain_tokenizer,
+    run_and_kill,
+    tiny_model,
+    tune_args,
+    weights,
+    write_jsonl,
+)
 
 from tinylm import cli
 from tinylm.core.recipe import load_config
@@ -67,7 +78,7 @@ def _packed(ckpt: Path, chat: Path):
 def _masked_loss(model: torch.nn.Module, packed) -> float:
     rows = packed.rows(list(range(packed.n_rows)))
     model.eval()
-    nats, count = eval_batches(model, [rows])
+    nats, count, _ = eval_batches(model, [rows])
     return nats / count
 
 
@@ -133,6 +144,43 @@ def test_lora_sft_changes_only_the_adapter_and_peft_loads_it(base: Path, chat: P
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_lora_trains_the_rows_of_added_chatml_tokens_and_peft_loads_them(tie: bool, tmp_path: Path) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    tok = plain_tokenizer([m["content"] for r in _rows() for m in r["messages"]] * 4)
+    plain = checkpoint.save(tiny_model(vocab_size=tok.vocab_size, tie=tie), tmp_path / "plain", tok)  # no template
+    chat = write_jsonl(tmp_path / "chat.jsonl", _rows())
+    lora = {"peft.method": "lora", "peft.r": 4, "optim.lr": 1e-2}
+    final = _train(_args(plain, chat, tmp_path / "run", steps=8, **lora, **{"run.ckpt_every": 4}))
+    # resumed from step 4 (the adapter and the rows put back onto the resized base): the same bits
+    resumed = _train(_args(plain, chat, tmp_path / "resumed", steps=8, **lora,
+                           **{"run.resume": str(tmp_path / "run" / "checkpoints" / "step_0000004")}))
+    assert_bitwise(*(load_file(str(d / "adapter_model.safetensors")) for d in (final, resumed)))
+    saved = checkpoint.load(final)
+    new = [saved.tokenizer.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>")]
+    assert min(new) >= tok.vocab_size
+    config = json.loads((final / "adapter_config.json").read_text())
+    assert config["trainable_token_indices"] == (new if tie else {"embed_tokens": new, "lm_head": new})
+    ours = load_adapter(saved.model, final).eval()
+    ids = torch.tensor([[new[0], 5, 40, 77, new[1], 120, 9, new[0], 31]])
+    ref = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(final), final).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
+    assert cli.main(["merge", str(final), "--adapter", str(final), "--out", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint.load(tmp_path / "merged").model.eval()(ids), ours(ids),
+                                   rtol=1e-5, atol=1e-5)
+    merged, start, original = weights(tmp_path / "merged"), weights(final), weights(plain)
+    old = torch.tensor([i for i in range(saved.model.config.vocab_size) if i not in new])
+    for key in ["model.embed_tokens.weight"] + ([] if tie else ["lm_head.weight"]):
+        assert torch.equal(start[key][:tok.vocab_size], original[key])  # final/'s base: the original rows
+        assert torch.equal(merged[key][old], start[key][old])  # no old row trained
+        assert bool(((merged[key][new] - start[key][new]).abs().amax(-1) > 1e-4).all())  # each new row did
+
+
 def _cli_words(args: dict[str, object]) -> list[str]:
     words = [sys.executable, "-m", "tinylm", "sft"]
     for k, v in args.items():
@@ -159,6 +207,46 @@ def test_kill9_then_resume_is_bitwise_identical(method: str, base: Path, chat: P
 
         assert_bitwise(load_file(str(reference / "adapter_model.safetensors")),
                        load_file(str(tmp_path / "killed" / "final" / "adapter_model.safetensors")), kill_note(kill_at))
+
+
+def _ddp_worker(rank: int, world: int, port: int, args: dict[str, object]) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    _train(args)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["none", "lora"])
+def test_ddp_two_processes_match_one(method: str, base: Path, chat: Path, tmp_path: Path) -> None:
+    import socket
+
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # 4 packed rows a step: 2 ranks x 2 micro-steps x 1 row, against 4 micro-steps in one process; the rows
+    # hold unequal numbers of assistant tokens, so only the weighting over micro-batches and ranks makes them agree
+    extra = {"peft.method": method, "peft.r": 4, "data.micro_batch": 1, "chat.val_fraction": 0.2,
+             "run.eval_every": 3, "optim.lr": 1e-2}
+    mp.spawn(_ddp_worker, args=(2, port, _args(base, chat, tmp_path / "ddp", steps=6, **extra)), nprocs=2)
+    _train(_args(base, chat, tmp_path / "one", steps=6, **extra))
+    one, two = (read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "ddp"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == list(range(1, 7))
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5), (a, b)
+        assert a.get("val_loss", 0.0) == pytest.approx(b.get("val_loss", 0.0), abs=1e-5), (a, b)
+    assert len([r for r in two if "val_loss" in r]) == 2
+    name = "adapter_model.safetensors" if method == "lora" else "model.safetensors"
+    got, want = (load_file(str(tmp_path / run / "final" / name)) for run in ("ddp", "one"))
+    assert got.keys() == want.keys()
+    for k in want:  # the ranks sum in another order (~1e-7); Adam's normalised steps lift that on tiny gradients
+        torch.testing.assert_close(got[k], want[k], rtol=1e-3, atol=1e-4)
+    if method == "none":  # the runs trained: full fine-tuning moved the weights
+        start = load_file(str(base / "model.safetensors"))
+        assert any(not torch.equal(want[k], start[k]) for k in want)
 
 
 ASSISTANT = {"role": "assistant", "content": "it is 3"}

@@ -17,6 +17,8 @@ splitting an example, and `Packed.batches` is the training loop's batch source o
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,6 +117,23 @@ def read_rows(inputs: list[str], convert: Callable[[Any, str], T], skip_bad: boo
     if not rows:
         raise TinylmError(f"no {what} in {', '.join(inputs)}" + (f" ({len(skipped)} bad rows)" if skipped else ""))
     return rows, skipped
+
+
+def is_held_out(row: Example | tuple[Example, ...], fraction: float) -> bool:
+    """Whether a row goes to validation: a hash of its content, uniform in [0, 1), below `fraction`, so the
+    split depends neither on the order of the data nor on the seed.
+
+    Args:
+        row: an example, or a preference pair's examples (their file:line does not count, so moving rows
+            keeps the split).
+        fraction: the share held out.
+    """
+    def content(e: Example) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(e).items() if k != "where"}
+
+    key = content(row) if isinstance(row, Example) else [content(e) for e in row]
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, ensure_ascii=False).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 def _chat_sources(inputs: list[str]) -> list[Source]:

@@ -3,8 +3,12 @@
 What `peft.PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base), dir)` loads, and what
 `PeftModel.save_pretrained` writes: tensors named `base_model.model.<module>.lora_A.weight` (A: (r, in))
 and `.lora_B.weight` (B: (out, r)), where <module> is the HF name of the adapted layer, which is
-tinylm's own (`model.layers.0.self_attn.q_proj`). Only plain LoRA is read; PEFT options that change the
-function (DoRA, biases, per-layer ranks or alphas, extra trained modules) are refused in one line.
+tinylm's own (`model.layers.0.self_attn.q_proj`). Trained rows of added tokens (`lora.train_token_rows`)
+are PEFT's trainable tokens: `trainable_token_indices` in the config (a list: the embedding's rows, which
+a tied output layer shares; {"embed_tokens": ids, "lm_head": ids} when untied) and the rows' values as
+`base_model.model.<module>.token_adapter.trainable_tokens_delta` (n, dim). Otherwise only plain LoRA is
+read; PEFT options that change the function (DoRA, biases, per-layer ranks or alphas, extra trained
+modules) are refused in one line.
 """
 
 from __future__ import annotations
@@ -22,18 +26,28 @@ from torch import nn
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir
-from tinylm.model.lora import LoraLinear, apply_lora, lora_layers, lora_settings
+from tinylm.model.lora import (
+    EMBED,
+    HEAD,
+    LoraLinear,
+    apply_lora,
+    lora_layers,
+    lora_settings,
+    token_rows,
+    train_token_rows,
+)
 from tinylm.model.qlinear import QLinear
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 KEY = re.compile(r"^base_model\.model\.(.+)\.lora_([AB])\.weight$")
+TOKEN_KEY = re.compile(r"^base_model\.model\.(.+)\.token_adapter\.trainable_tokens_delta$")
 
 # adapter_config.json keys whose non-default value changes what the adapter computes: tinylm refuses them.
 UNSUPPORTED = {"use_dora": False, "bias": "none", "modules_to_save": None, "fan_in_fan_out": False,
                "rank_pattern": {}, "alpha_pattern": {}, "lora_bias": False, "layer_replication": None,
-               "trainable_token_indices": None, "use_qalora": False, "target_parameters": None}
+               "use_qalora": False, "target_parameters": None}
 
 
 # ----- save ----------------------------------------------------------------------------------------
@@ -51,7 +65,23 @@ def adapter_config(model: nn.Module, base_name: str | None = None) -> dict[str, 
             "target_modules": target_modules(model), "bias": "none", "fan_in_fan_out": False,
             "init_lora_weights": True, "inference_mode": True, "modules_to_save": None, "use_dora": False,
             "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "layers_pattern": None,
-            "revision": None}
+            "revision": None, "trainable_token_indices": token_indices(model)}
+
+
+def token_indices(model: nn.Module) -> list[int] | dict[str, list[int]] | None:
+    """PEFT's trainable_token_indices for the model's trainable token rows: a list for the embedding's
+    alone (a tied output layer shares them), else {"embed_tokens": ids, "lm_head": ids}; None without."""
+    ids = {name.rpartition(".")[2]: rows.token_indices.tolist() for name, rows in _saved_rows(model).items()}
+    if not ids:
+        return None
+    return ids["embed_tokens"] if list(ids) == ["embed_tokens"] else ids
+
+
+def _saved_rows(model: nn.Module) -> dict[str, Any]:
+    """The TrainableRows whose parameter is saved: a tied output layer's is the embedding's."""
+    rows = token_rows(model)
+    return {n: r for n, r in rows.items() if not (n == HEAD and EMBED in rows and
+                                                  r.trainable_tokens_delta is rows[EMBED].trainable_tokens_delta)}
 
 
 def target_modules(model: nn.Module) -> list[str]:
@@ -72,6 +102,8 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, layer in lora_layers(model).items():
         out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight.detach().contiguous().cpu()
         out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight.detach().contiguous().cpu()
+    for name, rows in _saved_rows(model).items():
+        out[f"{PREFIX}{name}.token_adapter.trainable_tokens_delta"] = rows.trainable_tokens_delta.detach().contiguous().cpu()
     return out
 
 
@@ -110,8 +142,13 @@ def is_adapter(directory: str | os.PathLike) -> bool:
     return (Path(directory) / CONFIG).is_file()
 
 
-def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-    """An adapter dir's checked config and its tensors as {module name: (A (r, in), B (out, r))}.
+Rows = dict[str, tuple[list[int], torch.Tensor]]  # module -> (token ids, (n, dim) their trained rows)
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, tuple[torch.Tensor, torch.Tensor]],
+                                                        Rows]:
+    """An adapter dir's checked config, its LoRA tensors as {module name: (A (r, in), B (out, r))} and its
+    trainable token rows as {module name: (ids, rows)}.
 
     Args:
         directory: a dir with adapter_config.json and adapter_model.safetensors.
@@ -122,7 +159,9 @@ def read_adapter(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str
     if not (d / CONFIG).is_file():
         raise TinylmError(f"{directory} is not a PEFT adapter directory (no {CONFIG})")
     config = _check_config(d / CONFIG)
-    return config, _pairs(d, _read_tensors(d), config)
+    tensors = _read_tensors(d)
+    rows = _token_rows(d, {k: tensors.pop(k) for k in [k for k in tensors if TOKEN_KEY.match(k)]}, config)
+    return config, _pairs(d, tensors, config), rows
 
 
 def _check_config(path: Path) -> dict[str, Any]:
@@ -158,6 +197,29 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
         raise TinylmError(f"{path}: corrupt or truncated safetensors ({str(e).splitlines()[0]})") from None
 
 
+def _token_rows(d: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Rows:
+    """{module: (ids, rows)} from trainable_token_indices and the token tensors, each accounted for."""
+    spec = config.get("trainable_token_indices") or {}
+    ids = {EMBED: spec} if isinstance(spec, list) else spec
+    if not isinstance(ids, dict):
+        raise TinylmError(f"{d / CONFIG}: trainable_token_indices must be a list of token ids or a dict of them")
+    rows: Rows = {}
+    for key, idx in ids.items():
+        name = next((n for n in (EMBED, HEAD) if n == key or n.endswith("." + key)), None)
+        if name is None or not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                                  for i in idx):
+            raise TinylmError(f"{d / CONFIG}: trainable_token_indices {key!r}: {idx!r} is not a list of token ids "
+                              "of embed_tokens or lm_head")
+        t = tensors.pop(f"{PREFIX}{name}.token_adapter.trainable_tokens_delta", None)
+        if t is None or t.ndim != 2 or len(t) != len(idx):
+            raise TinylmError(f"{d / WEIGHTS}: no trained rows of shape ({len(idx)}, dim) for {name}'s tokens")
+        rows[name] = (idx, t)
+    if tensors:
+        raise TinylmError(f"{d / WEIGHTS}: trained token rows {sorted(tensors)[0]!r} that trainable_token_indices "
+                          "does not name")
+    return rows
+
+
 def _pairs(d: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """{module: (A, B)} from PEFT's tensor names, every tensor accounted for and the ranks consistent."""
     found: dict[str, dict[str, torch.Tensor]] = {}
@@ -187,7 +249,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         model: a Llama, float or quantised, without adapters.
         directory: a PEFT adapter dir (tinylm's `save_adapter` or peft's `save_pretrained`).
     """
-    config, pairs = read_adapter(directory)
+    config, pairs, rows = read_adapter(directory)
     modules = dict(model.named_modules())
     for name, (a, b) in pairs.items():
         layer = modules.get(name)
@@ -196,6 +258,8 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         if (a.shape[1], b.shape[0]) != (layer.in_features, layer.out_features):
             raise TinylmError(f"{directory}: an adapter for another model: {name} is {layer.in_features} -> "
                               f"{layer.out_features} here, the adapter's {a.shape[1]} -> {b.shape[0]}")
+    if any(t.shape[1] != model.config.dim for _, t in rows.values()):
+        raise TinylmError(f"{directory}: an adapter for another model: its token rows are not {model.config.dim} wide")
     apply_lora(model, int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout") or 0.0),
                targets=sorted(pairs), use_rslora=bool(config.get("use_rslora", False)))
     layers = lora_layers(model)
@@ -203,4 +267,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         for name, (a, b) in pairs.items():
             layers[name].lora_A.weight.copy_(a)
             layers[name].lora_B.weight.copy_(b)
+    train_token_rows(model, {k: ids for k, (ids, _) in rows.items()}, {k: t for k, (_, t) in rows.items()})
     return model

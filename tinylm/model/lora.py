@@ -11,6 +11,11 @@ uniform(-1/sqrt(in), 1/sqrt(in))), B = 0, so a fresh adapter leaves the model's 
 LoftQ (Li et al. 2023) instead alternates quantising W - s B A and a rank-r SVD of W - Q, so that
 Q + s B A starts closer to W than Q alone.
 
+Rows of tokens added to the vocabulary (ChatML's, `data.chat.add_chatml`) are new: LoRA on the linear
+layers never reaches them, and a model that cannot move them never learns to emit <|im_end|>.
+`train_token_rows` makes just those rows of the embedding table and the output layer trainable, as PEFT's
+trainable tokens (`LoraConfig.trainable_token_indices`) do.
+
 Merging folds s B A into the weight. Over a quantised base the sum cannot be held in the base's codes,
 so a merged QLoRA layer is a float nn.Linear holding dequant(Q) + s B A (re-quantise afterwards if
 wanted; that rounds the adapter's contribution away in part).
@@ -22,6 +27,7 @@ import copy
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tinylm.core.errors import TinylmError
@@ -104,6 +110,92 @@ class LoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, alpha={self.alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+class TrainableRows(nn.Module):
+    """A frozen embedding table or output layer whose rows for some token ids train.
+
+    PEFT's `TrainableTokensLayer`: the parameter `trainable_tokens_delta` (n, dim) holds those rows'
+    values (not a difference from the base), written over the base weight in every forward, so every
+    other row stays the base's exactly.
+
+    Args:
+        base: an nn.Embedding or nn.Linear with a (V, dim) weight; frozen.
+        ids: the token ids whose rows train.
+        values: the rows' parameter to share (a tied output layer shares the embedding's); None: a new
+            one holding the base's rows.
+    """
+
+    def __init__(self, base: nn.Module, ids: list[int], values: nn.Parameter | None = None) -> None:
+        super().__init__()
+        self.base_layer = base.requires_grad_(False)
+        weight = base.weight
+        self.register_buffer("token_indices", torch.tensor(ids, dtype=torch.long, device=weight.device),
+                             persistent=False)
+        if values is None:
+            values = nn.Parameter(weight.detach()[self.token_indices].clone().float())
+        self.trainable_tokens_delta = values
+
+    @property
+    def weight(self) -> Tensor:
+        """(V, dim) the base weight with the trained rows in place."""
+        w = self.base_layer.weight
+        return w.index_copy(0, self.token_indices, self.trainable_tokens_delta.to(w.dtype))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if isinstance(self.base_layer, nn.Embedding):
+            return F.embedding(x, self.weight)  # (B, T, dim)
+        return F.linear(x, self.weight)  # (B, T, V)
+
+    @torch.no_grad()
+    def merge(self) -> nn.Module:
+        """The base layer with the trained rows written into its weight (in place)."""
+        w = self.base_layer.weight
+        w[self.token_indices] = self.trainable_tokens_delta.to(w.dtype)
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.token_indices.tolist()}"
+
+
+EMBED, HEAD = "model.embed_tokens", "lm_head"  # the layers whose rows are tokens
+
+
+def train_token_rows(model: nn.Module, ids: dict[str, list[int]],
+                     values: dict[str, Tensor] | None = None) -> nn.Module:
+    """Make the rows of some token ids trainable in the embedding table and the output layer (PEFT's
+    trainable tokens), in place; returns `model`. With tied embeddings the output layer shares the
+    embedding's rows, one parameter, as PEFT ties them.
+
+    Args:
+        model: a Llama, frozen (with LoRA adapters, say).
+        ids: {"model.embed_tokens": ids[, "lm_head": ids (untied only)]}; an empty list trains nothing.
+        values: the same keys -> (n, dim) rows to start from (a saved adapter's); None: the base's rows.
+    """
+    tied = bool(model.config.tie_embeddings)
+    allowed = {EMBED} if tied else {EMBED, HEAD}
+    if set(ids) - allowed:
+        raise TinylmError(f"trainable token rows are for {' and '.join(sorted(allowed))}" +
+                          (" (lm_head is tied to it)" if tied else "") + f", not {', '.join(sorted(set(ids) - allowed))}")
+    if token_rows(model):
+        raise TinylmError("the model already has trainable token rows")
+    vocab = model.config.vocab_size
+    for name, rows in ids.items():
+        if any(not 0 <= i < vocab for i in rows) or len(set(rows)) != len(rows):
+            raise TinylmError(f"trainable token ids for {name} must be distinct and below {vocab}, got {rows}")
+    given = {k: nn.Parameter(v.detach().clone().float()) for k, v in (values or {}).items()}
+    if ids.get(EMBED):
+        model.model.embed_tokens = TrainableRows(model.model.embed_tokens, ids[EMBED], given.get(EMBED))
+        if tied:
+            model.lm_head = TrainableRows(model.lm_head, ids[EMBED], model.model.embed_tokens.trainable_tokens_delta)
+    if ids.get(HEAD):
+        model.lm_head = TrainableRows(model.lm_head, ids[HEAD], given.get(HEAD))
+    return model
+
+
+def token_rows(model: nn.Module) -> dict[str, TrainableRows]:
+    """The model's TrainableRows modules by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, TrainableRows)}
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -234,15 +326,19 @@ def merge_lora(model: nn.Module, unload: bool = True) -> nn.Module:
     """Fold every adapter into its base weight, in place; returns `model`.
 
     Args:
-        model: a model with LoraLinear layers.
+        model: a model with LoraLinear layers (and TrainableRows).
         unload: replace each LoraLinear by its merged base layer (PEFT's merge_and_unload), leaving a
-            plain model whose QLoRA layers are float nn.Linear; False keeps the adapters, marked merged,
-            for `unmerge_lora` (PEFT's merge_adapter).
+            plain model whose QLoRA layers are float nn.Linear, and write trained token rows into their
+            tables; False keeps the adapters, marked merged, for `unmerge_lora` (PEFT's merge_adapter),
+            and the token rows as they are (they compute the same either way).
     """
     for name, layer in lora_layers(model).items():
         layer.merge()
         if unload:
             _set_module(model, name, layer.base_layer)
+    if unload:
+        for name, rows in token_rows(model).items():
+            _set_module(model, name, rows.merge())
     return model
 
 
@@ -258,17 +354,19 @@ def unload_lora(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         layer.unmerge()
         _set_module(model, name, layer.base_layer)
+    for name, rows in token_rows(model).items():
+        _set_module(model, name, rows.base_layer)
     return model
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """A view of `model` without its adapters, sharing every tensor with it: what to save as the base
-    an adapter goes with (`checkpoint.save(base_model(model), dir)`), while training continues on `model`.
-    Merged adapters are unmerged first."""
+    """A view of `model` without its adapters and trainable token rows, sharing every tensor with it: what
+    to save as the base an adapter goes with (`checkpoint.save(base_model(model), dir)`), while training
+    continues on `model`. Merged adapters are unmerged first."""
     shared = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     unmerge_lora(model)
     out = copy.deepcopy(model, memo=shared)  # new modules, same tensors
-    for name, layer in lora_layers(out).items():
+    for name, layer in [*lora_layers(out).items(), *token_rows(out).items()]:
         _set_module(out, name, layer.base_layer)
     return out
 

@@ -6,11 +6,17 @@ masks on the response tokens only (`data.chat.render` of the prompt followed by 
 preference loss from `train.preference`: sigmoid DPO (Rafailov et al. 2023), IPO (Azar et al. 2023) or
 the reference-free SimPO (Meng et al. 2024).
 
-The reference model is the starting model (with LoRA: the base, since fresh adapters add zero). Its
+The reference model is the starting model; with LoRA / QLoRA, its base with the adapters off (the
+quantised base for QLoRA, as TRL's `disable_adapter` reference: LoftQ's adapters do not start at zero). Its
 summed response log-probabilities are computed once, before training, in eval mode, and cached in
 OUT/reference_logps.safetensors with the rendered data's hash, the model's hash and seq_len in its
 metadata; epochs and `--resume auto` reuse it, a cache made for other data or another model is
 recomputed. No reference model is held during training (TRL #3985).
+
+Held-out pairs (`chat.val_fraction`) are chosen by a hash of their content, as sft's examples are; the
+cache covers them too, and at each validation the run logs the preference loss on them (val_loss) with
+their reward accuracy and margin (val_reward_accuracy, val_reward_margin: the loop scores val Batches
+with the run's own loss step).
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from safetensors.torch import save_file
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_file
 from tinylm.core.recipe import Fraction, NonNegative, Positive, one_of
-from tinylm.data.chat import Example, read_rows, render, to_example
+from tinylm.data.chat import Example, is_held_out, read_rows, render, to_example
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource
 from tinylm.model.llama import Llama
+from tinylm.model.lora import base_model, lora_layers
 from tinylm.train.config import TrainConfig
 from tinylm.train.finetune import PeftSection, load_model
 from tinylm.train.loop import batch_layout, begin, fit, start
@@ -52,6 +59,7 @@ class DpoChatSection:
     too_long: one_of("refuse", "truncate") = "refuse"  # a pair with a sequence longer than seq_len + 1 tokens
     skip_bad_rows: bool = False  # skip rows with missing fields or bad values and report how many
     end_of_turn: str | None = None  # the token that ends an assistant turn (none: <|im_end|> if known, else eos)
+    val_fraction: Fraction = 0.0  # share of the pairs held out for validation (chosen by a hash of each)
     epochs: Positive = 1.0  # passes over the pairs when neither schedule.steps nor schedule.tokens is set
 
 
@@ -120,12 +128,14 @@ class Pairs:
         tokens: (N, 2, seq_len + 1) token ids of the chosen [:, 0] and rejected [:, 1] sequences.
         loss: (N, 2, seq_len + 1) True on the response tokens (targets that carry loss).
         ref: (N, 2) the reference's summed response log-probabilities (set by `reference_logps`).
+        held: (N,) True on the pairs held out for validation.
         truncated, dropped: pairs cut to seq_len + 1 tokens; pairs left out since a response was cut away.
     """
 
     tokens: torch.Tensor
     loss: torch.Tensor
     ref: torch.Tensor | None = None
+    held: torch.Tensor | None = None
     truncated: int = 0
     dropped: int = 0
 
@@ -136,6 +146,16 @@ class Pairs:
     def digest(self) -> str:
         """sha256 of the rendered rows: the data, tokenizer, template and seq_len they came from."""
         return hashlib.sha256(self.tokens.numpy().tobytes() + self.loss.numpy().tobytes()).hexdigest()
+
+    def select(self, held: bool) -> Pairs:
+        """The held-out pairs (held True) or the training ones, with their reference log-probabilities."""
+        keep = self.held == held if self.held is not None else torch.full((self.n,), not held)
+        ref = self.ref[keep] if self.ref is not None else None
+        return Pairs(self.tokens[keep], self.loss[keep], ref, torch.full((int(keep.sum()),), held))
+
+    def val_batches(self, micro: int) -> list[Batch]:
+        """Every pair in order, as Batches of `micro` pairs (validation)."""
+        return [self.rows(list(range(i, min(i + micro, self.n))), index=i) for i in range(0, self.n, micro)]
 
     def rows(self, idx: list[int], index: int = 0) -> Batch:
         """The Batch of pairs `idx` (its loss a mean over the pairs: weight = the number of pairs)."""
@@ -166,7 +186,7 @@ def render_pairs(pairs: list[tuple[Example, Example]], tokenizer: Tokenizer, c: 
     Args:
         pairs: from `read_pairs`.
         tokenizer: the model's tokenizer (with a chat template for conversations).
-        c: the chat section (too_long, end_of_turn).
+        c: the chat section (too_long, end_of_turn, val_fraction: which pairs are held out).
         seq_len: tokens per input row.
     """
     cap = seq_len + 1
@@ -175,7 +195,9 @@ def render_pairs(pairs: list[tuple[Example, Example]], tokenizer: Tokenizer, c: 
     if long and c.too_long != "truncate":
         raise TinylmError(f"{len(long)} of {len(pairs)} pairs are longer than the context ({cap} tokens with seq_len "
                           f"{seq_len}; the longest has {max(long)}): raise data.seq_len or set chat.too_long truncate")
-    kept = [rs for rs in rendered if all(any(r.mask[:cap]) for r in rs)]
+    keep = [all(any(r.mask[:cap]) for r in rs) for rs in rendered]
+    kept = [rs for rs, k in zip(rendered, keep) if k]
+    held = torch.tensor([is_held_out(p, c.val_fraction) for p, k in zip(pairs, keep) if k], dtype=torch.bool)
     if not kept:
         raise TinylmError("no pair has response tokens within the context")
     pad = next((t for t in (tokenizer.pad_id, tokenizer.eos_id) if t is not None), 0)
@@ -185,7 +207,8 @@ def render_pairs(pairs: list[tuple[Example, Example]], tokenizer: Tokenizer, c: 
         for j, r in enumerate(rs):
             n = min(len(r.ids), cap)
             tokens[i, j, :n], loss[i, j, :n] = r.ids[:n], r.mask[:n]
-    return Pairs(torch.from_numpy(tokens), torch.from_numpy(loss), truncated=len(long), dropped=len(pairs) - len(kept))
+    return Pairs(torch.from_numpy(tokens), torch.from_numpy(loss), held=held, truncated=len(long),
+                 dropped=len(pairs) - len(kept))
 
 
 # ----- the reference log-probabilities, once ------------------------------------------------------------
@@ -206,7 +229,7 @@ def reference_logps(model: Llama, pairs: Pairs, micro: int, device: torch.device
     in eval mode, in fp32 (`response_logps`, the training forward), `micro` pairs per forward pass.
 
     Args:
-        model: the reference (the starting model); left in train mode afterwards.
+        model: the reference (the starting model, or its base with the adapters off); left in train mode.
         pairs: the rendered pairs.
         micro: pairs per forward pass.
         device: where to run.
@@ -268,26 +291,32 @@ def dpo(cfg: DpoConfig) -> Path:
         raw, skipped = read_pairs([c.data], c.skip_bad_rows)
         model, tokenizer = load_model(cfg, "dpo")
         pairs = render_pairs(raw, tokenizer, c, cfg.data.seq_len)
+        n_val = int(pairs.held.sum())
+        if n_val == pairs.n:
+            raise TinylmError(f"chat.val_fraction {c.val_fraction} holds out all {pairs.n} pairs")
         rows, micro, _ = batch_layout(cfg.data, d.world)
         if cfg.schedule.steps is None and cfg.schedule.tokens is None:
-            cfg.schedule.steps = max(1, math.ceil(c.epochs * pairs.n / rows))
+            cfg.schedule.steps = max(1, math.ceil(c.epochs * (pairs.n - n_val) / rows))
         cache = Path(cfg.run.out) / CACHE
         meta = {"format": CACHE_FORMAT, "data_sha256": pairs.digest(), "model_sha256": model_digest(model),
                 "seq_len": str(cfg.data.seq_len), "pairs": str(pairs.n)}
         pairs.ref = cached_reference(cache, meta) if p.loss != "simpo" else torch.zeros(pairs.n, 2)
         fresh = pairs.ref is None
         if fresh:  # before `start`: a resumed run restores trained weights into the model
-            pairs.ref = reference_logps(model.to(device), pairs, micro, device)
+            reference = base_model(model) if lora_layers(model) else model  # adapters off; the base's tensors
+            pairs.ref = reference_logps(reference.to(device), pairs, micro, device)
             model.to("cpu")
         if d.main:
-            print(f"dpo: {pairs.n} pairs, {len(skipped)} bad rows skipped, {pairs.truncated} truncated, "
-                  f"{pairs.dropped} dropped; loss {p.loss}; reference log-probs "
+            print(f"dpo: {pairs.n - n_val} pairs, {n_val} held out, {len(skipped)} bad rows skipped, "
+                  f"{pairs.truncated} truncated, {pairs.dropped} dropped; loss {p.loss}; reference log-probs "
                   f"{'none (reference-free)' if p.loss == 'simpo' else 'computed' if fresh else 'from ' + str(cache)}")
-        run = start(cfg, model, pairs.batches(cfg.data.seed, rows), d, device, None, tokenizer)
+        train, val = pairs.select(False), pairs.select(True)
+        run = start(cfg, model, train.batches(cfg.data.seed, rows), d, device, val.val_batches(micro) if n_val else None,
+                    tokenizer)
         if fresh and p.loss != "simpo" and d.main:
             save_reference(cache, pairs.ref, meta)
         run.meta.update(stage="dpo", base=str(cfg.model.init), peft=dataclasses.asdict(cfg.peft),
-                        dpo=dataclasses.asdict(p), pairs=pairs.n)
+                        dpo=dataclasses.asdict(p), pairs=train.n, held_out=n_val)
         return fit(run, preference_loss(p.loss, p.beta, p.label_smoothing, p.gamma))
     finally:
         if dist.is_initialized():

@@ -1,8 +1,9 @@
 """Fold a LoRA adapter into its base: `tinylm merge BASE --adapter DIR --out DIR`.
 
 The adapter is a PEFT-format dir (`formats.peft`: tinylm's own or one `peft` saved); the result is an
-ordinary checkpoint whose weights are W + (alpha / r) B A, which transformers loads as a plain
-`LlamaForCausalLM`. Over a quantised base (QLoRA) the merged model is float: the sum is not a set of
+ordinary checkpoint whose weights are W + (alpha / r) B A, with an adapter's trained token rows (PEFT's
+trainable tokens: ChatML's added tokens) written into the embedding table and LM head, which
+transformers loads as a plain `LlamaForCausalLM`. Over a quantised base (QLoRA) the merged model is float: the sum is not a set of
 integer codes, and every other quantised layer is dequantised with it (`tinylm quantize` re-quantises).
 """
 

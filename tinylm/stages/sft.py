@@ -17,8 +17,6 @@ depend on the order of the data or on the seed; their masked loss is the run's v
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from tinylm.data.chat import (
     ChatSection,
     Example,
     Packed,
+    is_held_out,
     pack,
     read_examples,
     render,
@@ -63,18 +62,6 @@ class SftConfig(TrainConfig):
 
 # ----- data -------------------------------------------------------------------------------------------------
 
-def is_held_out(example: Example, fraction: float) -> bool:
-    """Whether an example goes to validation: a hash of its content, uniform in [0, 1), below `fraction`.
-
-    Args:
-        example: the example (its file:line does not count, so moving rows keeps the split).
-        fraction: the share held out.
-    """
-    content = {k: v for k, v in dataclasses.asdict(example).items() if k != "where"}
-    digest = hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
 def pack_examples(examples: list[Example], tokenizer: Tokenizer, c: ChatSection, seq_len: int) -> Packed:
     """Render the examples with their loss masks and pack them into rows of seq_len + 1 tokens.
 
@@ -93,8 +80,6 @@ def val_batches(packed: Packed, rows: int) -> list[Batch]:
     """The held-out rows as Batches of `rows` rows each, in order."""
     return [packed.rows(list(range(i, min(i + rows, packed.n_rows))), index=i) for i in range(0, packed.n_rows, rows)]
 
-
-# ----- model ------------------------------------------------------------------------------------------------
 
 # ----- the stage ----------------------------------------------------------------------------------------------
 

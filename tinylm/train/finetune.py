@@ -1,7 +1,9 @@
 """What the fine-tuning stages (sft, dpo) share: the `peft` section and loading the model to tune.
 
 The model gets the default ChatML template when its tokenizer has none (`data.chat.add_chatml`), and LoRA
-(Hu et al. 2021) or QLoRA (Dettmers et al. 2023) adapters over a frozen base when `peft.method` asks.
+(Hu et al. 2021) or QLoRA (Dettmers et al. 2023) adapters over a frozen base when `peft.method` asks;
+the rows of the tokens ChatML added then train too (`lora.train_token_rows`, PEFT's trainable tokens),
+or the model could never learn to emit <|im_end|>.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from tinylm.core.recipe import (
     check_context,
     one_of,
 )
-from tinylm.data.chat import add_chatml
+from tinylm.data.chat import CHATML_TOKENS, add_chatml
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats import checkpoint
 from tinylm.model.llama import Llama
-from tinylm.model.lora import ALL_LINEAR, apply_lora
+from tinylm.model.lora import ALL_LINEAR, EMBED, HEAD, apply_lora, train_token_rows
 
 
 @dataclass
@@ -62,6 +64,7 @@ def load_model(cfg: Any, verb: str = "sft") -> tuple[Llama, Tokenizer]:
         model.config.max_seq_len = cfg.data.seq_len
         model.reserve(cfg.data.seq_len)
     tokenizer, model = add_chatml(loaded.tokenizer, model)
+    added = [tokenizer.token_to_id(t) for t in CHATML_TOKENS if loaded.tokenizer.token_to_id(t) is None]
     p = cfg.peft
     if p.method != "none":
         if cfg.run.fsdp:
@@ -70,6 +73,8 @@ def load_model(cfg: Any, verb: str = "sft") -> tuple[Llama, Tokenizer]:
         apply_lora(model, p.r, p.alpha, p.dropout, targets, seed=cfg.run.seed, use_rslora=p.use_rslora,
                    quantize=p.quantize if p.method == "qlora" else None, group_size=int(p.group_size),
                    loftq_iters=int(p.loftq_iters) if p.method == "qlora" else 0)
+        if added:  # new rows (the mean of the old ones) that the adapters never reach
+            train_token_rows(model, {EMBED: added, **({} if model.config.tie_embeddings else {HEAD: added})})
     elif p.loftq_iters:
         raise TinylmError("peft.loftq_iters needs peft.method qlora")
     model.train()

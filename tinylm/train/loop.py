@@ -136,7 +136,8 @@ def start(cfg: Any, model: Llama, batches: BatchSource, d: Dist, device: torch.d
         model: the model to train, on the CPU in fp32 (its trainable parameters are the ones optimised).
         batches: the batch source, a pure function of (step, first row, rows).
         d, device: from `begin`.
-        val: validation data: a TokenData split (its windows) or a list of Batches (masked loss); None: none.
+        val: validation data: a TokenData split (its windows), or a list of Batches that `fit`'s loss step
+            scores (`validate`); None: none.
         tokenizer: saved beside the weights in every checkpoint.
         extra_modules: see `setup`.
     """
@@ -312,12 +313,20 @@ def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device) -> nn.Modu
     return wrapped
 
 
-def validate(run: Run) -> float | None:
-    """Mean validation loss: over run.eval_tokens tokens of a val split's windows, or over every target
-    that counts in a list of val Batches (the masked loss); ranks share the windows or batches."""
+def validate(run: Run, loss_fn: LossFn = lm_loss) -> dict[str, float] | None:
+    """The validation record, or None without validation data: val_loss, the mean LM loss over
+    run.eval_tokens tokens of a val split's windows, or the mean of the run's own loss step over a list
+    of val Batches (sft: the masked LM loss; dpo: the preference loss), with the loss's metrics as
+    val_<name> and val_ppl where the loss is an LM loss. Ranks share the windows or batches.
+
+    Args:
+        run: the run (run.val is its validation data).
+        loss_fn: the run's loss step, which scores val Batches.
+    """
     if run.val is None:
         return None
-    if isinstance(run.val, TokenData):
+    windows = isinstance(run.val, TokenData)
+    if windows:
         n = max(1, run.cfg.run.eval_tokens // run.cfg.data.seq_len)
         items: Any = run.val.eval_windows(run.cfg.data.seq_len, max_windows=n)
     else:
@@ -325,15 +334,30 @@ def validate(run: Run) -> float | None:
     split = dist.is_initialized() and not run.cfg.run.fsdp  # FSDP ranks must run the same forwards
     mine = (w for i, w in enumerate(items) if not split or i % run.dist.world == run.dist.rank)
     run.model.eval()
-    if isinstance(run.val, TokenData):
-        nats, count = eval_nats(run.model, mine, run.micro, run.device, run.amp_dtype)
+    if windows:
+        (nats, count), sums = eval_nats(run.model, mine, run.micro, run.device, run.amp_dtype), {}
     else:
-        nats, count = eval_batches(run.model, mine, run.device, run.amp_dtype)
+        nats, count, sums = eval_batches(run.model, mine, run.device, run.amp_dtype, loss_fn)
     run.model.train()
-    totals = torch.tensor([nats, float(count)], dtype=torch.float64, device=run.device)
+    names = _names_over_ranks(sorted(sums)) if split else sorted(sums)  # a rank may have had no batch
+    totals = torch.tensor([nats, float(count)] + [sums.get(k, 0.0) for k in names], dtype=torch.float64,
+                          device=run.device)
     if split:
         dist.all_reduce(totals)
-    return float(totals[0] / totals[1]) if totals[1] > 0 else None
+    if totals[1] <= 0:
+        return None
+    means = (totals / totals[1]).tolist()
+    record = {"val_loss": means[0], **{f"val_{k}": v for k, v in zip(names, means[2:])}}
+    if windows or loss_fn is lm_loss:  # a mean negative log-likelihood: its perplexity means something
+        record["val_ppl"] = math.exp(min(means[0], 50))
+    return record
+
+
+def _names_over_ranks(names: list[str]) -> list[str]:
+    """The sorted union of every rank's metric names (the same list on every rank)."""
+    gathered: list[list[str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, names)
+    return sorted({k for g in gathered for k in g or []})
 
 
 # ----- extra modules: trainable, but not part of the model (distillation's hidden-state projections) -----
@@ -520,11 +544,13 @@ def _fit(run: Run, loss_fn: LossFn) -> Path:
                               mfu=mfu)
                 window_s, window_steps = 0.0, 0
             if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total_steps:
-                run.last_val = validate(run)
-                if run.last_val is not None:
+                vals = validate(run, loss_fn)
+                run.last_val = None if vals is None else vals["val_loss"]
+                if vals is not None:
                     run.best_val = min(run.best_val or run.last_val, run.last_val)
-                    record.update(step=run.step, val_loss=run.last_val, val_ppl=math.exp(min(run.last_val, 50)))
-                    bar.write(f"step {run.step}: val loss {run.last_val:.4f}")
+                    record.update(step=run.step, **vals)
+                    if run.dist.main:
+                        bar.write(f"step {run.step}: val loss {run.last_val:.4f}")
             if record:
                 log.write(record)
             if run.stop_signal is not None or (cfg.ckpt_every and run.step % cfg.ckpt_every == 0):

@@ -70,23 +70,31 @@ def eval_nats(model: nn.Module, windows: Iterable[Tensor], batch_size: int = 8,
 
 @torch.no_grad()
 def eval_batches(model: nn.Module, batches: Iterable[Batch], device: torch.device | str = "cpu",
-                 amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """Summed negative log-likelihood (nats) of the targets that count (mask, segments) and their number.
+                 amp_dtype: torch.dtype | None = None,
+                 loss_fn: LossFn = lm_loss) -> tuple[float, float, dict[str, float]]:
+    """The loss of held-out Batches, summed over what it averages (batch.weight), with its metrics.
 
     Args:
         model: the language model (called in no-grad mode; switch it to eval() yourself if it matters).
-        batches: Batches, e.g. held-out chat examples packed into rows.
+        batches: Batches, e.g. held-out chat examples packed into rows, or held-out preference pairs.
         device: where to run.
         amp_dtype: autocast dtype, or None for the model's own.
+        loss_fn: the run's loss step (default the masked LM loss: the sums are then nats of the targets
+            that count, the mask and segments honoured).
+
+    Returns:
+        (summed loss, summed weight, each metric summed weighted by batch.weight).
     """
-    total, count = 0.0, 0.0
+    total, count, sums = 0.0, 0.0, {}
     for batch in batches:
         batch = batch.to(device)
         with _autocast(torch.device(device), amp_dtype):
-            loss, _ = lm_loss(model, batch)  # the mean over batch.weight targets
+            loss, metrics = loss_fn(model, batch)  # means over batch.weight units
         total += float(loss) * batch.weight
         count += batch.weight
-    return total, count
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * batch.weight
+    return total, count, sums
 
 
 def _batches(windows: Iterable[Tensor], size: int) -> Iterator[Tensor]:

@@ -37,7 +37,7 @@ class Run:
     train_model: nn.Module  # what the loss step calls: the model, compiled and/or DDP/FSDP-wrapped
     optimizer: torch.optim.Optimizer
     batches: BatchSource  # (step, first row, rows) -> Batch: the training data, a pure function of its arguments
-    val: TokenData | list[Batch] | None  # a val split's windows, or held-out Batches (sft's chat examples)
+    val: TokenData | list[Batch] | None  # a val split's windows, or held-out Batches (sft's chat examples, dpo's pairs)
     tokenizer: Tokenizer | None
     dist: Dist
     device: torch.device
@@ -219,7 +219,11 @@ def _barrier() -> None:
 
 def restore(run: Run, ckpt: Path) -> None:
     """Load weights, optimizer moments and the step from a resumable checkpoint into the run."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_state_dict,
+        set_state_dict,
+    )
 
     info = read_train_info(ckpt)
     flat, _ = checkpoint.load_train_state(ckpt)
