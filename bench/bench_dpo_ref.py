@@ -132,7 +132,8 @@ def steps_of(out: Path) -> tuple[list[float], list[float]]:
     return [SEQ_LEN * ROWS / r["tokens_per_s"] for r in rows], [r["loss"] for r in rows]
 
 
-def summarise(results: dict[str, dict[str, list[dict]]], steps: int) -> str:
+def summarise(results: dict[str, dict[str, list[dict]]]) -> str:
+    """Markdown: per method, s/step, peak RSS and the one-off pass of each side, the per-pair ratio, the losses."""
     lines = []
     for method, sides in results.items():
         s = {k: [statistics.median(r["step_s"][1:]) for r in runs] for k, runs in sides.items()}
@@ -141,10 +142,9 @@ def summarise(results: dict[str, dict[str, list[dict]]], steps: int) -> str:
                   "|---|---|---|---|---|"]
         for k in ("cached", "recompute"):
             ref = [r["ref_s"] for r in sides[k] if r.get("ref_s") is not None]
+            once = f"{statistics.median(ref):.1f}" if ref else "none"
             lines.append(f"| {k} | {statistics.median(s[k]):.2f} | {', '.join(f'{x:.2f}' for x in s[k])} | "
-                         f"{statistics.median(r['rss'] for r in sides[k]) / 1e9:.2f} GB | "
-                         f"{statistics.median(ref):.1f} |" if ref else
-                         f"{statistics.median(r['rss'] for r in sides[k]) / 1e9:.2f} GB | none |")
+                         f"{statistics.median(r['rss'] for r in sides[k]) / 1e9:.2f} GB | {once} |")
         lc, lr = sides["cached"][0]["loss"], sides["recompute"][0]["loss"]
         lines += ["", f"recompute / cached s/step per pair: {', '.join(f'{x:.2f}' for x in ratios)}; median "
                       f"{statistics.median(ratios):.2f}; losses cached {[round(x, 5) for x in lc]}, recompute "
@@ -192,7 +192,7 @@ def main() -> None:
                       f"{rss / 1e9:.2f} GB, wall {wall:.1f} s, reference pass {ref_s} s, losses "
                       f"{[round(x, 5) for x in loss]}", flush=True)
     (work / "results.json").write_text(json.dumps(results, indent=1))
-    print(summarise(results, a.steps))
+    print(summarise(results))
 
 
 if __name__ == "__main__":
