@@ -205,7 +205,8 @@ def test_cli_writes_jsonl_and_checks_it(tmp_path: Path, capsys) -> None:
                                    for i, r in enumerate(rows)))
     capsys.readouterr()
     assert main(["data", "check", "function-calling", "--data", str(out), "--predictions", str(predictions)]) == 0
-    assert "15/20 correct (75.0%)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "15/20 correct (75.0%)" in out and "failing: not a function call 5" in out
     pairs = tmp_path / "pairs.jsonl"
     assert main(["data", "task", "tinytales-instruct", "--n", "5", "--pairs", "--out", str(pairs)]) == 0
     assert all({"prompt", "chosen", "rejected", "reason"} <= json.loads(line).keys()

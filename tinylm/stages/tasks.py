@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,9 @@ def check_main(cfg: CheckConfig) -> None:
     result = tasks.score(cfg.task, examples, predictions)
     for failure in result["failures"][:cfg.show]:
         print(f"#{failure['index']}: {'; '.join(failure['reasons'])}")
+    kinds = Counter(kind for f in result["failures"] for kind in {r.split(":")[0] for r in f["reasons"]})
+    if kinds:  # how many answers fail each criterion (an answer can fail several)
+        print("failing: " + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()))
     print(f"{cfg.task}: {result['correct']}/{result['n']} correct ({100 * result['accuracy']:.1f}%)")
 
 
