@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +128,16 @@ def check_main(cfg: CheckConfig) -> None:
     result = tasks.score(cfg.task, examples, predictions)
     for failure in result["failures"][:cfg.show]:
         print(f"#{failure['index']}: {'; '.join(failure['reasons'])}")
-    kinds = Counter(kind for f in result["failures"] for kind in {r.split(":")[0] for r in f["reasons"]})
+    kinds = Counter(kind for f in result["failures"] for kind in {_kind(r) for r in f["reasons"]})
     if kinds:  # how many answers fail each criterion (an answer can fail several)
         print("failing: " + ", ".join(f"{kind} {n}" for kind, n in kinds.most_common()))
     print(f"{cfg.task}: {result['correct']}/{result['n']} correct ({100 * result['accuracy']:.1f}%)")
+
+
+def _kind(reason: str) -> str:
+    """A failure reason without its particulars: "missing word: kazoo" -> "missing word", "no character named
+    Emma" -> "no character named ...", "wrong arguments for set_alarm: {...}" -> "wrong arguments for ..."."""
+    return re.sub(r"\b(named|about|for) .*", r"\1 ...", reason.split(":")[0])
 
 
 def _model_answers(cfg: CheckConfig, examples: list[Any]) -> list[str]:
