@@ -20,7 +20,7 @@ TT_TRAIN=${TT_TRAIN:-2000}  # TinyTales-Instruct training instructions
 TT_TEST=${TT_TEST:-100}
 mkdir -p "$WORK"
 tl() { "$PY" -m tinylm "$@"; }
-quiet() { "$@" > "$WORK/last.log" 2>&1 || { tail -20 "$WORK/last.log"; exit 1; }; }
+quiet() { "$@" > "$WORK/last-$PART.log" 2>&1 || { tail -20 "$WORK/last-$PART.log"; exit 1; }; }
 result() { echo "$*" | tee -a "$WORK/results.txt"; }
 
 # check TASK NAME MODEL [--constrained]: score MODEL's greedy answers on the task's held-out file
@@ -64,6 +64,69 @@ fc)
     --data.batch_tokens 2048 --data.micro_batch 2 --schedule.warmup_steps 3 --chat.epochs "${FC_EPOCHS:-1}"
   check function-calling fc-full "$WORK/fc-full/final"
   check function-calling fc-full-constrained "$WORK/fc-full/final" --constrained
+  ;;
+fc45)
+  # SmolLM2-135M -> ~45M for function calling: prune (width, vocabulary trimmed to the tokens of the task's
+  # text), distill from SmolLM2 on the task's chats rendered as text (3,000 training requests, none a test
+  # prompt), then the same SFT as `fc`'s full fine-tuning.
+  [ -f "$WORK/function-calling-test.jsonl" ] || data function-calling "$FC_TRAIN" "$FC_TEST"
+  "$PY" - "$WORK/fc-text.jsonl" "${KD_REQUESTS:-3000}" <<'PYEOF'
+import json, sys
+from tinylm.data import tasks
+from tinylm.formats.checkpoint import load_tokenizer
+tok = load_tokenizer("smollm2-135m")
+with open(sys.argv[1], "w", encoding="utf-8") as f:
+    for r in tasks.examples("function-calling", int(sys.argv[2]), "train", seed=7):
+        f.write(json.dumps({"text": tok.apply_chat_template(r["messages"], add_generation_prompt=False)}) + "\n")
+PYEOF
+  rm -rf "$WORK/p45" "$WORK/fc45-data" "$WORK/fc45-kd"; t0=$SECONDS
+  quiet tl prune smollm2-135m --calib "$WORK/fc-text.jsonl" --trim-vocab "${TRIM:-8192}" --target-params 45e6 \
+    --out "$WORK/p45"
+  result "$(date -u +%FT%TZ) fc45-pruned: $((SECONDS - t0)) s; $(grep -m1 -o 'wrote .*' "$WORK/last-$PART.log" || true)"
+  check function-calling fc45-pruned "$WORK/p45"
+  quiet tl data prepare "$WORK/fc-text.jsonl" --tokenizer "$WORK/p45" --out "$WORK/fc45-data" --val-fraction 0.02
+  t0=$SECONDS
+  quiet tl distill --teacher smollm2-135m --student "$WORK/p45" --data.dir "$WORK/fc45-data" --out "$WORK/fc45-kd" \
+    --data.seq_len 512 --data.batch_tokens 4096 --data.micro_batch 4 --schedule.steps "${KD_STEPS:-60}" \
+    --schedule.warmup_steps 5 --optim.lr "${KD_LR:-3e-4}" --optim.width_scaling false --run.progress false \
+    --run.plot false --run.ckpt_every 0
+  result "$(date -u +%FT%TZ) fc45-kd: distilled in $((SECONDS - t0)) s; last metrics: $(tail -1 "$WORK/fc45-kd/metrics.jsonl")"
+  check function-calling fc45-kd "$WORK/fc45-kd/final"
+  sft fc45-sft "$WORK/fc45-kd/final" function-calling --optim.lr "${FC45_LR:-3e-4}" --data.seq_len 1024 \
+    --data.batch_tokens 2048 --data.micro_batch 2 --schedule.warmup_steps 3 --chat.epochs "${FC_EPOCHS:-1}"
+  check function-calling fc45-sft "$WORK/fc45-sft/final"
+  check function-calling fc45-sft-constrained "$WORK/fc45-sft/final" --constrained
+  ;;
+tt)
+  # The quickstart's model and recipe (1M parameters, 10 minutes of this CPU), with rows of 512 tokens instead of
+  # 256 so that an instruction and its whole story (up to ~330 tokens) fit the context.
+  sed 's/^  seq_len: 256 .*/  seq_len: 512/; s/^  micro_batch: 16/  micro_batch: 8/' \
+    "$("$PY" -c 'import tinylm, pathlib; print(pathlib.Path(tinylm.__file__).parent / "recipes/quickstart.yaml")')" \
+    > "$WORK/quickstart-512.yaml"
+  if [ ! -f "$WORK/qs/train/final/model.safetensors" ]; then
+    t0=$SECONDS
+    quiet tl quickstart --out "$WORK/qs" --minutes "${QS_MINUTES:-10}" --recipe "$WORK/quickstart-512.yaml" --overwrite
+    result "$(date -u +%FT%TZ) tt-base: quickstart in $((SECONDS - t0)) s; $(grep -m1 -i 'bits per byte\|valid' "$WORK/qs/REPORT.md" || true)"
+  fi
+  data tinytales-instruct "$TT_TRAIN" "$TT_TEST"
+  quiet tl data task tinytales-instruct --pairs --n "${TT_PAIRS:-1000}" --seed 1 --out "$WORK/tt-pairs.jsonl" --overwrite
+  export MAX_TOKENS=${TT_MAX_TOKENS:-360}
+  check tinytales-instruct tt-base "$WORK/qs/train/final"
+  TT_SFT=(--optim.lr "${TT_LR:-1e-3}" --data.seq_len 512 --data.batch_tokens 4096 --data.micro_batch 8
+          --schedule.warmup_steps 10)
+  sft tt-sft "$WORK/qs/train/final" tinytales-instruct "${TT_SFT[@]}" --chat.epochs "${TT_EPOCHS:-2}"
+  check tinytales-instruct tt-sft "$WORK/tt-sft/final"
+  # DPO from the SFT model, and as many more SFT steps from it for comparison (same pairs' prompts unseen)
+  DPO_STEPS=${DPO_STEPS:-60}
+  rm -rf "$WORK/tt-dpo"; t0=$SECONDS
+  quiet tl dpo "$WORK/tt-sft/final" --data "$WORK/tt-pairs.jsonl" --out "$WORK/tt-dpo" --dpo.beta "${DPO_BETA:-0.1}" \
+    --optim.lr "${DPO_LR:-1e-4}" --optim.width_scaling false --data.seq_len 512 --data.batch_tokens 4096 \
+    --data.micro_batch 4 --schedule.steps "$DPO_STEPS" --schedule.warmup_steps 5 --run.progress false \
+    --run.plot false --run.ckpt_every 0
+  result "$(date -u +%FT%TZ) tt-dpo: trained in $((SECONDS - t0)) s; last metrics: $(tail -1 "$WORK/tt-dpo/metrics.jsonl")"
+  check tinytales-instruct tt-dpo "$WORK/tt-dpo/final"
+  sft tt-sft-more "$WORK/tt-sft/final" tinytales-instruct "${TT_SFT[@]}" --schedule.steps "$DPO_STEPS"
+  check tinytales-instruct tt-sft-more "$WORK/tt-sft-more/final"
   ;;
 *) echo "unknown part $PART: fc, fc45 or tt" >&2; exit 2 ;;
 esac
