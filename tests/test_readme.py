@@ -31,6 +31,7 @@ SHRINK = [
     (r"step_\d+", "step_0000020"),  # a stable-phase checkpoint of the 40-step run
     (r"--preset 5m", "--preset 260k"),
     (r"tinytales-instruct --n \d+", "tinytales-instruct --n 16"),
+    (r"--max-tokens \d+", "--max-tokens 8"),  # data check --model: 16 answers of 8 tokens
 ]
 # distillation runs 4 steps of 64 tokens: the teacher (SmolLM2-135M) is the slow part
 DISTILL = ("--schedule.steps 4 --schedule.tokens none --schedule.warmup_steps 1 --data.seq_len 32 "
