@@ -175,3 +175,12 @@ def tune_args(base: Path, data: Path, out: Path, seq: int, rows: int, micro: int
             "run.eval_every": 0, "run.ckpt_every": 0, "run.compile": False, "run.progress": False,
             "run.plot": False, "run.device": "cpu", "run.peak_flops": 1e11}
     return {**args, **extra}
+
+
+def run_bad_data(verb: str, base: Path, data: Path, out: Path, seq: int, capsys: Any) -> tuple[int, str]:
+    """A short `tinylm VERB` (sft, dpo) of `base` on bad `data` into `out`: its exit code and stderr."""
+    from tinylm import cli
+
+    code = cli.main([verb, str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(seq),
+                     "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])
+    return code, capsys.readouterr().err

@@ -19,13 +19,13 @@ from helpers import (
     chat_checkpoint,
     kill_note,
     run_and_kill,
+    run_bad_data,
     tune_args,
     weights,
     write_jsonl,
 )
 from safetensors import safe_open
 
-from tinylm import cli
 from tinylm.core.recipe import load_config
 from tinylm.data.chat import is_held_out, render
 from tinylm.formats import checkpoint
@@ -417,9 +417,7 @@ def test_bad_data_is_one_line_exit_2_and_nothing_written(row: object, says: str,
                                                          capsys: pytest.CaptureFixture) -> None:
     data = write_jsonl(tmp_path / "bad.jsonl", _rows(3) + [row])
     out = tmp_path / "out"
-    code = cli.main(["dpo", str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(SEQ),
-                     "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])
-    err = capsys.readouterr().err
+    code, err = run_bad_data("dpo", base, data, out, SEQ, capsys)
     assert code == 2 and err.startswith("tinylm: error: ") and err.count("\n") == 1, err
     assert says in err, err
     if "longer" not in says:

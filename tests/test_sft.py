@@ -19,6 +19,7 @@ from helpers import (
     kill_note,
     plain_tokenizer,
     run_and_kill,
+    run_bad_data,
     tiny_model,
     tune_args,
     weights,
@@ -264,9 +265,7 @@ def test_bad_data_is_one_line_exit_2_and_nothing_written(row: dict, says: str, b
                                                          capsys: pytest.CaptureFixture) -> None:
     data = write_jsonl(tmp_path / "bad.jsonl", _rows(3) + [row])
     out = tmp_path / "out"
-    code = cli.main(["sft", str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(SEQ),
-                     "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])
-    err = capsys.readouterr().err
+    code, err = run_bad_data("sft", base, data, out, SEQ, capsys)
     assert code == 2 and err.startswith("tinylm: error: ") and err.count("\n") == 1, err
     assert says in err, err
     assert not out.exists()

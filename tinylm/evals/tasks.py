@@ -9,6 +9,7 @@ values can be wrong.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable
 
 from tinylm.core.errors import TinylmError
@@ -44,13 +45,8 @@ def answer(model: Llama, tokenizer: Tokenizer, examples: list[dict[str, Any]], m
                           f"context of {model.config.max_seq_len}")
     # Decoded together by the engine (continuous batching); the examples' shared system message is computed
     # once and found again in its prefix cache. Greedy answers equal one-at-a-time decoding (tests/test_engine).
-    done = [0]
-
-    def finished(_: Any) -> None:
-        done[0] += 1
-        if progress is not None:
-            progress(done[0])
-
+    count = itertools.count(1)
+    finished = (lambda _: progress(next(count))) if progress is not None else None
     engine = Engine(model, tokenizer, EngineConfig(max_batch=max_batch, kv_tokens=max_batch * longest + longest))
     requests = [Request(ids, max_tokens, stop_ids=stops, constraint=make() if make else None, on_finish=finished)
                 for ids in prompts]

@@ -81,16 +81,6 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
     return out[0] if single else out
 
 
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many ids two id lists share from the start: what a KV cache of `a` can keep for `b`."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _cached_forward(model: Llama, cache: KVCache, ids: Tensor) -> Tensor:
     return model(ids, cache=cache)
 

@@ -13,7 +13,7 @@ from tinylm.core.recipe import Check, Count, NonNegative, Seed
 from tinylm.data.chat import end_of_turn_id
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.formats.checkpoint import load
-from tinylm.infer.generate import TextStream, common_prefix, generate_ids
+from tinylm.infer.generate import TextStream, generate_ids
 from tinylm.model.kvcache import KVCache
 from tinylm.model.llama import Llama
 
@@ -180,7 +180,7 @@ class ChatSession:
 
     def _generate(self, ids: list[int], stream: TextStream) -> list[int]:
         """The new ids after the prompt `ids`, reusing the cache for the prefix it shares with them."""
-        keep = common_prefix(self.cached, ids[:-1])  # at least one prompt id is fed, for the logits
+        keep = _common_prefix(self.cached, ids[:-1])  # at least one prompt id is fed, for the logits
         self._reserve(keep, len(ids) + self.cfg.max_tokens)
         cfg = self.cfg
         seed = None if cfg.seed is None else cfg.seed + self.turns
@@ -198,3 +198,12 @@ class ChatSession:
             grown.v[..., :keep, :] = self.cache.v[..., :keep, :]
             self.cache = grown
         self.cache.pos = keep
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
