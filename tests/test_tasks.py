@@ -323,3 +323,12 @@ def test_the_call_is_learned_once_through_smollm2s_template() -> None:
         rendered = render(to_example(record, "fc"), tok)
         said = tok.decode([i for i, m in zip(rendered.ids, rendered.mask) if m])
         assert said == FC.call_text(FC.gold_calls(record)[0]) + "<|im_end|>"
+
+
+def test_constrained_without_outlines_core_fails_before_the_model_loads(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setitem(__import__("sys").modules, "outlines_core", None)
+    data = tmp_path / "fc.jsonl"
+    data.write_text(json.dumps(tasks.examples("function-calling", 1)[0]) + "\n")
+    assert main(["data", "check", "function-calling", "--data", str(data), "--model", "nowhere", "--constrained"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--constrained needs outlines_core" in err[0] and "tinylm[json]" in err[0], err

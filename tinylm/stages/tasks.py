@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tinylm.core.errors import TinylmError
+from tinylm.core.errors import TinylmError, optional_import
 from tinylm.core.fs import atomic_file, check_out
 from tinylm.core.recipe import Count, Seed, one_of
 from tinylm.data import tasks
@@ -119,6 +119,8 @@ def check_main(cfg: CheckConfig) -> None:
         raise TinylmError("--constrained and --save apply to --model's answers")
     if cfg.constrained and cfg.task != "function-calling":
         raise TinylmError("--constrained is for function-calling (its answers are JSON calls)")
+    if cfg.constrained:  # before the model loads
+        optional_import("outlines_core", "json", "--constrained")
     if cfg.save:
         check_out(cfg.save, cfg.overwrite, kind="file")
     if cfg.model is not None:
