@@ -50,8 +50,10 @@ data() {  # data TASK N_TRAIN N_TEST
 case $PART in
 fc)
   data function-calling "$FC_TRAIN" "$FC_TEST"
-  check function-calling fc-zeroshot smollm2-135m
-  check function-calling fc-zeroshot-constrained smollm2-135m --constrained
+  if [ -z "${SKIP_ZEROSHOT:-}" ]; then  # SKIP_ZEROSHOT=1: only the fine-tuned rows
+    check function-calling fc-zeroshot smollm2-135m
+    check function-calling fc-zeroshot-constrained smollm2-135m --constrained
+  fi
   # LoRA r 16 on every linear layer; packed rows of 1024 tokens, 2 a step (~7 requests)
   sft fc-lora smollm2-135m function-calling --peft.method lora --peft.r 16 --peft.alpha 32 --peft.targets all-linear \
     --optim.lr "${LORA_LR:-1e-3}" --data.seq_len 1024 --data.batch_tokens 2048 --data.micro_batch 2 \
