@@ -261,6 +261,14 @@ CASES = [
     Case("config", "chat ck --temperature -1", "temperature"),
     Case("config", "chat ck --top-p 1.5", "top"),
     Case("disk", "chat nowhere", "nowhere"),
+    # serve (errors come before it listens, or are where it would listen)
+    Case("config", "serve ck --port 70000", "port"),
+    Case("config", "serve ck --max-concurrent 0", "--max-concurrent"),
+    Case("config", "serve ck --kv-tokens 8", "--kv-tokens 8"),
+    Case("config", "serve ck --device cuda:7", "cuda:7"),
+    Case("disk", "serve nowhere", "nowhere"),
+    Case("output", "serve ck --host 256.1.1.1", "cannot listen on 256.1.1.1"),
+    Case("syntax", "serve ck --log-level loud", "loud"),
     Case("bounded", "chat ck --json-schema nowhere.json", "nowhere.json"),
     Case("bounded", "chat ck --json-schema schema-object.json --max-tokens 2", "--max-tokens"),
     # eval

@@ -19,7 +19,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "tinylm"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("core", "model", "formats", "data", "infer", "train", "evals", "stages"),  # empty package faces
+    ("core", "model", "formats", "data", "infer", "train", "evals", "serve", "stages"),  # empty package faces
     ("core.errors",),
     ("core.fs", "core.recipe", "core.devices"),
     ("model.config",),
@@ -49,6 +49,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("train.state", "train.finetune"),
     ("train.loop",),
     ("evals.perplexity", "evals.tinytales", "evals.tasks"),
+    ("serve.protocol", "serve.metrics"),
+    ("serve.worker", "serve.prepare"),
+    ("serve.app",),
     ("stages.*",),
     ("cli",),
     ("__main__", ""),  # "" is the package's face, tinylm/__init__.py

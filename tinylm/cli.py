@@ -48,6 +48,10 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
     "generate": Command("continue a prompt (streams to stdout)", "generate", "GenerateConfig", positional=SOURCE),
     "chat": Command("talk to a model in the terminal: history, streamed replies, /reset /system /exit", "chat",
                     "ChatConfig", positional=SOURCE),
+    "serve": Command("an OpenAI-compatible HTTP server (chat, completions, streaming, tools, JSON schema)",
+                     "serve", "ServeConfig", positional=SOURCE,
+                     epilog="Needs the serve extra: pip install 'tinylm[serve]'. Any OpenAI client works: "
+                            "base_url http://HOST:PORT/v1, the model id from --name (default: SOURCE)."),
     "data": Command("corpora: the built-in TinyTales generator, preparing token shards", sub={
         "prepare": Command("clean, dedup, split and tokenise a corpus into token shards", "data", "PrepareConfig",
                            "prepare_main", positional=("inputs",)),

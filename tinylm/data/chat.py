@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
@@ -367,6 +368,51 @@ def format_tool_call(call: dict[str, Any]) -> str:
     fn = call["function"]
     return "<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": fn["arguments"]}, ensure_ascii=False) + \
         "\n</tool_call>"
+
+
+_TOOL_CALL_TAGS = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """The calls an assistant wrote in <tool_call> tags (the inverse of `format_tool_call`) and the text
+    around them; a tagged block that is not a JSON call {"name", "arguments": object} stays in the text.
+
+    Args:
+        text: the assistant's reply.
+
+    Returns:
+        (the text outside the calls, stripped; the calls as {"type": "function", "function": {"name",
+        "arguments": dict}}).
+    """
+    calls, kept, start = [], [], 0
+    for match in _TOOL_CALL_TAGS.finditer(text):
+        try:
+            call = json.loads(match.group(1))
+        except json.JSONDecodeError:
+            continue
+        if not (isinstance(call, dict) and isinstance(call.get("name"), str)
+                and isinstance(call.get("arguments", {}), dict)):
+            continue
+        calls.append({"type": "function", "function": {"name": call["name"], "arguments": call.get("arguments", {})}})
+        kept.append(text[start:match.start()])
+        start = match.end()
+    kept.append(text[start:])
+    return "".join(kept).strip(), calls
+
+
+def generation_prompt(messages: list[dict[str, Any]], tokenizer: Tokenizer,
+                      tools: list[dict[str, Any]] | None = None) -> str:
+    """The text a model continues to answer a conversation: the chat template's rendering with the assistant
+    header, tool calls and the tools list written into the text where the template ignores them (as in
+    training, see `render`).
+
+    Args:
+        messages: normalised messages (tool calls as {"type", "function": {"name", "arguments": dict}}).
+        tokenizer: a tokenizer with a chat template.
+        tools: the functions the model may call (the chat `tools` format), or None.
+    """
+    folded, _ = _template_messages(Example(messages, tools or None), tokenizer)
+    return tokenizer.apply_chat_template(folded, True, tools=tools if _template_renders(tokenizer, "tools") else None)
 
 
 _PROBE_CALL = "tinylm_probe_function"
