@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -193,6 +194,20 @@ def test_completion_echo_returns_prompt_logprobs(client, ref):
         pytest.approx(want[:len(ids) - 1], abs=1e-4)
 
 
+def test_streamed_completion_equals_the_whole_one(client):
+    kwargs = dict(model="tiny", prompt=["the cat sat", "the dog"], echo=True, logprobs=2, max_tokens=6, n=2,
+                  temperature=0)
+    whole = client.completions.create(**kwargs)
+    chunks = list(client.completions.create(**kwargs, stream=True))
+    for choice in whole.choices:
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == choice.index]
+        assert "".join(c.text for c in mine) == choice.text
+        assert [x for c in mine if c.logprobs for x in c.logprobs.token_logprobs] == choice.logprobs.token_logprobs
+        assert [x for c in mine if c.logprobs for x in c.logprobs.text_offset] == choice.logprobs.text_offset
+        assert mine[-1].finish_reason == choice.finish_reason
+    assert [c.index for c in whole.choices] == [0, 1, 2, 3] and whole.choices[0].text == whole.choices[1].text
+
+
 def test_completion_stop_string_cuts_the_text(client, ref):
     ids = ref.tokenizer.encode("the dog")
     _, text = _greedy(ref, ids, 20, [ref.tokenizer.eos_id])
@@ -231,6 +246,11 @@ def test_required_tool_call_is_parsed(client):
     (call,) = choice.message.tool_calls
     assert call.function.name == "get_weather" and call.id
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+    streamed = list(client.chat.completions.create(model="tiny", messages=messages, tools=[WEATHER], stream=True,
+                                                   tool_choice="required", max_tokens=40, temperature=0))
+    calls = [t for c in streamed if c.choices for t in c.choices[0].delta.tool_calls or []]
+    assert [(t.function.name, t.function.arguments) for t in calls] == [(call.function.name, call.function.arguments)]
+    assert streamed[-1].choices[0].finish_reason == "tool_calls"
     # the call and its result go back into the conversation
     history = messages + [choice.message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny"}'}]
@@ -343,6 +363,38 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, url, app, r
     assert _metric(url, "tinylm_running_requests") == 0 and _metric(url, "tinylm_queue_depth") == 0
     assert _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
     assert not engine.tickets and app.state.server.admitted == 0
+
+
+def test_a_client_that_disconnects_while_waiting_for_a_whole_reply_frees_its_slot(url, app):
+    """Without streaming nothing is written until the end, so a task watches the connection instead."""
+    cancelled = _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
+    body = json.dumps({"model": "tiny", "prompt": "the cat sat on the mat.", "max_tokens": CONTEXT - 32,
+                       "temperature": 1.0, "seed": 1}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _metric(url, "tinylm_running_requests") == 1
+    while _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _metric(url, "tinylm_running_requests") == 0
+    assert _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
+    assert app.state.server.admitted == 0
+
+
+def test_a_failed_engine_step_is_a_500_and_the_server_goes_on(client, app, monkeypatch):
+    worker = app.state.server.model.worker
+
+    def broken_step() -> None:
+        raise RuntimeError("a kernel failed")
+
+    monkeypatch.setattr(worker.engine, "step", broken_step)  # the worker replaces its engine after a failure
+    code, error = _error(lambda: client.completions.create(model="tiny", prompt="the cat", max_tokens=3))
+    assert code == 500 and error["type"] == "server_error" and "a kernel failed" in error["message"]
+    assert client.completions.create(model="tiny", prompt="the cat", max_tokens=3).choices[0].text is not None
 
 
 # ----- the command --------------------------------------------------------------------------------------------

@@ -160,7 +160,16 @@ class Server:
                 "max_model_len": self.model.context}
 
     async def handle(self, request: Request, kind: type) -> Response:
-        """Read, check, prepare, admit and answer one chat or completions request."""
+        """Read, check, prepare, admit and answer one chat or completions request; a failure of the server's own
+        (a bug, a failed engine step) is a 500 in OpenAI's body, and the connection stays usable."""
+        try:
+            return await self._handle(request, kind)
+        except (ApiError, TinylmError):
+            raise
+        except Exception as e:  # noqa: BLE001 - answered, not raised: uvicorn would drop the connection
+            raise _failure(e) from None
+
+    async def _handle(self, request: Request, kind: type) -> Response:
         start = time.perf_counter()
         body = parse_body(await _read_body(request, self.limits.max_body_bytes), kind)
         job = await (self.prepare.chat(body) if kind is ChatRequest else self.prepare.completion(body))
@@ -347,7 +356,15 @@ async def _with_done(events: AsyncIterator[str]) -> AsyncIterator[str]:
         yield sse(e.body())
     except TinylmError as e:
         yield sse(ApiError(400, str(e)).body())
+    except Exception as e:  # noqa: BLE001 - the stream ends with the error, the server goes on
+        yield sse(_failure(e).body())
     yield sse("[DONE]")
+
+
+def _failure(e: Exception) -> ApiError:
+    """A failure of the server's own, logged with its traceback, as OpenAI's 500."""
+    traceback.print_exception(e)
+    return ApiError(500, f"The server failed: {type(e).__name__}: {e}", type="server_error")
 
 
 class _EventStream(StreamingResponse):
@@ -445,6 +462,6 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 
 async def _server_error(request: Request, e: Exception) -> JSONResponse:
-    traceback.print_exception(e)
-    return JSONResponse(ApiError(500, f"The server failed: {type(e).__name__}: {e}", type="server_error").body(),
-                        status_code=500)
+    """The last resort, outside the generation endpoints (Starlette re-raises the error after it, so uvicorn
+    closes the connection)."""
+    return await _api_error(request, _failure(e))

@@ -1,9 +1,10 @@
 """The server's Prometheus metrics, in a registry of its own (so two servers in one process do not share them).
 
-Gauges: sequences waiting for a batch row (queue depth) and being decoded, and generated tokens per second
-over the last WINDOW seconds. Counters: prompt and generated tokens, finished sequences by reason (stop,
+Engine requests are samples (a request with n = 3 makes three). Gauges: engine requests waiting for a batch
+row (tinylm_queue_depth) and being decoded (tinylm_running_requests), and generated tokens per second over
+the last WINDOW seconds. Counters: prompt and generated tokens, finished engine requests by reason (stop,
 length, cancelled, error), HTTP requests by endpoint and status. Histograms: request latency (arrival to
-last byte) and time to the first generated token.
+last byte, successful generation requests) and time to the first generated token.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.queue_depth = Gauge("tinylm_queue_depth", "Engine requests waiting for a batch row", registry=r)
         self.running = Gauge("tinylm_running_requests", "Engine requests (one per sample) being decoded", registry=r)
-        self.prompt_tokens = Counter("tinylm_prompt_tokens", "Prompt tokens of admitted sequences", registry=r)
+        self.prompt_tokens = Counter("tinylm_prompt_tokens", "Prompt tokens of submitted engine requests", registry=r)
         self.generated_tokens = Counter("tinylm_generated_tokens", "Tokens generated", registry=r)
         self.finished = Counter("tinylm_finished_requests", "Engine requests ended, by reason", ["reason"], registry=r)
         self.requests = Counter("tinylm_http_requests", "HTTP requests answered, by endpoint and status",

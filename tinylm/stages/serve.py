@@ -27,7 +27,9 @@ class ServeConfig:
     max_concurrent: Count = 16  # samples decoded together (the engine's batch); more wait in its queue
     max_queue: Interval = 64  # samples that may wait beyond them; a request that would exceed both gets 429
     max_body_bytes: Count = 1_000_000  # largest request body in bytes (413 beyond)
-    kv_tokens: Count | None = None  # KV-cache positions for all samples together (none: max_concurrent contexts)
+    # KV-cache positions of all samples together, which bounds its memory: a sample reserves prompt + max_tokens
+    # when it starts and waits until they are free (none: max_concurrent whole contexts)
+    kv_tokens: Count | None = None
     prefix_cache: bool = True  # compute a prompt prefix seen before once (a shared system prompt)
     log_level: one_of("critical", "error", "warning", "info", "debug") = "info"  # uvicorn's (info: a line per request)
 
