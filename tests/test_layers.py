@@ -48,7 +48,8 @@ LAYERS: list[tuple[str, ...]] = [
      "train.preference"),
     ("train.state", "train.finetune"),
     ("train.loop",),
-    ("evals.perplexity", "evals.tinytales", "evals.tasks"),
+    ("evals.perplexity", "evals.tinytales", "evals.tasks", "evals.loglik"),
+    ("evals.benchmarks", "evals.harness"),
     ("stages.*",),
     ("cli",),
     ("__main__", ""),  # "" is the package's face, tinylm/__init__.py
