@@ -97,7 +97,7 @@ def _direct(model, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
     return out
 
 
-def _groups(tok, model, limit: int = 6) -> list[list[tuple[list[int], list[int]]]]:
+def _groups(tok, model, limit: int = 4) -> list[list[tuple[list[int], list[int]]]]:
     groups = []
     for name in TASKS:
         groups += benchmarks.encode_items(benchmarks.load_task(name, 0, limit), tok, model.config.vocab_size)

@@ -17,11 +17,16 @@ from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.model.kvcache import PagedCache
 from tinylm.model.llama import Llama
+
+
+MIN_TOKENS = 16  # the fewest positions a forward pass holds (see _run_batch)
+KEY_BLOCK = 64  # a pass's keys per row are a multiple of this (see _run_batch)
 
 
 @dataclass(frozen=True)
@@ -142,13 +147,24 @@ def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
 
 
 @torch.no_grad()
+@sdpa_kernel(SDPBackend.MATH)
 def _run_batch(model: Llama, groups: list[_Group], batch_size: int) -> list[list[Scored]]:
-    """The groups' prefixes in one forward pass, then their rows in passes of at most batch_size rows."""
+    """The groups' prefixes in one forward pass, then their rows in passes of at most batch_size rows.
+
+    One attention kernel serves every batch shape: a lone row without a mask would get the fused causal
+    kernel, which rounds differently from the masked one a batch gets (4.5e-5 nats apart on SmolLM2-135M's
+    summed log-likelihoods), and a figure must not depend on the batch size. For the same reason a pass holds
+    at least MIN_TOKENS positions (padding added): BLAS multiplies one or two rows by its matrix-vector path,
+    which rounds differently from the matrix-matrix one; and every row reads a multiple of KEY_BLOCK keys (the
+    ones past its end masked), since the vectorised softmax and products round a key count's remainder
+    differently from whole blocks, and the key count of a batch is its longest row's."""
     device = next(model.parameters()).device
     cfg = model.config
     rows = [(gi, r) for gi, g in enumerate(groups) for r in range(len(g.seqs))]
     longest_prefix = max(g.prefix for g in groups)
-    longest_row = max(len(groups[gi].tail(r)) for gi, r in rows)
+    if longest_prefix:
+        longest_prefix = max(longest_prefix, -(-MIN_TOKENS // len(groups)))
+    longest_row = max(max(len(groups[gi].tail(r)) for gi, r in rows), MIN_TOKENS)
     chunk = min(batch_size, len(rows))
     # pool positions: each group's prefix (padded to the longest), then one chunk of rows
     n_slots = len(groups) * longest_prefix + chunk * longest_row
@@ -158,7 +174,7 @@ def _run_batch(model: Llama, groups: list[_Group], batch_size: int) -> list[list
     prefix_slots = torch.arange(len(groups) * longest_prefix, device=device).view(len(groups), longest_prefix)
     if longest_prefix:
         ids = _padded([g.seqs[0][:max(g.prefix, 1)] for g in groups], longest_prefix, device)
-        cache = PagedCache(pool_k, pool_v, prefix_slots, [0] * len(groups))
+        cache = PagedCache(pool_k, pool_v, _blocked(prefix_slots), [0] * len(groups))
         # the prefix's logits are never scored: compute one vocabulary column instead of all of them
         model(ids, cache=cache, logits_for=torch.zeros(1, dtype=torch.long, device=device))
     scores: list[list[Scored]] = [[] for _ in groups]
@@ -166,7 +182,7 @@ def _run_batch(model: Llama, groups: list[_Group], batch_size: int) -> list[list
     for start in range(0, len(rows), chunk):
         part = rows[start:start + chunk]
         tails = [groups[gi].tail(r) for gi, r in part]
-        width = max(len(t) for t in tails)
+        width = max(max(len(t) for t in tails), -(-MIN_TOKENS // len(part)))
         own = first_row_slot + torch.arange(len(part) * width, device=device).view(len(part), width)
         starts = [groups[gi].prefix for gi, _ in part]
         slots = _row_slots(prefix_slots, [gi for gi, _ in part], starts, own)
@@ -192,7 +208,14 @@ def _row_slots(prefix_slots: Tensor, group_of: list[int], starts: list[int], own
     for i, (g, p) in enumerate(zip(group_of, starts)):
         fill = own[i, :1].expand(S - p - width)
         rows.append(torch.cat([prefix_slots[g, :p], own[i], fill]))
-    return torch.stack(rows)
+    return _blocked(torch.stack(rows))
+
+
+def _blocked(slots: Tensor) -> Tensor:
+    """(B, S') slots, S' = S rounded up to a multiple of KEY_BLOCK by repeating each row's last slot: keys
+    that no query sees (past every query's position), so only the rounding of the sums they join changes."""
+    extra = -slots.shape[1] % KEY_BLOCK
+    return torch.cat([slots, slots[:, -1:].expand(-1, extra)], dim=1)
 
 
 def _score(row_logits: Tensor, group: _Group, r: int) -> Scored:
@@ -201,7 +224,7 @@ def _score(row_logits: Tensor, group: _Group, r: int) -> Scored:
     end = len(group.tail(r))  # the row's real positions; the last n predict the continuation
     logp = row_logits[end - n:end].float().log_softmax(-1)  # (n, V)
     targets = torch.tensor(group.seqs[r][-n:], device=logp.device)
-    picked = logp.gather(1, targets[:, None])[:, 0].double()
+    picked = logp.gather(1, targets[:, None])[:, 0].double()  # summed in float64
     logprob = float(picked.sum())
     if math.isnan(logprob):
         raise TinylmError("the model's log-probabilities are NaN: its weights are broken")
