@@ -24,7 +24,6 @@ from tinylm.data.tokenizer import Tokenizer
 from tinylm.model.kvcache import PagedCache
 from tinylm.model.llama import Llama
 
-
 MIN_TOKENS = 16  # the fewest positions a forward pass holds (see _run_batch)
 KEY_BLOCK = 64  # a pass's keys per row are a multiple of this (see _run_batch)
 
