@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
      "train.preference"),
     ("train.state", "train.finetune"),
     ("train.loop",),
-    ("evals.perplexity", "evals.tinytales", "evals.tasks"),
+    ("evals.perplexity", "evals.tinytales", "evals.tasks", "evals.scaling"),
     ("stages.*",),
     ("cli",),
     ("__main__", ""),  # "" is the package's face, tinylm/__init__.py
