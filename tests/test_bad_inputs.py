@@ -162,6 +162,9 @@ def _broken_files(root: Path) -> None:
     (root / "a-dir").mkdir()  # a user's directory where a file goes
     _write(root / "a-dir" / "keep.txt", "mine\n")
     _write(root / "tinytales.txt", "a story the user wrote\n")
+    _write(root / "few-runs" / "results.jsonl", "".join(json.dumps({"params": 1000 * k, "tokens": 9000, "loss": 3.0})
+                                                        + "\n" for k in (1, 2, 3)))
+    _write(root / "bad-runs" / "results.jsonl", json.dumps({"params": 1000, "tokens": -5, "loss": 3.0}) + "\n")
 
 
 def _unk_tokenizer() -> Tokenizer:
@@ -194,6 +197,8 @@ class Case:
     says: str  # a piece of the one-line message
 
 
+LADDER = ("--data data --ladder.widths [32,64] --ladder.depths [1] --ladder.tokens [4096,8192] "
+          "--data.seq_len 32 --data.batch_tokens 128 --data.micro_batch 4 --schedule.warmup_steps 1")
 TRAIN = ("--data data --model.dim 32 --model.n_layers 1 --model.n_heads 2 --model.ffn_dim 64 "
          "--data.seq_len 32 --data.batch_tokens 128 --data.micro_batch 4 --schedule.steps 2 "
          "--run.progress false --run.plot false --run.compile false")
@@ -359,6 +364,20 @@ CASES = [
     Case("config", "quickstart --out q --minutes nan", "minutes"),
     Case("config", "quickstart --out q --vocab-size 10", "vocab"),
     Case("config", "quickstart --out q --samples -1", "samples"),
+    # scaling
+    Case("config", "scaling --data data --out o", "the ladder is empty"),
+    Case("config", f"scaling {LADDER.replace('[4096,8192]', '[8192,4096]')} --out o", "must be increasing"),
+    Case("config", f"scaling {LADDER} --out o --schedule.kind cosine", "wsd"),
+    Case("config", f"scaling {LADDER} --out o --model.dim 64", "model.dim"),
+    Case("config", f"scaling {LADDER} --out o --ladder.head_dim 48", "head_dim"),
+    Case("config", f"scaling {LADDER} --out o --fit.grid fine", "fit.grid"),
+    Case("config", f"scaling {LADDER} --out o --predict 1e15", "too small"),
+    Case("config", "scaling --fit few-runs", "3 runs are too few"),
+    Case("disk", "scaling --fit bad-runs", "tokens must be a positive"),
+    Case("disk", "scaling --fit nowhere", "nowhere"),
+    Case("disk", f"scaling {LADDER.replace('--data data', '--data data-no-meta')} --out o", "data-no-meta"),
+    Case("output", f"scaling {LADDER} --out a-file", "a-file"),
+    Case("output", f"scaling {LADDER} --out a-dir", "holds no ladder"),
     # --- files read from disk (Deliver 2) ---
     Case("disk", "info ck-rope-text", "rope_theta"),
     Case("disk", "info ck-tinylm-list", "tinylm"),

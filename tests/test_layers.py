@@ -48,7 +48,7 @@ LAYERS: list[tuple[str, ...]] = [
      "train.preference"),
     ("train.state", "train.finetune"),
     ("train.loop",),
-    ("evals.perplexity", "evals.tinytales", "evals.tasks", "evals.loglik"),
+    ("evals.perplexity", "evals.tinytales", "evals.tasks", "evals.loglik", "evals.scaling"),
     ("evals.benchmarks", "evals.harness"),
     ("serve.protocol", "serve.metrics"),
     ("serve.worker", "serve.prepare"),

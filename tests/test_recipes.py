@@ -16,7 +16,8 @@ from tinylm.train.config import TrainConfig
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 # recipe file prefix -> (module, config class); anything else is a pretraining recipe
-STAGES = {"distill-": ("tinylm.stages.distill", "DistillConfig")}
+STAGES = {"distill-": ("tinylm.stages.distill", "DistillConfig"),
+          "scaling-": ("tinylm.stages.scaling", "ScalingConfig")}
 
 
 def config_class(recipe: Path) -> type:

@@ -108,6 +108,14 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
         "dpo", "DpoConfig", positional=("model.init",),
         aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume"},
         epilog="Several processes: torchrun --nproc_per_node N -m tinylm dpo ..."),
+    "scaling": Command(
+        "scaling-law ladder: sizes x token budgets by WSD branching, a fit of L(N, D) and its compute frontier",
+        "scaling", "ScalingConfig",
+        aliases={"--out": "run.out", "--data": "data.dir", "--fit": "fit.dir", "--predict": "fit.predict",
+                 "--overwrite": "ladder.overwrite"},
+        epilog="Refit existing results: tinylm scaling --fit DIR [--predict FLOPS]. "
+               "Sizes and budgets on the command line: --ladder.widths '[64,128]' --ladder.depths '[2]' "
+               "--ladder.tokens '[1e6,2e6]'."),
     "quantize": Command("weight-only int8 / int4 quantisation; reports size and perplexity change", "quantize",
                         "QuantizeConfig", positional=SOURCE),
     "export": Command("write a model as an HF dir, a GGUF file (llama.cpp) or an ONNX graph", "export",

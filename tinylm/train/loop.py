@@ -503,21 +503,28 @@ def _no_empty_run_dir(run: Run) -> Iterator[None]:
         raise
 
 
-def fit(run: Run, loss_fn: LossFn = lm_loss) -> Path:
+def fit(run: Run, loss_fn: LossFn = lm_loss, stop_at: int | None = None) -> Path:
     """Train from run.step to run.total_steps; write checkpoints, metrics, OUT/final and the plot.
 
     Args:
         run: the run built by setup().
         loss_fn: the loss step, (model, batch) -> (loss, metrics); distillation passes its own.
+        stop_at: stop after this step, before run.total_steps, and write a resumable checkpoint
+            OUT/checkpoints/step_N there in place of OUT/final: the first part of a run that is
+            continued later (`fit` again, or `--resume auto`), such as a WSD stable phase that decay
+            branches start from (`tinylm scaling`). The learning rate follows the whole run's schedule.
 
     Returns:
-        OUT/final; after a signal checkpoint it raises KeyboardInterrupt (Terminated on SIGTERM).
+        OUT/final (the checkpoint at stop_at with stop_at); after a signal checkpoint it raises
+        KeyboardInterrupt (Terminated on SIGTERM).
     """
+    if stop_at is not None and not run.step <= stop_at < run.total_steps:
+        raise ValueError(f"stop_at {stop_at} is not in [step {run.step}, total_steps {run.total_steps})")
     with _no_empty_run_dir(run):
-        return _fit(run, loss_fn)
+        return _fit(run, loss_fn, run.total_steps if stop_at is None else stop_at)
 
 
-def _fit(run: Run, loss_fn: LossFn) -> Path:
+def _fit(run: Run, loss_fn: LossFn, end: int) -> Path:
     from tqdm import tqdm
 
     cfg, out = run.cfg.run, run.out
@@ -528,7 +535,7 @@ def _fit(run: Run, loss_fn: LossFn) -> Path:
                unit="step", dynamic_ncols=True)
     window_s, window_steps = 0.0, 0  # time spent in training steps since the last log line
     with _catch_signals(run):
-        while run.step < run.total_steps:
+        while run.step < end:
             t0 = time.perf_counter()
             stats = train_step(run, loss_fn)
             _sync(run.device)
@@ -564,6 +571,8 @@ def _fit(run: Run, loss_fn: LossFn) -> Path:
                     raise Terminated if run.stop_signal == signal.SIGTERM else KeyboardInterrupt
     bar.close()
     log.close()
+    if end < run.total_steps:  # a part of the run: resumable, and not pruned by keep_last until a later save
+        return save_checkpoint(run, checkpoint_dir(out, run.step))
     final = save_checkpoint(run, out / "final", resumable=False)
     if run.dist.main and cfg.plot and log.path.is_file():
         plot_metrics(log.path, out / "loss.png")
