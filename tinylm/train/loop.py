@@ -574,6 +574,7 @@ def _fit(run: Run, loss_fn: LossFn) -> Path:
     bar = tqdm(total=None if budgeted and run.total_steps == UNBOUNDED else run.total_steps, initial=run.step,
                disable=not (cfg.progress and run.dist.main), unit="step", dynamic_ncols=True)
     window_s, window_tokens = 0.0, 0  # time spent in training steps since the last log line, and their tokens
+    started = time.perf_counter()  # time_s: seconds into this session, evaluations and checkpoints included
     with _catch_signals(run):
         while run.step < run.total_steps:
             if budgeted:
@@ -584,20 +585,21 @@ def _fit(run: Run, loss_fn: LossFn) -> Path:
             window_s, window_tokens = window_s + time.perf_counter() - t0, window_tokens + run.tokens() - tokens
             if budgeted:
                 _follow_budget(run, bar)
+            now = time.perf_counter() - started
             tps = window_tokens / max(window_s, 1e-9)
             mfu = tps * flops_per_token / run.peak_flops if run.peak_flops else 0.0
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
             record: dict[str, Any] = {}
             if run.step % cfg.log_every == 0 or run.step == run.total_steps:
-                record = dict(step=run.step, tokens=run.tokens(), **stats, tokens_per_s=tps, mfu=mfu)
+                record = dict(step=run.step, tokens=run.tokens(), **stats, tokens_per_s=tps, mfu=mfu, time_s=now)
                 window_s, window_tokens = 0.0, 0
             if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total_steps:
                 vals = validate(run, loss_fn)
                 run.last_val = None if vals is None else vals["val_loss"]
                 if vals is not None:
                     run.best_val = min(run.best_val or run.last_val, run.last_val)
-                    record.update(step=run.step, **vals)
+                    record.update(step=run.step, tokens=run.tokens(), time_s=now, **vals)
                     if run.dist.main:
                         bar.write(f"step {run.step}: val loss {run.last_val:.4f}")
             if record:
