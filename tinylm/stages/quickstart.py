@@ -47,7 +47,7 @@ RECIPE = importlib.resources.files("tinylm") / "recipes" / "quickstart.yaml"
 OUTPUTS = {"tinytales.txt": "file", "tokenizer": "dir", "data": "dir", "train": "dir", "REPORT.md": "file",
            "report.json": "file"}
 
-MIN_STEPS = 24  # however short the budget, the report's model trains this many steps (a probe + 20)
+MIN_TRAIN_STEPS = 24  # however short the budget, the report's model trains this many steps (a probe + 20)
 OWN_VAL_FRACTION = 0.05  # of the documents of the user's text held out (TinyTales: 1% of 30,000 stories)
 
 
@@ -174,9 +174,9 @@ def _own_text_recipe(train_cfg: TrainConfig, data: Path, figures: dict[str, Any]
 
 
 def _train(train_cfg: TrainConfig, train_s: float, figures: dict[str, Any]) -> Path:
-    train_cfg.run.minutes = max(train_s, 1.0) / 60  # a budget the data steps used up still trains MIN_STEPS
+    train_cfg.run.minutes = max(train_s, 1.0) / 60  # a budget the data steps used up still trains MIN_TRAIN_STEPS
     run = setup(train_cfg)
-    run.budget.min_total = MIN_STEPS
+    run.budget.min_total = MIN_TRAIN_STEPS
     _say(f"3/4 pretrain: {run.model.num_params():,} parameters for {train_s / 60:.1f} min; steps planned from "
          f"the first ones and re-planned while training")
     t_train = time.perf_counter()
