@@ -90,6 +90,17 @@ def make_data(directory: Path, vocab: int = 64, n_train: int = 12000, n_val: int
     return directory
 
 
+def tiny_train_args(data: Path, out: Path, **extra: object) -> dict[str, object]:
+    """A pretraining config over `make_data`'s data that runs in moments: a 2-layer width-32 model on
+    16-token rows, 8 rows a step, no compile, no progress bar, no plot, logs every step; `extra` wins."""
+    args = {"data.dir": str(data), "model.dim": 32, "model.n_layers": 2, "model.n_heads": 4,
+            "data.seq_len": 16, "data.batch_tokens": 128, "data.micro_batch": 4, "schedule.warmup_steps": 3,
+            "schedule.decay_fraction": 0.25, "run.out": str(out), "run.eval_every": 0, "run.eval_tokens": 64,
+            "run.ckpt_every": 0, "run.log_every": 1, "run.compile": False, "run.progress": False,
+            "run.plot": False, "run.device": "cpu", "run.peak_flops": 1e11}  # skip measuring the peak
+    return {**args, **extra}
+
+
 def weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return load_file(str(ckpt / "model.safetensors"))
 

@@ -71,6 +71,8 @@ def ws(tmp_path_factory) -> Path:
                      "--run.compile", "false", "--run.peak_flops", "1e12", "--run.log_every", "1"]) == 0
     assert cli.main(["quantize", str(root / "ck"), "--scheme", "int8", "--out", str(root / "q8"),
                      "--eval-text", str(root / "corpus.txt"), "--eval-tokens", "256"]) == 0
+    save(Llama(tiny_config(vocab_size=320, max_seq_len=64, qk_norm=True)).eval(), root / "ck-qk", tokenizer=tok)
+    save(Llama(tiny_config(vocab_size=320, max_seq_len=64, logit_softcap=30.0)).eval(), root / "ck-cap", tokenizer=tok)
     _broken_files(root)
     return root
 
@@ -118,12 +120,13 @@ def _broken_files(root: Path) -> None:
     shutil.copytree(root / "data", root / "data-no-meta")
     (root / "data-no-meta" / "meta.json").unlink()
     # runs
-    for name in ("run-state-truncated", "run-state-text", "run-state-negative"):
+    for name in ("run-state-truncated", "run-state-text", "run-state-negative", "run-state-budget"):
         shutil.copytree(root / "run", root / name)
     ckpts = sorted((root / "run-state-truncated" / "checkpoints").iterdir())
     for name, damage in (("run-state-truncated", lambda p: p.write_text(p.read_text()[:15])),
                          ("run-state-text", lambda p: _edit_json(p, lambda s: s.update(step="two"))),
-                         ("run-state-negative", lambda p: _edit_json(p, lambda s: s.update(step=-3)))):
+                         ("run-state-negative", lambda p: _edit_json(p, lambda s: s.update(step=-3))),
+                         ("run-state-budget", lambda p: _edit_json(p, lambda s: s.update(budget={"spent_s": -1})))):
         for ck in sorted((root / name / "checkpoints").iterdir()):
             damage(ck / "train_state" / "state.json")
     assert ckpts
@@ -219,6 +222,24 @@ CASES = [
     Case("config", f"pretrain {TRAIN} --out o --run.ckpt_every -1", "run.ckpt_every"),
     Case("config", f"pretrain {TRAIN} --out o --run.eval_every -1", "run.eval_every"),
     Case("config", f"pretrain {TRAIN} --out o --run.keep_last 0", "run.keep_last"),
+    Case("config", f"pretrain {TRAIN} --out o --run.minutes 0", "run.minutes"),
+    Case("config", f"pretrain {TRAIN} --out o --run.minutes 1 --schedule.kind cosine", "cosine"),
+    Case("config", f"pretrain {TRAIN} --out o --run.minutes 1 --run.decay_from run/checkpoints/step_0000004",
+         "decay_from"),
+    Case("config", f"pretrain {TRAIN} --out o --optim.name lion", "optim.name"),
+    Case("config", f"pretrain {TRAIN} --out o --optim.name muon --run.fsdp", "fsdp"),
+    Case("config", f"pretrain {TRAIN} --out o --optim.muon_lr 0", "optim.muon_lr"),
+    Case("config", f"pretrain {TRAIN} --out o --optim.muon_momentum 1", "optim.muon_momentum"),
+    Case("config", f"pretrain {TRAIN} --out o --optim.z_loss -1", "optim.z_loss"),
+    Case("config", f"pretrain {TRAIN} --out o --model.logit_softcap 0", "model.logit_softcap"),
+    Case("config", f"pretrain {TRAIN} --out o --model.qk_norm maybe", "model.qk_norm"),
+    Case("config", f"pretrain {TRAIN} --out o --data.batch_warmup_tokens -1", "data.batch_warmup_tokens"),
+    Case("config", f"pretrain {TRAIN} --out o --data.batch_warmup_start 0", "data.batch_warmup_start"),
+    Case("config", f"distill {TRAIN} --teacher ck --out o --optim.z_loss 0.1", "z_loss"),
+    Case("config", "dpo ck --data pairs.jsonl --out o --optim.z_loss 0.1", "z_loss"),
+    Case("config", "export ck-qk --format gguf --out o.gguf", "qk_norm"),
+    Case("config", "export ck-cap --format gguf --out o.gguf", "logit_softcap"),
+    Case("config", "export ck-cap --format hf --out o", "logit_softcap"),
     Case("config", f"pretrain {TRAIN} --out o --run.log_every 0", "run.log_every"),
     Case("config", f"pretrain {TRAIN} --out o --run.eval_tokens 0", "run.eval_tokens"),
     Case("config", f"pretrain {TRAIN} --out o --run.peak_flops -1", "run.peak_flops"),
@@ -414,6 +435,8 @@ CASES = [
     Case("disk", f"pretrain {TRAIN} --out run-state-truncated --resume auto", "state.json"),
     Case("disk", f"pretrain {TRAIN} --out run-state-text --resume auto", "step"),
     Case("disk", f"pretrain {TRAIN} --out run-state-negative --resume auto", "step"),
+    Case("disk", f"pretrain {TRAIN} --out run-state-budget --resume auto --run.minutes 1", "budget"),
+    Case("disk", "quickstart --out q --data nonesuch.txt", "nonesuch.txt"),
     Case("disk", f"pretrain {TRAIN} --out o --resume run-state-text/checkpoints/step_0000004", "step"),
     Case("disk", f"pretrain {TRAIN} --out o --resume nowhere", "nowhere"),
     Case("disk", "data prepare latin1.txt --tokenizer tok --out d", "UTF-8"),

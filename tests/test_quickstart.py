@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from tinylm.cli import main
 from tinylm.data.tinytales import corpus_stats
 from tinylm.evals.perplexity import evaluate
@@ -41,6 +43,34 @@ def test_quickstart_end_to_end(tmp_path):
     assert "entropy bound" in text and "loss.png" in text
     assert (out / "train" / "final" / "model.safetensors").is_file()
     assert (out / "train" / "loss.png").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_on_own_text(tmp_path):
+    from pydoc_data.topics import topics  # real English that ships with CPython
+
+    docs = [p for text in topics.values() for p in text.split("\n\n") if len(p) > 200][:400]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+10"))
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--out", str(out), "--data", str(tmp_path / "docs.jsonl"), "--minutes", "0.5",
+                 "--vocab-size", "300", "--samples", "3", "--recipe", str(recipe)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert "stories" not in report and len(report["samples"]) == 3
+    assert 0.8 * len(docs) < report["corpus"]["documents"] <= len(docs)  # less the (near-)duplicates
+    assert not (out / "tinytales.txt").exists()
+    final = load(Path(report["final"]))
+    assert report["eval"] == evaluate(final.model, out / "data", split="val")
+    trained = final.meta["config"]  # the rule's batch, lr, warmup and decay are what trained
+    rule = report["recipe"]
+    assert trained["data"]["batch_tokens"] == rule["data.batch_tokens"] and trained["optim"]["lr"] == rule["optim.lr"]
+    assert trained["schedule"]["warmup_steps"] == rule["schedule.warmup_steps"]
+    assert rule["data.batch_tokens"] % 64 == 0 and (rule["data.batch_tokens"] // 64) % trained["data"]["micro_batch"] == 0
+    assert report["train"]["steps"] >= 24
+    text = (out / "REPORT.md").read_text()
+    assert "Three samples" in text and "validator" not in text and "entropy bound" not in text
 
 
 def test_quickstart_bad_budget_is_one_line_error(tmp_path, capsys):

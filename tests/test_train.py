@@ -15,7 +15,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import REPO, assert_bitwise, kill_note, make_data, run_and_kill, tiny_model, weights
+from helpers import (
+    REPO,
+    assert_bitwise,
+    kill_note,
+    make_data,
+    run_and_kill,
+    tiny_model,
+    tiny_train_args,
+    weights,
+)
 
 from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import load_config
@@ -35,13 +44,8 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def tiny_args(data: Path, out: Path, steps: int = 24, **extra: object) -> dict[str, object]:
-    args = {"data.dir": str(data), "model.dim": 32, "model.n_layers": 2, "model.n_heads": 4,
-            "data.seq_len": 16, "data.batch_tokens": 128, "data.micro_batch": 4, "schedule.steps": steps,
-            "schedule.warmup_steps": 3, "schedule.decay_fraction": 0.25, "run.out": str(out),
-            "run.eval_every": 8, "run.eval_tokens": 256, "run.ckpt_every": 8, "run.log_every": 1,
-            "run.compile": False, "run.progress": False, "run.plot": False, "run.device": "cpu",
-            "run.peak_flops": 1e11}  # skip measuring the peak
-    return {**args, **extra}
+    return tiny_train_args(data, out, **{"schedule.steps": steps, "run.eval_every": 8, "run.eval_tokens": 256,
+                                         "run.ckpt_every": 8, **extra})
 
 
 def train(args: dict[str, object], loss_fn=lm_loss) -> Path:

@@ -41,7 +41,7 @@ class Command:
 TRAIN_ALIASES = {"--data": "data.dir", "--out": "run.out", "--preset": "model.preset", "--resume": "run.resume"}
 
 COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
-    "quickstart": Command("TinyTales corpus -> tokenizer -> shards -> pretrain -> eval -> stories",
+    "quickstart": Command("TinyTales (or --data your text) -> tokenizer -> shards -> pretrain -> eval -> samples",
                           "quickstart", "QuickstartConfig", "quickstart"),
     "info": Command("describe a model: shape, parameters, vocabulary, size, FLOPs/token", "info", "InfoConfig",
                     positional=SOURCE),

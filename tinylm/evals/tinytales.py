@@ -23,7 +23,9 @@ def sample_tinytales(model: Llama, tokenizer: Tokenizer, n: int, seed: int = 0, 
         temperature: sampling temperature.
 
     Returns:
-        {"stories", "sentences", "valid_fraction", "consistent_fraction", "samples" (the first 3)}.
+        {"stories", "sentences", "valid_fraction", "consistent_fraction", "consistent_valid_fraction",
+        "samples" (the first 3)}: consistent_valid_fraction counts only consistent stories at least half
+        of whose sentences the validator parses (a story it cannot parse is vacuously consistent).
     """
     from tinylm.data import tinytales
     from tinylm.infer.generate import generate
@@ -37,4 +39,6 @@ def sample_tinytales(model: Llama, tokenizer: Tokenizer, n: int, seed: int = 0, 
     sentences = sum(r.n_sentences for r in results)
     return {"stories": n, "sentences": sentences,
             "valid_fraction": sum(r.n_valid for r in results) / sentences if sentences else 0.0,
-            "consistent_fraction": sum(r.consistent for r in results) / n, "samples": texts[:3]}
+            "consistent_fraction": sum(r.consistent for r in results) / n,
+            "consistent_valid_fraction": sum(r.consistent and 2 * r.n_valid >= r.n_sentences > 0 for r in results) / n,
+            "samples": texts[:3]}

@@ -453,6 +453,18 @@ def _add_gguf_hparams(w: Any, model: Llama, name: str, gguf_type: str) -> None:
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
+def check_llama_arch(cfg: ModelConfig) -> None:
+    """A one-line error for a model that GGUF's llama architecture cannot express, instead of a file that
+    llama.cpp would run as another model: llama.cpp's llama graph has no q/k norms, and it soft-caps
+    final logits only for the gemma2-family architectures."""
+    if cfg.qk_norm:
+        raise TinylmError("GGUF export: the model has model.qk_norm, which GGUF's llama architecture cannot "
+                          "express (export it with --format hf: it is an HF Qwen3 model)")
+    if cfg.logit_softcap is not None:
+        raise TinylmError("GGUF export: the model has model.logit_softcap, which GGUF's llama architecture "
+                          "cannot express (llama.cpp soft-caps logits only for gemma2)")
+
+
 def export_gguf(model: Llama, out_path: str | os.PathLike, tokenizer: Tokenizer | None = None,
                 gguf_type: str = "f16", name: str = "tinylm") -> Path:
     """Write a llama-architecture GGUF that llama.cpp runs and `checkpoint.load` reads back.
@@ -468,6 +480,7 @@ def export_gguf(model: Llama, out_path: str | os.PathLike, tokenizer: Tokenizer 
 
     if gguf_type not in GGUF_TYPES:
         raise TinylmError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
+    check_llama_arch(model.config)
     model = float_model(model)
     tensors = _gguf_tensors(model, gguf_type)  # quantise before opening the file: errors leave nothing
     with atomic_file(out_path) as tmp:

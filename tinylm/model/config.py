@@ -34,6 +34,10 @@ class ModelConfig:
         tie_embeddings: lm_head shares the embedding matrix.
         init_std: std of the normal initialisation of linear and embedding weights.
         bos_token_id, eos_token_id, pad_token_id: written to config.json for HF tools.
+        qk_norm: RMSNorm (over head_dim, one gain per channel shared by the heads) on queries and keys
+            before RoPE, as OLMo 2 and Qwen3 do; such a model is exactly HF's Qwen3 (to_hf writes it so).
+        logit_softcap: C > 0: logits = C * tanh(logits / C) (Gemma 2); None: off. HF Llama has no such
+            head: config.json keeps it under Gemma 2's key, and `tinylm export` refuses the model.
     """
 
     vocab_size: int = 512
@@ -51,6 +55,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    qk_norm: bool = False
+    logit_softcap: float | None = None
 
     def __post_init__(self) -> None:
         self._check_sizes()
@@ -92,8 +98,12 @@ class ModelConfig:
                 raise TinylmError(f"model config: {name} must be a positive finite number, got {value!r}")
         if not _is_real(self.init_std) or not 0 <= self.init_std < math.inf:
             raise TinylmError(f"model config: init_std must be a finite number >= 0, got {self.init_std!r}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise TinylmError(f"model config: tie_embeddings must be true or false, got {self.tie_embeddings!r}")
+        for name in ("tie_embeddings", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise TinylmError(f"model config: {name} must be true or false, got {getattr(self, name)!r}")
+        cap = self.logit_softcap
+        if cap is not None and (not _is_real(cap) or not 0 < cap < math.inf):
+            raise TinylmError(f"model config: logit_softcap must be a positive finite number or null, got {cap!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
@@ -109,6 +119,7 @@ class ModelConfig:
         """
         d, hd = self.dim, self.head_dim
         attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q, o + k, v
+        attn += 2 * hd if self.qk_norm else 0  # q_norm, k_norm gains
         mlp = 3 * d * self.ffn_dim  # gate, up, down
         per_layer = attn + mlp + 2 * d  # + two RMSNorm weights
         total = self.n_layers * per_layer + d  # + final norm
@@ -140,7 +151,8 @@ class ModelConfig:
             training: return forward + backward FLOPs.
         """
         t = self.max_seq_len if seq_len is None else seq_len
-        matmul = self.param_count(include_embeddings=False) - self.n_layers * 2 * self.dim - self.dim
+        norms = self.n_layers * (2 * self.dim + (2 * self.head_dim if self.qk_norm else 0)) + self.dim
+        matmul = self.param_count(include_embeddings=False) - norms
         matmul += self.vocab_size * self.dim  # lm_head is a matmul even when tied
         forward = 2 * matmul + 4 * self.n_layers * t * self.n_heads * self.head_dim
         return 3 * forward if training else forward
@@ -160,7 +172,19 @@ class ModelConfig:
         return cls(**d)
 
     def to_hf(self) -> dict[str, Any]:
-        """The HF `LlamaConfig` keys for config.json."""
+        """The HF `LlamaConfig` keys for config.json; with qk_norm, HF `Qwen3Config`'s, which describe
+        exactly this model (Qwen3 is Llama with q_norm / k_norm over head_dim, before RoPE); with
+        logit_softcap, Gemma 2's `final_logit_softcapping` key beside them (which HF Llama ignores)."""
+        hf = self._llama_hf()
+        if self.qk_norm:
+            hf.update(architectures=["Qwen3ForCausalLM"], model_type="qwen3", use_sliding_window=False,
+                      sliding_window=None, max_window_layers=self.n_layers)
+            hf.pop("mlp_bias"), hf.pop("pretraining_tp")
+        if self.logit_softcap is not None:
+            hf["final_logit_softcapping"] = self.logit_softcap
+        return hf
+
+    def _llama_hf(self) -> dict[str, Any]:
         return {
             "architectures": ["LlamaForCausalLM"],
             "model_type": "llama",
@@ -192,8 +216,11 @@ class ModelConfig:
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """Read an HF Llama config.json dict; anything tinylm cannot express, a missing key or a value of
         the wrong type or range is a one-line error naming the HF key."""
-        if hf.get("model_type", "llama") != "llama":
-            raise TinylmError(f"unsupported model_type {hf.get('model_type')!r}: tinylm loads Llama models")
+        model_type = hf.get("model_type", "llama")
+        if model_type not in ("llama", "qwen3"):
+            raise TinylmError(f"unsupported model_type {model_type!r}: tinylm loads Llama (and Qwen3) models")
+        if model_type == "qwen3" and hf.get("use_sliding_window"):
+            raise TinylmError("unsupported Qwen3 variant: use_sliding_window")
         if hf.get("hidden_act", "silu") != "silu":
             raise TinylmError(f"unsupported hidden_act {hf['hidden_act']!r}: tinylm uses SwiGLU (silu)")
         if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -214,7 +241,9 @@ class ModelConfig:
             tie_embeddings=_hf_bool(hf, "tie_word_embeddings"),
             init_std=_hf_float("initializer_range", hf.get("initializer_range", 0.02), low=0.0),
             bos_token_id=_first(hf.get("bos_token_id")), eos_token_id=_first(hf.get("eos_token_id")),
-            pad_token_id=_first(hf.get("pad_token_id")),
+            pad_token_id=_first(hf.get("pad_token_id")), qk_norm=model_type == "qwen3",
+            logit_softcap=None if hf.get("final_logit_softcapping") is None else
+            _hf_float("final_logit_softcapping", hf["final_logit_softcapping"]),
         )
 
 

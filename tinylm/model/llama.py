@@ -105,13 +105,19 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        # over head_dim, one gain per channel shared by the heads (OLMo 2, Qwen3: HF's q_norm, k_norm)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | StaticCache | PagedCache | None,
                 packed: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)  # one product once fused for decoding
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, hd), (B, Hkv, T, hd)
         v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         mask = packed  # (B, 1, T, T) bool for packed rows (packed_layout), None for plain causal
@@ -281,6 +287,9 @@ class Llama(nn.Module):
             logits = self.lm_head(x)[..., logits_for]
         else:
             logits = self.lm_head(x)  # (B, T, vocab_size)
+        cap = self.config.logit_softcap
+        if cap is not None:  # Gemma 2's soft-capping: smooth, monotone, |logit| < cap
+            logits = cap * torch.tanh(logits / cap)
         return (logits, hidden) if hidden is not None else logits
 
     def num_params(self) -> int:

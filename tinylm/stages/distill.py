@@ -55,7 +55,7 @@ from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
 from tinylm.model.qlinear import quantization_of, swap_in, target_modules
 from tinylm.train.config import TrainConfig
-from tinylm.train.loop import batch_layout, data_tokenizer, fit, setup
+from tinylm.train.loop import batch_ramp, data_tokenizer, fit, setup
 from tinylm.train.losses import LossFn, coarse_grain, divergence, truncate
 from tinylm.train.schedule import planned_steps
 
@@ -419,8 +419,8 @@ def _data_fingerprint(data_dir: str) -> str:
 
 def _plan(cfg: DistillConfig) -> tuple[int, int]:
     """(rows per global batch, total steps) of the run `cfg` describes; the cache covers exactly these."""
-    rows = batch_layout(cfg.data, 1)[0]
-    return rows, planned_steps(cfg.schedule, rows * cfg.data.seq_len)
+    ramp = batch_ramp(cfg.data, 1)
+    return ramp.rows, planned_steps(cfg.schedule, ramp.rows * cfg.data.seq_len, ramp)
 
 
 @dataclass
@@ -602,6 +602,8 @@ def distill(cfg: DistillConfig) -> Path:
     d = cfg.distill
     terms = parse_losses(d.losses)
     uses_teacher = any(t.kind != "ce" for t in terms)
+    if cfg.optim.z_loss:
+        raise TinylmError("optim.z_loss regularises the LM loss of pretrain and sft, not distill's loss terms")
     if uses_teacher and (d.teacher is None) == (d.cache is None):
         raise TinylmError("give exactly one teacher signal: distill.teacher (--teacher) or distill.cache (--cache)")
     if not cfg.data.dir:
@@ -609,6 +611,8 @@ def distill(cfg: DistillConfig) -> Path:
     check_out(cfg.run.out, overwrite=True)  # before the teacher loads; a run dir is resumed, never replaced
     teacher_fn: TeacherFn | None = None
     cache = TeacherCache.open(d.cache) if uses_teacher and d.cache else None
+    if cache is not None and cfg.run.minutes is not None and cfg.schedule.steps is cfg.schedule.tokens is None:
+        cfg.schedule.steps = cache.meta["steps"]  # a budget cannot outrun the cache: its steps are the cap
     extra = None
     if uses_teacher and d.teacher:
         teacher = load_teacher(d, cfg.run.device)

@@ -284,6 +284,8 @@ def dpo(cfg: DpoConfig) -> Path:
     c, p = cfg.chat, cfg.dpo
     if not c.data:
         raise TinylmError("no preference pairs: tinylm dpo MODEL --data pairs.jsonl")
+    if cfg.optim.z_loss:
+        raise TinylmError("optim.z_loss regularises the LM loss of pretrain and sft, not dpo's preference loss")
     if p.label_smoothing >= 0.5:
         raise TinylmError(f"dpo.label_smoothing must be below 0.5, got {p.label_smoothing}")
     d, device = begin(cfg)

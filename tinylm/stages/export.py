@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinylm.core.errors import TinylmError
 from tinylm.core.fs import check_out
 from tinylm.core.recipe import one_of, validate
 from tinylm.data.tokenizer import Tokenizer
@@ -62,5 +63,9 @@ def export(cfg: ExportConfig) -> Path:
 
 def export_hf(model: Llama, out_dir: str | os.PathLike, tokenizer: Tokenizer | None = None) -> Path:
     """A dir that `transformers.AutoModelForCausalLM.from_pretrained` loads: the tinylm checkpoint
-    format is already HF's (STYLE.md rule 3), so this is `checkpoint.save` of a float model."""
+    format is already HF's (STYLE.md rule 3), so this is `checkpoint.save` of a float model (a qk_norm
+    model is an HF Qwen3). A logit soft-cap, which no HF Llama or Qwen3 applies, is refused."""
+    if model.config.logit_softcap is not None:
+        raise TinylmError("HF export: the model has model.logit_softcap, which HF LlamaForCausalLM cannot "
+                          "express (it would load as a model with other logits)")
     return checkpoint.save(float_model(model), out_dir, tokenizer, meta={"exported_to": "hf"})

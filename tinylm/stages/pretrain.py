@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 from tinylm.train.config import TrainConfig
 from tinylm.train.loop import fit, setup
-from tinylm.train.losses import lm_loss
+from tinylm.train.losses import lm_loss_fn
 
 
 def pretrain(cfg: TrainConfig) -> Path:
@@ -19,7 +19,7 @@ def pretrain(cfg: TrainConfig) -> Path:
     """
     run = setup(cfg)
     try:
-        return fit(run, lm_loss)
+        return fit(run, lm_loss_fn(cfg.optim.z_loss))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

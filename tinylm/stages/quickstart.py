@@ -1,8 +1,11 @@
-"""`tinylm quickstart`: TinyTales corpus -> tokenizer -> shards -> pretrain -> eval -> stories -> REPORT.md.
+"""`tinylm quickstart`: a corpus -> tokenizer -> shards -> pretrain -> eval -> samples -> REPORT.md.
 
-The whole pipeline runs within a wall-clock budget (default 9 minutes on a 2-core CPU): after the data
-steps, a few probe steps of the real training run measure its speed, and the run's length is set so
-that training, evaluation and sampling fit in what is left.
+The corpus is the built-in TinyTales generator, or the user's own text (`--data FILE_or_DIR`). The whole
+pipeline runs within a wall-clock budget (default 9 minutes on a 2-core CPU): the training run gets what
+the data steps left, less `reserve_s` for evaluation and sampling, as its `run.minutes`, which plans its
+steps from a probe of the first ones and re-plans while training (`train.budget`). On the user's own
+text the batch size, peak lr, warmup and decay come from the data's size and the budget
+(`train.rules.auto_recipe`); the rest of the recipe (the model, the context) is the quickstart's.
 """
 
 from __future__ import annotations
@@ -19,18 +22,22 @@ from typing import Annotated, Any
 
 import torch
 
+from tinylm.core.devices import measure_peak_flops, resolve_device
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_file, check_out
 from tinylm.core.recipe import Check, Count, NonNegative, Positive, Seed, load_config
 from tinylm.data import tinytales
 from tinylm.data.prepare import PrepareConfig, prepare
+from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.vocab import train_tokenizer_on
 from tinylm.evals.perplexity import evaluate
 from tinylm.evals.tinytales import sample_tinytales
 from tinylm.formats.checkpoint import load
+from tinylm.infer.generate import generate
 from tinylm.train.config import TrainConfig
-from tinylm.train.loop import fit, setup, train_step
-from tinylm.train.losses import lm_loss
+from tinylm.train.loop import fit, new_model_config, setup
+from tinylm.train.losses import lm_loss_fn
+from tinylm.train.rules import auto_recipe, expected_tokens_per_s
 
 # Package data (pyproject's package-data), found through the import system so that it is the installed
 # package's copy; a wheel installs it as a plain file, so str() of the resource is its path.
@@ -40,16 +47,21 @@ RECIPE = importlib.resources.files("tinylm") / "recipes" / "quickstart.yaml"
 OUTPUTS = {"tinytales.txt": "file", "tokenizer": "dir", "data": "dir", "train": "dir", "REPORT.md": "file",
            "report.json": "file"}
 
+MIN_TRAIN_STEPS = 24  # however short the budget, the report's model trains this many steps (a probe + 20)
+OWN_VAL_FRACTION = 0.05  # of the documents of the user's text held out (TinyTales: 1% of 30,000 stories)
+
 
 @dataclass
 class QuickstartConfig:
-    """What `tinylm quickstart` does: TinyTales corpus -> tokenizer -> shards -> pretrain -> eval -> stories."""
+    """What `tinylm quickstart` does: corpus -> tokenizer -> shards -> pretrain -> eval -> samples -> report."""
 
     out: str = "runs/quickstart"  # the run directory (corpus, tokenizer, data, checkpoints, final model, REPORT.md)
+    # your own text: a file or dir (.txt with blank-line separated documents, .jsonl, .parquet); none: TinyTales
+    data: str | None = None
     minutes: Positive = 9.0  # wall-clock budget of the whole pipeline
     stories: Annotated[int, Check(ge=100)] = 30000  # TinyTales stories in the corpus
     vocab_size: Count = 2048  # BPE vocabulary of the tokenizer trained on the corpus
-    samples: Count = 20  # stories sampled from the trained model and scored by the TinyTales validator
+    samples: Count = 20  # samples drawn from the trained model (TinyTales: scored by its validator)
     seed: Seed = 0  # corpus, split and initialisation seed
     recipe: str | None = None  # the training recipe (YAML); none: recipes/quickstart.yaml
     reserve_s: NonNegative = 60.0  # seconds kept for evaluation, sampling and the report after training
@@ -63,6 +75,8 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     recipe = Path(cfg.recipe or str(RECIPE))
     if not recipe.is_file():
         raise TinylmError(f"no quickstart recipe at {recipe}; pass --recipe FILE")
+    if cfg.data is not None and not Path(cfg.data).exists():
+        raise TinylmError(f"--data {cfg.data}: no such file or directory")
     train_cfg = _train_config(cfg, recipe, out)  # a bad recipe fails here, before anything is written
     check_out(out, overwrite=True, kind="dir")  # an existing dir is added to: each output is checked below
     for name, kind in OUTPUTS.items():
@@ -73,7 +87,10 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         corpus = _data_steps(cfg, out, figures)
         figures["data_s"] = time.perf_counter() - t0
         shutil.rmtree(out / "train", ignore_errors=True)  # --overwrite: a new run, not a resumed one
-        final = _train(cfg, train_cfg, t0, figures)
+        train_s = cfg.minutes * 60 - (time.perf_counter() - t0) - cfg.reserve_s
+        if cfg.data is not None:
+            _own_text_recipe(train_cfg, out / "data", figures, train_s)
+        final = _train(train_cfg, train_s, figures)
         _evaluate(cfg, final, out, figures)
         figures["total_s"] = time.perf_counter() - t0
         write_report(out, figures, corpus)
@@ -106,76 +123,120 @@ def _removed_on_failure(out: Path) -> Iterator[None]:
 
 
 def _data_steps(cfg: QuickstartConfig, out: Path, figures: dict[str, Any]) -> Path:
-    corpus = out / "tinytales.txt"
-    _say(f"1/4 corpus: {cfg.stories:,} TinyTales stories -> {corpus}")
-    stats = tinytales.write_corpus(corpus, cfg.stories, cfg.seed, overwrite=True)
-    figures["corpus"] = {k: stats[k] for k in ("stories", "bytes", "distinct_words", "bits_per_byte")}
+    if cfg.data is not None:
+        corpus = Path(cfg.data)
+        _say(f"1/4 corpus: your text, {corpus}")
+    else:
+        corpus = out / "tinytales.txt"
+        _say(f"1/4 corpus: {cfg.stories:,} TinyTales stories -> {corpus}")
+        stats = tinytales.write_corpus(corpus, cfg.stories, cfg.seed, overwrite=True)
+        figures["corpus"] = {k: stats[k] for k in ("stories", "bytes", "distinct_words", "bits_per_byte")}
     _say(f"2/4 tokenizer: byte-level BPE, {cfg.vocab_size} tokens; shards")
     train_tokenizer_on([str(corpus)], cfg.vocab_size, out / "tokenizer", overwrite=True)
+    val = 0.01 if cfg.data is None else OWN_VAL_FRACTION
     meta = prepare(PrepareConfig(inputs=[str(corpus)], tokenizer=str(out / "tokenizer"), out=str(out / "data"),
-                                 seed=cfg.seed, overwrite=True, progress=False))
+                                 seed=cfg.seed, val_fraction=val, overwrite=True, progress=False))
     figures["tokens"] = {split: meta["splits"][split]["tokens"] for split in meta["splits"]}
+    if cfg.data is not None:
+        splits = meta["splits"]
+        figures["corpus"] = {"path": str(corpus), "bytes": sum(s["bytes"] for s in splits.values()),
+                             "documents": sum(s["documents"] for s in splits.values())}
+        if not splits["val"]["tokens"]:
+            raise TinylmError(f"--data {corpus}: its {figures['corpus']['documents']} documents leave none for "
+                              "validation (blank lines separate the documents of a .txt)")
     return corpus
 
 
 def _train_config(cfg: QuickstartConfig, recipe: Path, out: Path) -> TrainConfig:
-    return load_config(TrainConfig, recipe, {"data.dir": str(out / "data"), "run.out": str(out / "train"),
-                                             "run.seed": cfg.seed, "run.resume": "never"})
+    train_cfg = load_config(TrainConfig, recipe, {"data.dir": str(out / "data"), "run.out": str(out / "train"),
+                                                  "run.seed": cfg.seed, "run.resume": "never"})
+    train_cfg.schedule.steps = train_cfg.schedule.tokens = None  # the budget sets the length
+    return train_cfg
 
 
-def _train(cfg: QuickstartConfig, train_cfg: TrainConfig, t0: float, figures: dict[str, Any]) -> Path:
+def _own_text_recipe(train_cfg: TrainConfig, data: Path, figures: dict[str, Any], train_s: float) -> None:
+    """Batch size, lr, warmup and decay for the user's text and the training budget (train.rules)."""
+    d = train_cfg.data
+    tokenizer = Tokenizer.load(data / "tokenizer")
+    shape = new_model_config(train_cfg.model, d.seq_len, tokenizer.vocab_size, tokenizer)
+    flops = shape.flops_per_token(d.seq_len, training=True)
+    peak = train_cfg.run.peak_flops or measure_peak_flops(resolve_device(train_cfg.run.device))
+    rule = auto_recipe(figures["tokens"]["train"], max(train_s, 1.0), expected_tokens_per_s(peak, flops), flops,
+                       d.seq_len)
+    d.batch_tokens, train_cfg.optim.lr = rule.batch_tokens, rule.lr
+    train_cfg.schedule.warmup_steps, train_cfg.schedule.decay_fraction = rule.warmup_steps, rule.decay_fraction
+    rows = rule.batch_tokens // d.seq_len
+    d.micro_batch = max(m for m in range(1, min(d.micro_batch, rows) + 1) if rows % m == 0)
+    figures["recipe"] = {**rule.overrides(), "expected_tokens": rule.run_tokens, "compute_flops": rule.compute}
+    _say(f"    recipe for {figures['tokens']['train']:,} tokens and {train_s / 60:.1f} min: batch "
+         f"{rule.batch_tokens:,} tokens, lr {rule.lr:.2e}, warmup {rule.warmup_steps} steps, decay "
+         f"{rule.decay_fraction:.0%}")
+
+
+def _train(train_cfg: TrainConfig, train_s: float, figures: dict[str, Any]) -> Path:
+    train_cfg.run.minutes = max(train_s, 1.0) / 60  # a budget the data steps used up still trains MIN_TRAIN_STEPS
     run = setup(train_cfg)
-    probe = max(2, min(4, train_cfg.schedule.warmup_steps - 1))  # inside warmup: lr does not depend on the total
-    _say(f"3/4 pretrain: {run.model.num_params():,} parameters; probing speed for {probe} steps")
-    times = []
-    for _ in range(probe):
-        start = time.perf_counter()
-        train_step(run, lm_loss)
-        times.append(time.perf_counter() - start)
-    step_s = sorted(times[1:])[len(times[1:]) // 2]  # median, the first step (compilation) left out
-    budget = cfg.minutes * 60 - (time.perf_counter() - t0) - cfg.reserve_s
-    run.total_steps = max(probe + 20, run.step + int(budget / step_s))
-    figures["train"] = {"parameters": run.model.num_params(), "steps": run.total_steps,
-                        "tokens": run.total_steps * run.rows * train_cfg.data.seq_len, "step_s": step_s}
-    _say(f"    {step_s:.2f} s/step -> {run.total_steps} steps in the budget")
+    run.budget.min_total = MIN_TRAIN_STEPS
+    _say(f"3/4 pretrain: {run.model.num_params():,} parameters for {train_s / 60:.1f} min; steps planned from "
+         f"the first ones and re-planned while training")
     t_train = time.perf_counter()
-    final = fit(run, lm_loss)
-    figures["train"]["seconds"] = time.perf_counter() - t_train
+    final = fit(run, lm_loss_fn(train_cfg.optim.z_loss))
+    seconds = time.perf_counter() - t_train
+    figures["train"] = {"parameters": run.model.num_params(), "steps": run.step, "tokens": run.tokens(),
+                        "step_s": seconds / max(run.step, 1), "seconds": seconds}
+    _say(f"    {run.step} steps, {run.tokens():,} tokens in {seconds / 60:.1f} min")
     return final
 
 
 def _evaluate(cfg: QuickstartConfig, final: Path, out: Path, figures: dict[str, Any]) -> None:
-    _say("4/4 evaluation and stories")
+    _say("4/4 evaluation and samples")
     loaded = load(final)
     figures["eval"] = evaluate(loaded.model, out / "data", split="val")
     torch.manual_seed(cfg.seed)
-    figures["stories"] = sample_tinytales(loaded.model, loaded.tokenizer, cfg.samples, seed=cfg.seed)
+    if cfg.data is None:
+        figures["stories"] = sample_tinytales(loaded.model, loaded.tokenizer, cfg.samples, seed=cfg.seed)
+    else:  # from the start of a document, as the data dir stores each one (BOS + text + EOS)
+        with_bos = loaded.tokenizer.bos_id is not None
+        texts = generate(loaded.model, loaded.tokenizer, "", max_new_tokens=128, temperature=0.8, seed=cfg.seed,
+                         n=cfg.samples, add_bos=with_bos)
+        figures["samples"] = [texts] if isinstance(texts, str) else texts
     figures["final"] = str(final)
 
 
 def write_report(out: Path, f: dict[str, Any], corpus: Path) -> None:
-    """OUT/REPORT.md (figures, loss plot, three stories) and OUT/report.json."""
-    ev, st, tr, co = f["eval"], f["stories"], f["train"], f["corpus"]
+    """OUT/REPORT.md (figures, loss plot, three samples) and OUT/report.json."""
+    ev, tr, co = f["eval"], f["train"], f["corpus"]
+    tiny = "stories" in f  # TinyTales: its entropy bound, validator and consistency figures
+    what = (f"{co['stories']:,} TinyTales stories" if tiny else f"{co['documents']:,} documents of {co['path']}")
     lines = [
         "# tinylm quickstart report", "",
-        f"A {tr['parameters']:,}-parameter Llama trained from scratch on {co['stories']:,} TinyTales stories "
-        f"({co['bytes'] / 1e6:.1f} MB) in {tr['seconds'] / 60:.1f} minutes; the whole run took "
-        f"{f['total_s'] / 60:.1f} minutes.", "",
+        f"A {tr['parameters']:,}-parameter Llama trained from scratch on {what} ({co['bytes'] / 1e6:.1f} MB) in "
+        f"{tr['seconds'] / 60:.1f} minutes; the whole run took {f['total_s'] / 60:.1f} minutes.", "",
         "| figure | value |", "|---|---|",
         f"| training steps / tokens | {tr['steps']:,} / {tr['tokens']:,} |",
         f"| val loss (nats/token) | {ev['loss']:.4f} |",
         f"| val perplexity | {ev['perplexity']:.3f} |",
         f"| val bits per byte | {ev['bits_per_byte']:.4f} |",
-        f"| corpus entropy bound (bits per byte) | {co['bits_per_byte']:.4f} |",
-        f"| stories' sentences passing the TinyTales validator | {st['valid_fraction']:.1%} of {st['sentences']} |",
-        f"| stories with consistent names and pronouns | {st['consistent_fraction']:.1%} of {st['stories']} |",
-        "", "The entropy bound is the floor a perfect model of the generator approaches (an upper bound on the "
-        "corpus entropy); val bits per byte above it is what the model has yet to learn.", "",
-        "![train and val loss, learning rate](train/loss.png)", "", "## Three stories", "",
     ]
-    for i, story in enumerate(st["samples"][:3], 1):
-        lines += [f"{i}. {story.strip()}", ""]
-    lines += [f"Model: `{f['final']}` — try `tinylm generate {f['final']} --prompt \"Once upon a time\"`.", ""]
+    if tiny:
+        st = f["stories"]
+        lines += [
+            f"| corpus entropy bound (bits per byte) | {co['bits_per_byte']:.4f} |",
+            f"| stories' sentences passing the TinyTales validator | {st['valid_fraction']:.1%} of {st['sentences']} |",
+            f"| stories with consistent names and pronouns | {st['consistent_fraction']:.1%} of {st['stories']} |",
+            "", "The entropy bound is the floor a perfect model of the generator approaches (an upper bound on "
+            "the corpus entropy); val bits per byte above it is what the model has yet to learn."]
+    else:
+        r = f["recipe"]
+        lines += ["", f"Recipe for this text and budget (tinylm.train.rules): batch {r['data.batch_tokens']:,} "
+                  f"tokens, peak lr {r['optim.lr']:.2e}, warmup {r['schedule.warmup_steps']} steps, decay over the "
+                  f"last {r['schedule.decay_fraction']:.0%} of the steps."]
+    lines += ["", "![train and val loss, learning rate](train/loss.png)", "",
+              "## Three stories" if tiny else "## Three samples", ""]
+    for i, text in enumerate((f["stories"]["samples"] if tiny else f["samples"])[:3], 1):
+        lines += [f"{i}. {text.strip()}", ""]
+    prompt = "Once upon a time" if tiny else "the first words of a text like yours"
+    lines += [f"Model: `{f['final']}` — try `tinylm generate {f['final']} --prompt \"{prompt}\"`.", ""]
     with atomic_file(out / "REPORT.md") as tmp:
         tmp.write_text("\n".join(lines))
     with atomic_file(out / "report.json") as tmp:

@@ -39,7 +39,7 @@ from tinylm.data.tokens import Batch
 from tinylm.train.config import TrainConfig
 from tinylm.train.finetune import PeftSection, load_model
 from tinylm.train.loop import batch_layout, begin, fit, start
-from tinylm.train.losses import lm_loss
+from tinylm.train.losses import lm_loss_fn
 
 
 @dataclass
@@ -115,7 +115,7 @@ def sft(cfg: SftConfig) -> Path:
         run = start(cfg, model, packed.batches(cfg.data.seed, rows), d, device, val_rows, tokenizer)
         run.meta.update(stage="sft", base=str(cfg.model.init), peft=dataclasses.asdict(cfg.peft),
                         examples=len(train), held_out=len(val))
-        return fit(run, lm_loss)
+        return fit(run, lm_loss_fn(cfg.optim.z_loss))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

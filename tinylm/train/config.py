@@ -36,6 +36,10 @@ class ModelSection:
     ffn_dim: Count | None = None  # SwiGLU hidden width (none: the preset's)
     max_seq_len: Count | None = None  # None: the preset's, raised to data.seq_len if shorter; if set, at least data.seq_len
     tie_embeddings: bool | None = None  # share the embedding and LM-head matrix (none: the preset's)
+    # RMSNorm on each head's queries and keys before RoPE (OLMo 2, Qwen3); saved and exported as HF Qwen3
+    qk_norm: bool = False
+    # C: logits = C * tanh(logits / C) (Gemma 2; modded-nanogpt uses 30); none: off. Not Llama-exportable
+    logit_softcap: Positive | None = None
     # with init: train on a data.seq_len longer than the model's max_seq_len (which is then raised to it);
     # without it such a data.seq_len is refused, since the positions past max_seq_len were never trained
     extend_context: bool = False
@@ -52,12 +56,19 @@ class DataSection:
     # process and step (batch_tokens / seq_len / processes): a larger value means all of them at once
     micro_batch: Count = 16
     seed: Seed = 0  # data order seed: the batch of step s depends only on (seed, s)
+    # batch-size warmup: the global batch grows linearly with the tokens seen, from batch_warmup_start of
+    # batch_tokens to all of it, over the first batch_warmup_tokens tokens (0: off, the full batch from step 1)
+    batch_warmup_tokens: Interval = 0
+    batch_warmup_start: Annotated[float, Check(gt=0, le=1)] = 0.125  # the first step's share of batch_tokens
 
 
 @dataclass
 class OptimSection:
-    """AdamW (Loshchilov & Hutter 2019) with width-aware learning rates."""
+    """AdamW (Loshchilov & Hutter 2019) with width-aware learning rates, or Muon for hidden matrices."""
 
+    # adamw: AdamW for every parameter; muon: torch.optim.Muon (Jordan et al. 2024) for the hidden matrices
+    # (attention and MLP weights) at muon_lr, AdamW for embeddings, norms and an untied head at lr
+    name: one_of("adamw", "muon") = "adamw"
     lr: Positive = 3e-3  # peak lr at width base_width (hidden matrices are scaled by base_width / dim)
     width_scaling: bool = True  # muP-style: hidden-matrix lr * base_width / dim (see param_groups)
     base_width: Count = 256  # MiniCPM's dim_model_base (Hu et al. 2024, sec. 3.1)
@@ -66,6 +77,11 @@ class OptimSection:
     beta2: Beta = 0.95  # LLaMA / MiniCPM value (Touvron et al. 2023, sec. 2.2)
     eps: Positive = 1e-8  # AdamW denominator epsilon
     grad_clip: NonNegative = 1.0  # max global gradient L2 norm; 0 disables clipping (the norm is still checked)
+    muon_lr: Positive = 0.02  # muon: peak lr of the hidden matrices (Keller Jordan's default; scaled by sqrt(max(1, rows/cols)))
+    muon_momentum: Beta = 0.95  # muon: Nesterov momentum (Keller Jordan's default)
+    # z-loss coefficient: adds COEF * log(Z)^2 per token, Z the softmax normaliser (PaLM, Chowdhery et al.
+    # 2022, sec. 5, used 1e-4), on the LM loss of pretrain and sft; 0: off
+    z_loss: NonNegative = 0.0
 
 
 @dataclass
@@ -86,6 +102,10 @@ class RunSection:
     """Outputs, devices, evaluation and checkpointing."""
 
     out: str = "runs/pretrain"  # OUT/checkpoints/step_XXXXXXX/, OUT/final/, OUT/metrics.jsonl, OUT/loss.png
+    # a wall-clock budget: the steps are planned from measured speed and re-planned while training, so
+    # the run (WSD decay included) ends after about this many minutes in total, counted over every resume;
+    # schedule.steps / schedule.tokens, if set, become a cap (whichever comes first). none: off
+    minutes: Positive | None = None
     resume: str = "never"  # never | auto (latest complete checkpoint in OUT, or a fresh start) | a checkpoint dir
     decay_from: str | None = None  # wsd: a stable-phase checkpoint; run only the decay from it
     seed: Seed = 0  # model initialisation seed

@@ -45,14 +45,16 @@ from tinylm.core.recipe import validate as validate_config
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource, TokenData
 from tinylm.formats import checkpoint
-from tinylm.model.config import PRESETS, preset
+from tinylm.model.config import PRESETS, ModelConfig, preset
 from tinylm.model.llama import Llama
 from tinylm.model.surgery import check_memory
+from tinylm.train.budget import UNBOUNDED, Budget, Plan, check_budget
 from tinylm.train.config import DataSection, ModelSection, RunSection
-from tinylm.train.losses import LossFn, eval_batches, eval_nats, lm_loss
+from tinylm.train.losses import LossFn, eval_batches, eval_nats, is_lm_loss, lm_loss
 from tinylm.train.metrics import MetricsLog, plot_metrics
 from tinylm.train.optim import make_optimizer, set_lr
 from tinylm.train.schedule import (
+    BatchRamp,
     _check_schedule,
     branch_total,
     decay_steps,
@@ -116,6 +118,9 @@ def begin(cfg: Any) -> tuple[Dist, torch.device]:
     """
     validate_config(cfg)  # the declared ranges, also for a config built in Python
     _check_schedule(cfg.schedule)
+    check_budget(cfg)
+    if cfg.optim.name == "muon" and cfg.run.fsdp:
+        raise TinylmError("optim.name muon needs whole matrices: not with run.fsdp (use DDP)")
     check_out(cfg.run.out, overwrite=True)  # a run dir is resumed or added to, never replaced: check the path
     d, device = init_distributed(cfg.run.device)
     if getattr(cfg.run, "tensorboard", False):
@@ -142,10 +147,13 @@ def start(cfg: Any, model: Llama, batches: BatchSource, d: Dist, device: torch.d
         extra_modules: see `setup`.
     """
     out = Path(cfg.run.out)
-    rows = batch_layout(cfg.data, d.world)[0]
-    resume_from, total = _plan_start(cfg, out, rows)
+    resume_from, total = _plan_start(cfg, out, batch_ramp(cfg.data, d.world))
     run = _assemble(cfg, model, batches, d, device, total, out)
     run.val, run.tokenizer = val, tokenizer
+    if cfg.run.minutes is not None:
+        has_val = val is not None and (not isinstance(val, list) or len(val) > 0)
+        run.budget = Budget(cfg.run.minutes * 60, run.ramp, cfg.schedule, None if total == UNBOUNDED else total,
+                            end_tokens=cfg.run.eval_tokens / 3 if has_val else 0.0)  # a forward: ~1/3 of a step
     if extra_modules is not None:
         _attach_extra(run, extra_modules(model))
     if resume_from is not None:
@@ -168,8 +176,8 @@ def setup_model(cfg: Any, model: Llama, batches: BatchSource) -> Run:
     """
     validate_config(cfg)
     _check_schedule(cfg.schedule)
-    rows = batch_layout(cfg.data, 1)[0]
-    total = planned_steps(cfg.schedule, rows * cfg.data.seq_len)
+    ramp = batch_ramp(cfg.data, 1)
+    total = planned_steps(cfg.schedule, ramp.rows * cfg.data.seq_len, ramp)
     model.train()
     return _assemble(cfg, model, batches, Dist(), resolve_device(cfg.run.device), total, Path(cfg.run.out))
 
@@ -182,7 +190,7 @@ def _assemble(cfg: Any, model: Llama, batches: BatchSource, d: Dist, device: tor
     train_model = _wrap(model, cfg.run, d, device)
     optimizer = make_optimizer(model, cfg.optim, device)
     return Run(cfg, model, train_model, optimizer, batches, None, None, d, device, _amp_dtype(cfg.run.dtype, device),
-               total, rows, micro, accum, out)
+               total, rows, micro, accum, out, batch_ramp(cfg.data, d.world))
 
 
 def data_tokenizer(data_dir: str) -> Tokenizer | None:
@@ -203,6 +211,12 @@ def batch_layout(data: DataSection, world: int) -> tuple[int, int, int]:
     if per_rank % micro:
         raise TinylmError(f"{per_rank} rows per process is not a multiple of data.micro_batch {micro}")
     return rows, micro, per_rank // micro
+
+
+def batch_ramp(data: DataSection, world: int) -> BatchRamp:
+    """The global batch of every step: data.batch_tokens, or growing to it (data.batch_warmup_tokens)."""
+    rows = batch_layout(data, world)[0]
+    return BatchRamp.make(rows, data.seq_len, world, data.batch_warmup_tokens, data.batch_warmup_start)
 
 
 def build_model(m: ModelSection, seq_len: int, data: TokenData,
@@ -227,10 +241,24 @@ def build_model(m: ModelSection, seq_len: int, data: TokenData,
             loaded.model.reserve(seq_len)
         loaded.model.train()
         return loaded.model, tokenizer or loaded.tokenizer
+    cfg = new_model_config(m, seq_len, vocab_size, tokenizer)
+    check_memory(cfg, f"model.preset {m.preset} with its overrides")  # fp32 master weights, built on the CPU
+    return Llama(cfg), tokenizer
+
+
+def new_model_config(m: ModelSection, seq_len: int, vocab_size: int, tokenizer: Tokenizer | None) -> ModelConfig:
+    """The shape of a new model: the preset with the model section's overrides.
+
+    Args:
+        m: the model section (its preset and shape fields).
+        seq_len: training context; max_seq_len is at least this.
+        vocab_size: the data's vocabulary.
+        tokenizer: the data's tokenizer, whose special ids go into the config (None: none).
+    """
     if m.preset not in PRESETS:
         raise TinylmError(f"model.preset {m.preset!r} is unknown (known: {', '.join(PRESETS)}), or set model.init")
     shape = {k: getattr(m, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len",
-                                         "tie_embeddings") if getattr(m, k) is not None}
+                                         "tie_embeddings", "qk_norm", "logit_softcap") if getattr(m, k) is not None}
     if "max_seq_len" not in shape:
         shape["max_seq_len"] = max(PRESETS[m.preset].get("max_seq_len", 512), seq_len)
     if seq_len > shape["max_seq_len"]:
@@ -239,13 +267,13 @@ def build_model(m: ModelSection, seq_len: int, data: TokenData,
         shape["n_kv_heads"] = None  # derived from n_heads again
     if tokenizer is not None:
         shape.update(bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-    cfg = preset(m.preset, vocab_size=vocab_size, **shape)
-    check_memory(cfg, f"model.preset {m.preset} with its overrides")  # fp32 master weights, built on the CPU
-    return Llama(cfg), tokenizer
+    return preset(m.preset, vocab_size=vocab_size, **shape)
 
 
-def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
-    """(checkpoint to restore or None, total steps) from run.resume / run.decay_from and the schedule."""
+def _plan_start(cfg: Any, out: Path, ramp: BatchRamp) -> tuple[Path | None, int]:
+    """(checkpoint to restore or None, total steps) from run.resume / run.decay_from and the schedule;
+    with run.minutes, the total is the schedule's cap (if it has steps or tokens) or UNBOUNDED until the
+    budget plans it."""
     s, r = cfg.schedule, cfg.run
     if r.decay_from:
         if s.kind != "wsd":
@@ -257,7 +285,10 @@ def _plan_start(cfg: Any, out: Path, rows: int) -> tuple[Path | None, int]:
             raise TinylmError(f"{src} (step {start}) is not in the stable phase of its WSD schedule")
         latest = resume_checkpoint(out) if r.resume == "auto" else None  # a killed branch continues
         return latest or src, branch_total(start, s.decay_fraction)
-    total = planned_steps(s, rows * cfg.data.seq_len)
+    if r.minutes is not None and s.steps is None and s.tokens is None:
+        total = UNBOUNDED
+    else:
+        total = planned_steps(s, ramp.rows * cfg.data.seq_len, ramp)
     if r.resume == "never":
         if latest_checkpoint(out) is not None:
             raise TinylmError(f"{out} already holds checkpoints: pass --resume auto to continue, or another run.out")
@@ -348,7 +379,7 @@ def validate(run: Run, loss_fn: LossFn = lm_loss) -> dict[str, float] | None:
         return None
     means = (totals / totals[1]).tolist()
     record = {"val_loss": means[0], **{f"val_{k}": v for k, v in zip(names, means[2:])}}
-    if windows or loss_fn is lm_loss:  # a mean negative log-likelihood: its perplexity means something
+    if windows or is_lm_loss(loss_fn):  # a mean negative log-likelihood: its perplexity means something
         record["val_ppl"] = math.exp(min(means[0], 50))
     return record
 
@@ -418,8 +449,10 @@ def _grad_sync(model: nn.Module, last: bool) -> contextlib.AbstractContextManage
 def _micro_batches(run: Run) -> tuple[list[Batch], float]:
     """This rank's micro-batches of the global batch of run.step, and the weight of the whole global batch."""
     d = run.dist
-    # micro-step m of rank r reads rows [(m * world + r) * micro, ... + micro) of the global batch
-    batches = [run.batches(run.step, (m * d.world + d.rank) * run.micro, run.micro) for m in range(run.accum)]
+    per_rank = run.ramp.rows_at(run.step) // d.world  # all of run.rows // world but under batch-size warmup
+    sizes = [min(run.micro, per_rank - start) for start in range(0, per_rank, run.micro)]
+    # micro-step m of rank r reads rows [(m * world + r) * micro, ... + its size) of the global batch
+    batches = [run.batches(run.step, (m * d.world + d.rank) * run.micro, size) for m, size in enumerate(sizes)]
     total = torch.tensor([sum(b.weight for b in batches)], dtype=torch.float64)
     if dist.is_initialized():
         total = total.to(run.device)
@@ -450,7 +483,7 @@ def train_step(run: Run, loss_fn: LossFn) -> dict[str, float]:
     sums: dict[str, Tensor] = {"loss": torch.zeros((), device=run.device)}
     for m, batch in enumerate(batches):
         share = batch.weight * d.world / total  # DDP/FSDP average gradients over ranks: undo the 1 / world
-        with _grad_sync(run.train_model, m == run.accum - 1):
+        with _grad_sync(run.train_model, m == len(batches) - 1):
             with _autocast(run.device, run.amp_dtype):
                 loss, metrics = loss_fn(run.train_model, batch.to(run.device))
                 loss = loss * share
@@ -464,8 +497,8 @@ def train_step(run: Run, loss_fn: LossFn) -> dict[str, float]:
     for what, key in (("loss", "loss"), ("gradient norm", "grad_norm")):
         if not math.isfinite(stats[key]):
             _stop_non_finite(run, what, stats[key])
-    factor = lr_factor(run.step, run.total_steps, cfg.schedule)
-    set_lr(run.optimizer, cfg.optim.lr, factor)
+    factor = lr_factor(run.step, run.total_steps, cfg.schedule, run.decay_anchor)
+    stats["lr"] = set_lr(run.optimizer, cfg.optim.lr, factor)
     run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     _step_extra(run, factor)
@@ -521,41 +554,60 @@ def fit(run: Run, loss_fn: LossFn = lm_loss, stop_at: int | None = None) -> Path
     if stop_at is not None and not run.step <= stop_at < run.total_steps:
         raise ValueError(f"stop_at {stop_at} is not in [step {run.step}, total_steps {run.total_steps})")
     with _no_empty_run_dir(run):
-        return _fit(run, loss_fn, run.total_steps if stop_at is None else stop_at)
+        return _fit(run, loss_fn, stop_at)
 
 
-def _fit(run: Run, loss_fn: LossFn, end: int) -> Path:
+def _follow_budget(run: Run, bar: Any) -> None:
+    """Let the budget re-plan after a step; under torchrun every rank takes rank 0's plan (clocks differ)."""
+    plan = run.budget.step_done(run.step, Plan(run.total_steps, run.decay_anchor))
+    if dist.is_initialized():
+        anchor = plan.anchor or (-1, 0.0)
+        shared = torch.tensor([plan.total, anchor[0], anchor[1]], dtype=torch.float64, device=run.device)
+        dist.broadcast(shared, src=0)
+        total, step, p = shared.tolist()
+        plan = Plan(int(total), (int(step), p) if step >= 0 else None)
+    if plan.total != run.total_steps:
+        bar.total = plan.total
+    run.total_steps, run.decay_anchor = plan.total, plan.anchor
+
+
+def _fit(run: Run, loss_fn: LossFn, stop_at: int | None) -> Path:
     from tqdm import tqdm
 
     cfg, out = run.cfg.run, run.out
     log = MetricsLog(out, run.step, run.dist.main, cfg.tensorboard)
-    tokens_per_step = run.rows * run.cfg.data.seq_len
     flops_per_token = run.model.config.flops_per_token(run.cfg.data.seq_len, training=True)
-    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (cfg.progress and run.dist.main),
-               unit="step", dynamic_ncols=True)
-    window_s, window_steps = 0.0, 0  # time spent in training steps since the last log line
+    budgeted = run.budget is not None
+    bar = tqdm(total=None if budgeted and run.total_steps == UNBOUNDED else run.total_steps, initial=run.step,
+               disable=not (cfg.progress and run.dist.main), unit="step", dynamic_ncols=True)
+    window_s, window_tokens = 0.0, 0  # time spent in training steps since the last log line, and their tokens
+    started = time.perf_counter()  # time_s: seconds into this session, evaluations and checkpoints included
     with _catch_signals(run):
-        while run.step < end:
-            t0 = time.perf_counter()
+        # a budget re-plans run.total_steps while running; stop_at (a part of the run) stays fixed
+        while run.step < (run.total_steps if stop_at is None else stop_at):
+            if budgeted:
+                run.budget.step_started()
+            t0, tokens = time.perf_counter(), run.tokens()
             stats = train_step(run, loss_fn)
             _sync(run.device)
-            window_s, window_steps = window_s + time.perf_counter() - t0, window_steps + 1
-            tps = tokens_per_step * window_steps / max(window_s, 1e-9)
+            window_s, window_tokens = window_s + time.perf_counter() - t0, window_tokens + run.tokens() - tokens
+            if budgeted:
+                _follow_budget(run, bar)
+            now = time.perf_counter() - started
+            tps = window_tokens / max(window_s, 1e-9)
             mfu = tps * flops_per_token / run.peak_flops if run.peak_flops else 0.0
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{mfu:.0%}", refresh=False)
             record: dict[str, Any] = {}
             if run.step % cfg.log_every == 0 or run.step == run.total_steps:
-                lr = run.cfg.optim.lr * lr_factor(run.step - 1, run.total_steps, run.cfg.schedule)
-                record = dict(step=run.step, tokens=run.step * tokens_per_step, **stats, lr=lr, tokens_per_s=tps,
-                              mfu=mfu)
-                window_s, window_steps = 0.0, 0
+                record = dict(step=run.step, tokens=run.tokens(), **stats, tokens_per_s=tps, mfu=mfu, time_s=now)
+                window_s, window_tokens = 0.0, 0
             if (cfg.eval_every and run.step % cfg.eval_every == 0) or run.step == run.total_steps:
                 vals = validate(run, loss_fn)
                 run.last_val = None if vals is None else vals["val_loss"]
                 if vals is not None:
                     run.best_val = min(run.best_val or run.last_val, run.last_val)
-                    record.update(step=run.step, **vals)
+                    record.update(step=run.step, tokens=run.tokens(), time_s=now, **vals)
                     if run.dist.main:
                         bar.write(f"step {run.step}: val loss {run.last_val:.4f}")
             if record:
@@ -571,7 +623,8 @@ def _fit(run: Run, loss_fn: LossFn, end: int) -> Path:
                     raise Terminated if run.stop_signal == signal.SIGTERM else KeyboardInterrupt
     bar.close()
     log.close()
-    if end < run.total_steps:  # a part of the run: resumable, and not pruned by keep_last until a later save
+    if stop_at is not None and run.step < run.total_steps:
+        # a part of the run: resumable, and not pruned by keep_last until a later save
         return save_checkpoint(run, checkpoint_dir(out, run.step))
     final = save_checkpoint(run, out / "final", resumable=False)
     if run.dist.main and cfg.plot and log.path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Iterable, Iterator
 
@@ -20,24 +21,45 @@ from tinylm.data.tokens import IGNORE_INDEX, Batch
 LossFn = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, Tensor | float]]]
 
 
-def lm_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
+def lm_loss(model: nn.Module, batch: Batch, z_loss: float = 0.0) -> tuple[Tensor, dict[str, Tensor | float]]:
     """Mean next-token cross-entropy of one micro-batch over its counted targets, in fp32.
 
     Args:
         model: the (wrapped) language model.
         batch: tokens (B, T + 1), a (B, T) mask of the targets that count (None: all of them), and
             for packed rows their example ids (the batch has already masked targets across examples).
+        z_loss: PaLM's z-loss coefficient (Chowdhery et al. 2022, sec. 5): adds z_loss * log(Z)^2, the
+            mean over the counted targets of the squared log-normaliser of the softmax, which keeps
+            log Z near 0. A training regulariser: with gradients off (evaluation) the loss is the plain
+            cross-entropy. Bind it with `lm_loss_fn`.
 
     Returns:
-        (the loss, no extra metrics).
+        (the loss, no extra metrics; with z_loss in training, {"z_loss": the mean log(Z)^2}).
     """
     packed = {} if batch.segments is None else {"segments": batch.input_segments}  # unpacked: the plain call
     logits = model(batch.inputs, **packed).float().flatten(0, 1)  # (B * T, V)
-    if batch.mask is None:
-        return F.cross_entropy(logits, batch.targets.flatten()), {}
-    # sum / count rather than reduction="mean": a micro-batch with every target masked gives 0, not NaN
-    nll = F.cross_entropy(logits, batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    return nll / max(batch.weight, 1.0), {}
+    counted = None if batch.mask is None else batch.labels.flatten() != IGNORE_INDEX  # (B * T,)
+    if counted is None:
+        loss = F.cross_entropy(logits, batch.targets.flatten())
+    else:
+        # sum / count rather than reduction="mean": a micro-batch with every target masked gives 0, not NaN
+        nll = F.cross_entropy(logits, batch.labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        loss = nll / max(batch.weight, 1.0)
+    if not z_loss or not torch.is_grad_enabled():
+        return loss, {}
+    z2 = logits.logsumexp(-1).pow(2)  # (B * T,)
+    z2 = z2.mean() if counted is None else (z2 * counted).sum() / max(batch.weight, 1.0)
+    return loss + z_loss * z2, {"z_loss": z2.detach()}
+
+
+def lm_loss_fn(z_loss: float = 0.0) -> LossFn:
+    """The LM loss step of a run: `lm_loss` itself, or with optim.z_loss bound when it is on."""
+    return lm_loss if not z_loss else functools.partial(lm_loss, z_loss=z_loss)
+
+
+def is_lm_loss(loss_fn: LossFn) -> bool:
+    """`lm_loss`, with or without a z-loss bound (its values are then mean negative log-likelihoods)."""
+    return getattr(loss_fn, "func", loss_fn) is lm_loss
 
 
 # exp(-1e4) is 0 in fp32 and bf16: a log-probability of -inf (a token of probability 0) is clamped to it

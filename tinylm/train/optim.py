@@ -1,7 +1,8 @@
-"""AdamW with width-aware learning rates."""
+"""AdamW with width-aware learning rates; or Muon for the hidden matrices beside AdamW for the rest."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -34,22 +35,65 @@ def param_groups(model: Llama, cfg: OptimSection) -> list[dict[str, Any]]:
     for name, p in model.named_parameters():  # a tied lm_head is the embedding, listed once
         if not p.requires_grad:  # frozen (a LoRA base): no gradient, no optimizer state
             continue
-        is_hidden = p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
-        (hidden if is_hidden else other).append(p)
+        (hidden if is_hidden_matrix(name, p) else other).append(p)
     return [dict(params=hidden, lr_scale=scale, weight_decay=cfg.weight_decay),
             dict(params=other, lr_scale=1.0, weight_decay=0.0)]
 
 
-def make_optimizer(model: Llama, cfg: OptimSection, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where this PyTorch build has it for the device (one kernel for all parameters)."""
+def is_hidden_matrix(name: str, p: torch.Tensor) -> bool:
+    """A 2-D weight inside the blocks (attention and MLP projections), not the embedding or the head."""
+    return p.ndim == 2 and "embed_tokens" not in name and "lm_head" not in name
+
+
+class Optimizers:
+    """Several torch optimizers over disjoint parameters, stepped as one (Muon beside AdamW).
+
+    `param_groups` lists every group of every part, so `set_lr` reaches them all; iterating yields the
+    parts, which is what torch.distributed.checkpoint's get_state_dict / set_state_dict take for
+    several optimizers (resumable checkpoints store their state under parameter names, as for one).
+    """
+
+    def __init__(self, parts: list[torch.optim.Optimizer]) -> None:
+        self.parts = parts
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for part in self.parts for g in part.param_groups]
+
+    def step(self) -> None:
+        for part in self.parts:
+            part.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for part in self.parts:
+            part.zero_grad(set_to_none=set_to_none)
+
+    def __iter__(self) -> Iterator[torch.optim.Optimizer]:
+        return iter(self.parts)
+
+
+def make_optimizer(model: Llama, cfg: OptimSection, device: torch.device) -> Optimizers:
+    """optim.name adamw: AdamW over every group of `param_groups`, fused where this PyTorch build has it
+    for the device (one kernel for all parameters). muon: torch.optim.Muon for the hidden matrices at
+    muon_lr (the orthogonalised update's own shape factor sqrt(max(1, rows / cols)), Keller Jordan's
+    "original" adjustment, replaces the width scaling), AdamW as above for the rest."""
     groups = param_groups(model, cfg)
-    for g in groups:
-        g["lr"] = cfg.lr * g["lr_scale"]
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+    if cfg.name == "adamw":
+        for g in groups:
+            g["lr"] = cfg.lr * g["lr_scale"]
+        return Optimizers([torch.optim.AdamW(groups, **adamw)])
+    hidden, other = groups
+    parts = [torch.optim.AdamW([{**other, "lr": cfg.lr}], **adamw)]
+    if hidden["params"]:  # a LoRA run may train no full matrix
+        # lr_scale muon_lr / lr: set_lr's one peak lr drives both (the schedule scales them alike)
+        muon = dict(params=hidden["params"], lr_scale=cfg.muon_lr / cfg.lr, weight_decay=cfg.weight_decay)
+        parts.insert(0, torch.optim.Muon([muon], lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True))
+    return Optimizers(parts)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, peak: float, factor: float) -> float:
+def set_lr(optimizer: Optimizers | torch.optim.Optimizer, peak: float, factor: float) -> float:
     """Set every group's lr to peak * factor * its lr_scale; return peak * factor."""
     for g in optimizer.param_groups:
         g["lr"] = peak * factor * g["lr_scale"]

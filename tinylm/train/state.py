@@ -25,6 +25,9 @@ from tinylm.model.llama import Llama
 from tinylm.model.lora import base_model, lora_layers
 from tinylm.model.qlinear import quantization_of
 from tinylm.model.surgery import build
+from tinylm.train.budget import Budget, read_budget_state
+from tinylm.train.optim import Optimizers
+from tinylm.train.schedule import Anchor, BatchRamp
 
 # ----- the run: everything setup() builds and fit() advances ----------------------------------------
 
@@ -35,7 +38,7 @@ class Run:
     cfg: Any  # TrainConfig (or a stage's config with the same model/data/optim/schedule/run sections)
     model: Llama  # the unwrapped model (its parameters are the ones being trained)
     train_model: nn.Module  # what the loss step calls: the model, compiled and/or DDP/FSDP-wrapped
-    optimizer: torch.optim.Optimizer
+    optimizer: Optimizers  # AdamW, or Muon beside AdamW (train.optim)
     batches: BatchSource  # (step, first row, rows) -> Batch: the training data, a pure function of its arguments
     val: TokenData | list[Batch] | None  # a val split's windows, or held-out Batches (sft's chat examples, dpo's pairs)
     tokenizer: Tokenizer | None
@@ -45,8 +48,9 @@ class Run:
     total_steps: int
     rows: int  # rows (windows) per global batch
     micro: int  # rows per micro-step on one rank
-    accum: int  # micro-steps per optimizer step on one rank
+    accum: int  # micro-steps per optimizer step on one rank (of a full batch)
     out: Path
+    ramp: BatchRamp  # the global batch of each step (smaller ones first under batch-size warmup)
     step: int = 0  # optimizer steps done
     best_val: float | None = None
     last_val: float | None = None
@@ -57,6 +61,12 @@ class Run:
     # with the model at its learning rate, saved in train_state/ only, never in the model checkpoint.
     extra_modules: nn.ModuleDict | None = None
     extra_optimizer: torch.optim.Optimizer | None = None
+    budget: Budget | None = None  # run.minutes: the wall-clock planner that sets total_steps while training
+    decay_anchor: Anchor | None = None  # a WSD decay re-planned mid-way by the budget (schedule.decay_progress)
+
+    def tokens(self) -> int:
+        """Tokens trained on so far (all ranks)."""
+        return self.ramp.tokens_at(self.step)
 
 
 def read_train_info(ckpt: Path) -> dict[str, Any]:
@@ -91,6 +101,10 @@ def _info_problem(info: Any) -> str | None:
             return f"{key} must be an integer >= 0, got {info[key]!r}"
     if info["step"] > info["total_steps"]:
         return f"step {info['step']} is past total_steps {info['total_steps']}"
+    try:
+        read_budget_state(info)
+    except TinylmError as e:
+        return str(e)
     best = info.get("best_val")
     if best is not None and (not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(best)):
         return f"best_val must be a finite number or null, got {best!r}"
@@ -199,8 +213,10 @@ def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> Path:
             model, adapted = base_model(model), model
             meta["quantization"] = quantization_of(model)
             beside = lambda d: write_adapter(adapted, d, meta.get("base"))  # noqa: E731
-        info = dict(step=run.step, tokens=run.step * run.rows * run.cfg.data.seq_len, total_steps=run.total_steps,
-                    best_val=run.best_val, world=run.dist.world, config=run.cfg.to_dict()) if resumable else None
+        info = dict(step=run.step, tokens=run.tokens(), total_steps=run.total_steps, best_val=run.best_val,
+                    world=run.dist.world, config=run.cfg.to_dict()) if resumable else None
+        if info is not None and run.budget is not None:
+            info["budget"] = run.budget.state(run.decay_anchor)
         checkpoint.save(model, path, run.tokenizer, meta=meta, train_info=info, beside=beside,
                         train_state={**_flatten_optimizer(osd), **_extra_state(run)} if resumable else None)
     _barrier()
@@ -208,7 +224,7 @@ def save_checkpoint(run: Run, path: Path, resumable: bool = True) -> Path:
 
 
 def _meta(run: Run) -> dict[str, Any]:
-    return {"stage": "pretrain", "step": run.step, "tokens": run.step * run.rows * run.cfg.data.seq_len,
+    return {"stage": "pretrain", "step": run.step, "tokens": run.tokens(),
             "val_loss": run.last_val, "config": run.cfg.to_dict(), **run.meta}
 
 
@@ -240,6 +256,10 @@ def restore(run: Run, ckpt: Path) -> None:
     except (KeyError, RuntimeError, ValueError) as e:
         raise TinylmError(f"{ckpt} does not match this model/optimizer ({str(e).splitlines()[0]})") from None
     run.step, run.best_val = int(info["step"]), info.get("best_val")
+    budget = read_budget_state(info)
+    if run.budget is not None and budget is not None:  # the plan goes on: the same lr, the time left
+        run.budget.spent, run.decay_anchor = budget
+        run.total_steps = int(info["total_steps"])
 
 
 def _prune_checkpoints(out: Path, keep: int) -> None:

@@ -1,0 +1,52 @@
+"""The automatic recipe of train.rules against its written-out formulas (DeepSeek LLM's batch and lr fits,
+Muennighoff et al.'s repeated-data discount), and the properties a budget rule must have."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from tinylm.train import rules
+from tinylm.train.rules import auto_recipe, effective_tokens, expected_tokens_per_s
+
+
+def test_recipe_is_the_documented_formula() -> None:
+    # 5 minutes at 10k tokens/s of a model of 6e6 training FLOPs per token, on 1M tokens of text
+    r = auto_recipe(data_tokens=1_000_000, budget_s=300, tokens_per_s=10_000, flops_per_token=6e6, seq_len=256)
+    d = 3e6  # tokens: three epochs of the data, two of them repeats
+    d_eff = 1e6 + 1e6 * 15.4 * (1 - math.exp(-2 / 15.4))
+    c = 6e6 * d_eff
+    batch = min(0.2920 * c**0.3271, d / 200)
+    assert r.run_tokens == d and r.effective_tokens == pytest.approx(d_eff) and r.compute == pytest.approx(c)
+    assert r.batch_tokens == int(batch // 256) * 256
+    assert r.lr == pytest.approx(0.3118 * c**-0.125)
+    assert r.warmup_steps == min(200, max(1, round(0.02 * d / r.batch_tokens)))
+    assert r.decay_fraction == 0.2
+    print(r)
+
+
+def test_repeats_are_discounted() -> None:
+    assert effective_tokens(5e5, 1e6) == 5e5  # fresh data: every token counts
+    values = [effective_tokens(d, 1e6) for d in (1e6, 2e6, 1e7, 1e8, 1e10)]
+    assert values == sorted(values) and all(v <= d for v, d in zip(values, (1e6, 2e6, 1e7, 1e8, 1e10)))
+    assert values[-1] == pytest.approx(1e6 * (1 + rules.REPEAT_DECAY), rel=1e-6)  # the ceiling U (1 + R*)
+    small, big = (auto_recipe(data, 600, 10_000, 6e6, 128) for data in (1e5, 1e8))
+    assert small.lr > big.lr  # the same budget on little data is less compute: a higher lr, a smaller batch
+    assert small.batch_tokens <= big.batch_tokens
+
+
+@pytest.mark.parametrize("seq_len", [64, 256])
+def test_longer_budgets_get_lower_lr_bigger_batches_and_enough_steps(seq_len: int) -> None:
+    recipes = [auto_recipe(10**9, minutes * 60, 10_000, 6e6, seq_len) for minutes in (1, 2, 5, 20, 120)]
+    lrs = [r.lr for r in recipes]
+    assert lrs == sorted(lrs, reverse=True)
+    batches = [r.batch_tokens for r in recipes]
+    assert batches == sorted(batches) and all(b % seq_len == 0 and b >= seq_len for b in batches)
+    for r in recipes:
+        assert r.run_tokens / r.batch_tokens >= rules.MIN_STEPS or r.batch_tokens == seq_len
+        assert 1 <= r.warmup_steps <= rules.WARMUP_MAX
+
+
+def test_expected_speed_is_the_assumed_share_of_the_peak() -> None:
+    assert expected_tokens_per_s(1e11, 5e6) == pytest.approx(rules.ASSUMED_MFU * 2e4)

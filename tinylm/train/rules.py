@@ -1,0 +1,89 @@
+"""The automatic recipe for a time budget on a user's own text: batch size, peak lr, warmup and decay.
+
+One function, `auto_recipe`, holds every rule, so that the constants below can be refitted in one place.
+They are NOT fitted to tinylm yet: they are the published fits named beside each, placeholders until the
+speedrun sweep (`bench/speedrun.py --sweep`, BENCHMARKS.md) measures the best batch size and lr of real
+text at 2, 5 and 20 minutes and the constants are fitted to it.
+
+The rules, for a run of D tokens (the budget's seconds times the expected tokens per second) on U tokens
+of data, with a model of M training FLOPs per token:
+  1. repeated data is worth less: the effective tokens are D' = D while D <= U, else
+     D' = U + U R* (1 - exp(-R / R*)), R = D / U - 1 epochs repeated (Muennighoff et al. 2023, eq. 5);
+  2. the compute is C = M D' (DeepSeek LLM's C = M D, Bi et al. 2024, sec. 3.1);
+  3. batch B = 0.292 C^0.3271 tokens and peak lr 0.3118 C^-0.125 (DeepSeek LLM, eq. 1), the batch
+     in whole rows, at least one, and small enough to leave MIN_STEPS optimizer steps;
+  4. warmup: WARMUP_FRACTION of the steps (at least 1, at most WARMUP_MAX); decay: the last
+     DECAY_FRACTION of the steps (a 20% cool-down matches a cosine run, Hagele et al. 2024, sec. 4).
+The expected tokens per second come from the measured matmul peak: ASSUMED_MFU of it, over M.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# --- constants awaiting the sweep (see the module docstring for where each comes from) -------------------
+REPEAT_DECAY = 15.4  # R*, Muennighoff et al. 2023 (Table 2's fit)
+BATCH_COEF, BATCH_EXP = 0.2920, 0.3271  # DeepSeek LLM eq. 1: B_opt = 0.2920 C^0.3271 (tokens)
+LR_COEF, LR_EXP = 0.3118, -0.1250  # DeepSeek LLM eq. 1: lr_opt = 0.3118 C^-0.1250
+MIN_STEPS = 200  # the batch shrinks below B_opt so that a short budget still has this many steps
+WARMUP_FRACTION, WARMUP_MAX = 0.02, 200  # a short warmup (modded-nanogpt's speedruns warm up briefly)
+DECAY_FRACTION = 0.2  # Hagele et al. 2024, sec. 4
+ASSUMED_MFU = 0.5  # the quickstart's 1m model trained at 48-72% of the measured fp32 matmul peak (BENCHMARKS.md)
+
+
+@dataclass
+class AutoRecipe:
+    """What the rules chose, with the figures they chose it from."""
+
+    batch_tokens: int  # data.batch_tokens
+    lr: float  # optim.lr
+    warmup_steps: int  # schedule.warmup_steps
+    decay_fraction: float  # schedule.decay_fraction
+    run_tokens: float  # D: the tokens the budget is expected to train on
+    effective_tokens: float  # D': those tokens with repeats discounted
+    compute: float  # C = M D', FLOPs
+
+    def overrides(self) -> dict[str, object]:
+        """The recipe keys these set."""
+        return {"data.batch_tokens": self.batch_tokens, "optim.lr": self.lr,
+                "schedule.warmup_steps": self.warmup_steps, "schedule.decay_fraction": self.decay_fraction}
+
+
+def expected_tokens_per_s(peak_flops: float, flops_per_token: float) -> float:
+    """Training tokens per second at ASSUMED_MFU of a measured matmul peak (core.devices.measure_peak_flops).
+
+    Args:
+        peak_flops: FLOP/s.
+        flops_per_token: training FLOPs per token (ModelConfig.flops_per_token(seq_len, training=True)).
+    """
+    return ASSUMED_MFU * peak_flops / flops_per_token
+
+
+def effective_tokens(run_tokens: float, data_tokens: float) -> float:
+    """D' of rule 1: the worth of `run_tokens` tokens read from `data_tokens` unique ones."""
+    if run_tokens <= data_tokens:
+        return run_tokens
+    repeats = run_tokens / data_tokens - 1
+    return data_tokens + data_tokens * REPEAT_DECAY * (1 - math.exp(-repeats / REPEAT_DECAY))
+
+
+def auto_recipe(data_tokens: int, budget_s: float, tokens_per_s: float, flops_per_token: float,
+                seq_len: int) -> AutoRecipe:
+    """Batch size, peak lr, warmup and decay for a budget on some data, by the rules of this module.
+
+    Args:
+        data_tokens: U, the training split's tokens.
+        budget_s: seconds of training.
+        tokens_per_s: the expected training speed (`expected_tokens_per_s`).
+        flops_per_token: M, training FLOPs per token.
+        seq_len: tokens per row (the batch is whole rows).
+    """
+    run_tokens = max(budget_s * tokens_per_s, float(seq_len))
+    d_eff = effective_tokens(run_tokens, max(data_tokens, 1))
+    compute = flops_per_token * d_eff
+    batch = min(BATCH_COEF * compute**BATCH_EXP, run_tokens / MIN_STEPS)
+    batch_tokens = max(1, int(batch // seq_len)) * seq_len
+    steps = max(1.0, run_tokens / batch_tokens)
+    warmup = min(WARMUP_MAX, max(1, round(WARMUP_FRACTION * steps)))
+    return AutoRecipe(batch_tokens, LR_COEF * compute**LR_EXP, warmup, DECAY_FRACTION, run_tokens, d_eff, compute)
