@@ -8,15 +8,17 @@ before each test; a failing test's report names the seed. `TINYLM_TEST_SEED=N` r
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -184,3 +186,27 @@ def run_bad_data(verb: str, base: Path, data: Path, out: Path, seq: int, capsys:
     code = cli.main([verb, str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(seq),
                      "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])
     return code, capsys.readouterr().err
+
+
+# ----- servers -----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run `app` (tinylm serve's) on uvicorn in a background thread on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    from tinylm.serve.app import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()

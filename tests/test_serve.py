@@ -9,7 +9,6 @@ that disconnects mid-stream leaves no engine request behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -17,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,14 +27,12 @@ import jsonschema
 import openai
 import pytest
 import torch
-import uvicorn
-from helpers import REPO, chat_checkpoint, needs_smollm2
+from helpers import REPO, chat_checkpoint, needs_smollm2, serving
 
 from tinylm import cli
 from tinylm.data.chat import end_of_turn_id, format_tool_call, parse_tool_calls
 from tinylm.formats import checkpoint
 from tinylm.infer.generate import generate_ids
-from tinylm.serve.app import listen
 from tinylm.stages.serve import ServeConfig, build_app
 
 CORPUS = ['{"name": "Tom", "age": 3, "city": "Paris"}', '{"name": "Ann", "age": 41, "city": "Rome"}',
@@ -48,24 +44,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                 "city": {"type": "string", "maxLength": 12}},
                                                 "required": ["city"], "additionalProperties": False}}}
 CONTEXT = 768  # the Hermes tools preamble alone is ~550 tokens of the tiny tokenizer
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run `app` on uvicorn in a background thread on a free loopback port; yields its base URL."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
