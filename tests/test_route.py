@@ -16,6 +16,8 @@ import json
 import math
 import re
 import socket
+import sys
+import time
 import types
 import urllib.request
 from pathlib import Path
@@ -204,6 +206,26 @@ def test_metrics_report_routes_share_and_signals(app, client, url):
     assert _metric(url, "tinylm_route_signal_count") == seen + 3
 
 
+def test_a_client_that_leaves_while_the_small_model_answers_frees_its_slot(app, url):
+    """The decision waits for the small model's whole answer; a client gone meanwhile cancels it."""
+    cancelled = _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
+    body = json.dumps({"model": "small", "prompt": "the cat sat on the mat.", "max_tokens": CONTEXT - 32,
+                       "temperature": 1.0, "seed": 1, "stream": True}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 30
+        while not _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert _metric(url, "tinylm_running_requests") == 1
+    while _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _metric(url, "tinylm_running_requests") == 0
+    assert _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
+    assert app.state.server.admitted == 0 and not app.state.server.router.kept
+
+
 # ----- a URL fallback --------------------------------------------------------------------------------------------
 
 def test_a_url_fallback_answers_and_an_unreachable_one_is_a_502(small_ck, big_ck, big):
@@ -238,6 +260,13 @@ def test_an_unreachable_url_is_refused_at_start(small_ck):
         port = s.getsockname()[1]  # free now, and nothing listens on it
     with pytest.raises(TinylmError, match="cannot reach it"):
         build_app(ServeConfig(str(small_ck), fallback=f"http://127.0.0.1:{port}/v1", route_threshold=-1.0))
+
+
+def test_routing_without_its_client_is_one_line(small_ck, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "httpx2", None)  # import httpx2 raises ImportError
+    assert cli.main(["serve", str(small_ck), "--fallback", str(small_ck), "--route-threshold", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "httpx2" in err and "pip install 'tinylm[serve]'" in err, err
 
 
 # ----- schema failures -----------------------------------------------------------------------------------------

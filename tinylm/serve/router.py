@@ -15,7 +15,8 @@ route, the schema failures, the share sent to the fallback, and the signals' his
 Streaming: the small model's answer must be whole before the decision, so it is decoded first and its events
 then sent at once; a fallback's stream is relayed as it comes from a URL (a local fallback's arrives whole:
 the in-process transport reads the whole response). A completion with `echo` (scoring a prompt) is the small
-model's alone.
+model's alone; a completion prompt given as token ids is sent as it is, so it means the same only to a
+fallback with the small model's tokenizer.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ class Fallback:
                 raise self._failed(e) from None
             finally:
                 await reply.aclose()
-            return Response(content, reply.status_code, headers=headers, media_type=kind)
+            retry = {"Retry-After": reply.headers["retry-after"]} if "retry-after" in reply.headers else {}
+            return Response(content, reply.status_code, headers={**headers, **retry}, media_type=kind)
         return _Relay(reply, {**headers, "Cache-Control": "no-cache"}, self._failed)
 
     def _failed(self, e: Exception) -> ApiError:

@@ -74,16 +74,16 @@ def answer_entropies(model: Llama, prompt_ids: Sequence[int], answer_ids: Sequen
 
 
 def answer_signals(model: Llama, tokenizer: Tokenizer, prompts: list[list[int]], budgets: list[int],
-                   stops: list[list[int] | None], name: str, max_batch: int = 16,
-                   constraint: Callable[[], Any] | None = None) -> list[tuple[str, float]]:
-    """Each prompt's greedy answer and its signal, decoded together by the engine as the server decodes them.
+                   stops: list[list[int] | None], names: Sequence[str], max_batch: int = 16,
+                   constraint: Callable[[], Any] | None = None) -> list[tuple[str, dict[str, float]]]:
+    """Each prompt's greedy answer and its signals, decoded together by the engine as the server decodes them.
 
     Args:
         model, tokenizer: the small model (eval mode) and its tokenizer.
         prompts: the prompts' ids.
         budgets: the most new tokens of each prompt's answer.
         stops: each prompt's ids that end its answer (None: the tokenizer's eos).
-        name: the signal, one of SIGNALS.
+        names: the signals to compute (of SIGNALS).
         max_batch: answers decoded together.
         constraint: a factory of per-answer constraints (infer.constrained), or None.
     """
@@ -93,8 +93,8 @@ def answer_signals(model: Llama, tokenizer: Tokenizer, prompts: list[list[int]],
                        for p, b, s in zip(prompts, budgets, stops)])
     out = []
     for ids, c in zip(prompts, done):
-        entropies = answer_entropies(model, ids, c.token_ids) if name == "neg_entropy" else None
-        out.append((c.text, signal(name, c.logprobs, entropies)))
+        entropies = answer_entropies(model, ids, c.token_ids) if "neg_entropy" in names else None
+        out.append((c.text, {name: signal(name, c.logprobs, entropies) for name in names}))
     return out
 
 

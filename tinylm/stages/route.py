@@ -51,7 +51,7 @@ class CalibrateConfig:
     fallback_share: Fraction | None = None  # or: route this share of the requests (at most)
     signal: one_of(*SIGNALS) = "mean_logprob"  # the small model's signal: mean_logprob, min_logprob, neg_entropy
     # the examples are this built-in task's (`tinylm data task`): the messages before the last are asked, and the
-    # task's checker judges the answer (an "acceptable" label still wins)
+    # task's checker judges the answer (where an example has no "acceptable" or "reference" of its own)
     task: one_of(*tasks.TASKS) | None = None
     max_tokens: Count = 256  # the most new tokens per answer
     max_batch: Count = 16  # answers decoded together
@@ -76,10 +76,11 @@ def calibrate_main(cfg: CalibrateConfig) -> None:
     if loaded.tokenizer is None:
         raise TinylmError(f"{cfg.small} has no tokenizer")
     prompts, budgets, stops = _prompts(rows, loaded, cfg)
-    answers = answer_signals(loaded.model.eval(), loaded.tokenizer, prompts, budgets, stops, cfg.signal,
+    answers = answer_signals(loaded.model.eval(), loaded.tokenizer, prompts, budgets, stops, [cfg.signal],
                              cfg.max_batch)
     small_ok = [_acceptable(row, text, cfg.task) for row, (text, _) in zip(rows, answers)]
-    points = curve([s for _, s in answers], small_ok, [row.get("fallback_acceptable", True) for row in rows])
+    signals = [values[cfg.signal] for _, values in answers]
+    points = curve(signals, small_ok, [row.get("fallback_acceptable", True) for row in rows])
     chosen = _report(points, cfg)
     record = route_record(cfg.signal, chosen, points, small=cfg.small, data=cfg.data, n=len(rows),
                           target={"quality": cfg.target_quality} if cfg.fallback_share is None else
@@ -129,18 +130,16 @@ def _bad_row(row: Any, task: str | None) -> str | None:
             return f'has "{key}" that is not true or false'
     if "reference" in row and not isinstance(row["reference"], str):
         return 'has a "reference" that is not a string'
-    if "acceptable" not in row and "reference" not in row:
-        if task is None:
-            return 'has no label: give "acceptable" (true/false) or "reference" (the right answer), or --task'
-        if messages is None or len(messages) < 2 or messages[-1].get("role") != "assistant":
-            return f"is not a {task} example written by `tinylm data task {task}` (its last message is the answer)"
+    if task is not None and (messages is None or len(messages) < 2 or messages[-1].get("role") != "assistant"):
+        return f"is not a {task} example written by `tinylm data task {task}` (its last message is the answer)"
+    if task is None and "acceptable" not in row and "reference" not in row:
+        return 'has no label: give "acceptable" (true/false) or "reference" (the right answer), or --task'
     return None
 
 
 def _asked(row: dict[str, Any], task: str | None) -> list[dict[str, Any]]:
     """The messages the small model answers (a task example's last message is its gold answer)."""
-    judged = task is not None and "acceptable" not in row and "reference" not in row
-    return row["messages"][:-1] if judged else row["messages"]
+    return row["messages"][:-1] if task is not None else row["messages"]
 
 
 def _prompts(rows: list[dict[str, Any]], loaded: Any, cfg: CalibrateConfig) -> tuple[list, list, list]:

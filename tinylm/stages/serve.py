@@ -63,6 +63,10 @@ def main(cfg: ServeConfig) -> None:
         host, port = sock.getsockname()[:2]
         print(f"tinylm: serving {app.state.server.model.name} at http://{host}:{port}/v1 (Ctrl-C stops)",
               file=sys.stderr, flush=True)
+        router = app.state.server.router
+        if router is not None:
+            print(f"tinylm: routing to {router.fallback.name} when {router.signal_name} < {router.threshold:g} or a "
+                  "requested JSON schema or tool call fails", file=sys.stderr, flush=True)
         server = uvicorn.Server(uvicorn.Config(app, log_level=cfg.log_level, timeout_graceful_shutdown=5))
         server.run(sockets=[sock])
     finally:
