@@ -210,3 +210,31 @@ def serving(app: Any) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=30)
         sock.close()
+
+
+def metric(url: str, name: str) -> float:
+    """A sample's value in a tinylm server's /metrics (0 when absent)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def hang_up_while_running(url: str, body: dict[str, Any]) -> None:
+    """POST `body` to a tinylm server's /v1/completions on a raw connection, wait until its engine runs it (one
+    request), hang up, and wait until nothing runs."""
+    import socket
+
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        deadline = time.monotonic() + 30
+        while not metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metric(url, "tinylm_running_requests") == 1
+    while metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+        time.sleep(0.02)

@@ -14,19 +14,16 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import re
 import socket
 import sys
-import time
 import types
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import torch
-from helpers import chat_checkpoint, serving
+from helpers import chat_checkpoint, hang_up_while_running, metric, serving
 
 from tinylm import cli
 from tinylm.core.errors import TinylmError
@@ -128,12 +125,6 @@ def _answer_logprobs(ref, ids: list[int], out: list[int]) -> torch.Tensor:
     return _logp(ref, ids + out)[len(ids) - 1:]
 
 
-def _metric(url: str, name: str) -> float:
-    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 def _stream_text(raw) -> tuple[str, set[str]]:
     """The streamed chat content and the `model` of its chunks."""
     chunks = list(raw.parse())
@@ -195,34 +186,24 @@ def test_answer_entropies_equal_the_full_distributions(small):
 
 
 def test_metrics_report_routes_share_and_signals(app, client, url):
-    before = {r: _metric(url, f'tinylm_routed_requests_total{{route="{r}"}}') for r in ("small", "fallback")}
-    seen = _metric(url, "tinylm_route_signal_count")
+    before = {r: metric(url, f'tinylm_routed_requests_total{{route="{r}"}}') for r in ("small", "fallback")}
+    seen = metric(url, "tinylm_route_signal_count")
     for value in (-math.inf, -math.inf, math.inf):
         with threshold(app, value):
             client.chat.completions.create(model="small", messages=ASK, max_tokens=4, temperature=0)
-    after = {r: _metric(url, f'tinylm_routed_requests_total{{route="{r}"}}') for r in ("small", "fallback")}
+    after = {r: metric(url, f'tinylm_routed_requests_total{{route="{r}"}}') for r in ("small", "fallback")}
     assert (after["small"] - before["small"], after["fallback"] - before["fallback"]) == (2, 1)
-    assert _metric(url, "tinylm_fallback_share") == pytest.approx(after["fallback"] / sum(after.values()))
-    assert _metric(url, "tinylm_route_signal_count") == seen + 3
+    assert metric(url, "tinylm_fallback_share") == pytest.approx(after["fallback"] / sum(after.values()))
+    assert metric(url, "tinylm_route_signal_count") == seen + 3
 
 
 def test_a_client_that_leaves_while_the_small_model_answers_frees_its_slot(app, url):
     """The decision waits for the small model's whole answer; a client gone meanwhile cancels it."""
-    cancelled = _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
-    body = json.dumps({"model": "small", "prompt": "the cat sat on the mat.", "max_tokens": CONTEXT - 32,
-                       "temperature": 1.0, "seed": 1, "stream": True}).encode()
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as conn:
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        deadline = time.monotonic() + 30
-        while not _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _metric(url, "tinylm_running_requests") == 1
-    while _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _metric(url, "tinylm_running_requests") == 0
-    assert _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
+    cancelled = metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
+    hang_up_while_running(url, {"model": "small", "prompt": "the cat sat on the mat.", "max_tokens": CONTEXT - 32,
+                                "temperature": 1.0, "seed": 1, "stream": True})
+    assert metric(url, "tinylm_running_requests") == 0
+    assert metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
     assert app.state.server.admitted == 0 and not app.state.server.router.kept
 
 
@@ -310,7 +291,7 @@ def test_a_failed_tool_call_falls_back_however_sure_the_small_model_is(tmp_path,
                                                                temperature=0, response_format={"type": "json_object"})
         assert obj.headers["x-tinylm-routed-to"] == "small"
         assert isinstance(json.loads(obj.parse().choices[0].message.content), dict)
-        assert _metric(base, "tinylm_route_schema_failures_total") == 1
+        assert metric(base, "tinylm_route_schema_failures_total") == 1
 
 
 def _job(body: dict[str, Any]) -> Any:
