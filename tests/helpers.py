@@ -8,15 +8,17 @@ before each test; a failing test's report names the seed. `TINYLM_TEST_SEED=N` r
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import signal
 import subprocess
+import threading
 import time
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
@@ -195,3 +197,55 @@ def run_bad_data(verb: str, base: Path, data: Path, out: Path, seq: int, capsys:
     code = cli.main([verb, str(base), "--data", str(data), "--out", str(out), "--data.seq_len", str(seq),
                      "--schedule.steps", "2", "--run.device", "cpu", "--run.peak_flops", "1e11"])
     return code, capsys.readouterr().err
+
+
+# ----- servers -----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run `app` (tinylm serve's) on uvicorn in a background thread on a free loopback port; yields its base URL."""
+    import uvicorn
+
+    from tinylm.serve.app import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            assert thread.is_alive(), "the server did not start"
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+def metric(url: str, name: str) -> float:
+    """A sample's value in a tinylm server's /metrics (0 when absent)."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+def hang_up_while_running(url: str, body: dict[str, Any]) -> None:
+    """POST `body` to a tinylm server's /v1/completions on a raw connection, wait until its engine runs it (one
+    request), hang up, and wait until nothing runs."""
+    import socket
+
+    data = json.dumps(body).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(data), data))
+        deadline = time.monotonic() + 30
+        while not metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metric(url, "tinylm_running_requests") == 1
+    while metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
+        time.sleep(0.02)

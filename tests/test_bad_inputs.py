@@ -161,6 +161,15 @@ def _broken_files(root: Path) -> None:
     }.items():
         _write(root / name, json.dumps(schema))
     _write(root / "schema-not-json.json", "{")
+    # labelled examples for `route calibrate` (the fallback as wrong as the small model: no target of 1 is met)
+    ask = [{"role": "user", "content": "once"}]
+    _write(root / "labelled.jsonl", "".join(json.dumps({"messages": ask, "acceptable": False,
+                                                        "fallback_acceptable": False}) + "\n" for _ in range(2)))
+    _write(root / "labelled-no-label.jsonl", json.dumps({"messages": ask, "acceptable": True}) + "\n"
+           + json.dumps({"messages": ask}) + "\n")
+    _write(root / "labelled-long.jsonl", json.dumps({"prompt": "once upon a time " * 40, "reference": "x"}) + "\n")
+    _write(root / "route-bad.json", json.dumps({"format": "tinylm-route-v1", "signal": "mean_logprob",
+                                                "threshold": "high"}))
     _write(root / "a-file", "mine\n")  # a user's file where a directory goes
     (root / "a-dir").mkdir()  # a user's directory where a file goes
     _write(root / "a-dir" / "keep.txt", "mine\n")
@@ -311,6 +320,29 @@ CASES = [
     Case("disk", "serve nowhere", "nowhere"),
     Case("output", "serve ck --host 256.1.1.1", "cannot listen on 256.1.1.1"),
     Case("syntax", "serve ck --log-level loud", "loud"),
+    # serve with routing (before any model loads, or before it listens)
+    Case("config", "serve ck --fallback ck", "--route-threshold"),
+    Case("config", "serve ck --route-threshold -1", "need --fallback"),
+    Case("config", "serve ck --fallback ck --route-threshold -1 --route-config route-bad.json", "one of"),
+    Case("config", "serve ck --fallback ck --route-threshold -1 --route-signal vibes", "vibes"),
+    Case("config", "serve ck --fallback http://127.0.0.1:9/v1 --route-threshold -1", "cannot reach it"),
+    Case("disk", "serve ck --fallback ck --route-config nowhere.json", "nowhere.json"),
+    Case("disk", "serve ck --fallback ck --route-config route-bad.json", "'high' is not a finite number"),
+    Case("disk", "serve ck --fallback ck --route-config schema-object.json", "not a route file"),
+    Case("disk", "serve ck --fallback nowhere --route-threshold -1", "nowhere"),
+    # route calibrate
+    Case("config", "route calibrate --small ck --data labelled.jsonl", "one target"),
+    Case("config", "route calibrate --small ck --data labelled.jsonl --target-quality 0.9 --fallback-share 0.1",
+         "one target"),
+    Case("config", "route calibrate --small ck --data labelled.jsonl --target-quality 1.5", "--target-quality"),
+    Case("config", "route calibrate --small ck --data labelled.jsonl --target-quality 1", "no threshold reaches"),
+    Case("config", "route calibrate --small ck-no-chat --data labelled.jsonl --target-quality 0.9", "chat template"),
+    Case("disk", "route calibrate --small ck --data nowhere.jsonl --target-quality 0.9", "nowhere.jsonl"),
+    Case("disk", "route calibrate --small ck --data labelled-no-label.jsonl --target-quality 0.9",
+         "labelled-no-label.jsonl: example 2 has no label"),
+    Case("disk", "route calibrate --small ck --data tinytales.txt --target-quality 0.9", "is not JSON"),
+    Case("output", "route calibrate --small ck --data labelled.jsonl --target-quality 0.9 --out a-dir", "a-dir"),
+    Case("bounded", "route calibrate --small ck --data labelled-long.jsonl --target-quality 0.9", "context"),
     Case("bounded", "chat ck --json-schema nowhere.json", "nowhere.json"),
     Case("bounded", "chat ck --json-schema schema-object.json --max-tokens 2", "--max-tokens"),
     # eval
@@ -532,8 +564,8 @@ def _id(case: Case) -> str:
 
 def test_the_catalogue_is_big_and_covers_every_command_and_category() -> None:
     assert len(CASES) >= 120 and len({c.line for c in CASES}) == len(CASES)
-    verbs = {c.line.split()[0] + (" " + c.line.split()[1] if c.line.split()[0] in ("data", "tokenizer") else "")
-             for c in CASES}
+    groups = ("data", "tokenizer", "route")
+    verbs = {c.line.split()[0] + (" " + c.line.split()[1] if c.line.split()[0] in groups else "") for c in CASES}
     for path in _all_verbs():
         assert path in verbs or path.startswith("distill"), f"no bad input for `tinylm {path}`"
     assert {c.cat for c in CASES} == {"config", "disk", "vocab", "output", "bounded", "syntax"}

@@ -46,10 +46,13 @@ def config_class(command: Command) -> type:
 
 
 # Fields where any value of the type is fine, each with the reason why; every other int or float field must
-# declare a range (a Check) so that the config system refuses what the code cannot use. Empty: the seeds,
-# the obvious candidates, are not such fields (numpy refuses a negative seed, torch one from 2**64), so they
-# are `Seed`, in [0, 2**63).
-ANY_VALUE: dict[str, str] = {}
+# declare a range (a Check) so that the config system refuses what the code cannot use. The seeds, the obvious
+# candidates, are not such fields (numpy refuses a negative seed, torch one from 2**64), so they are `Seed`, in
+# [0, 2**63).
+ANY_VALUE: dict[str, str] = {
+    "route_threshold": "serve's routing threshold is compared with a signal (a log-probability, minus an "
+                       "entropy): every finite value is a rule (above 0 it routes everything, far below none)",
+}
 
 # Values of required fields, so that a config can be built (and a bad value of another field reached).
 REQUIRED = {"format": "hf", "scheme": "int8", "method": "stack", "vocab_size": 300, "keep": 300}

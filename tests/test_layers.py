@@ -51,9 +51,10 @@ LAYERS: list[tuple[str, ...]] = [
     ("train.loop",),
     ("evals.perplexity", "evals.tinytales", "evals.tasks", "evals.loglik", "evals.scaling"),
     ("evals.benchmarks", "evals.harness"),
-    ("serve.protocol", "serve.metrics"),
+    ("serve.protocol", "serve.metrics", "serve.routing"),
     ("serve.worker", "serve.prepare"),
     ("serve.app",),
+    ("serve.router",),
     ("stages.*",),
     ("cli",),
     ("__main__", ""),  # "" is the package's face, tinylm/__init__.py

@@ -9,15 +9,12 @@ that disconnects mid-stream leaves no engine request behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,14 +26,19 @@ import jsonschema
 import openai
 import pytest
 import torch
-import uvicorn
-from helpers import REPO, chat_checkpoint, needs_smollm2
+from helpers import (
+    REPO,
+    chat_checkpoint,
+    hang_up_while_running,
+    metric,
+    needs_smollm2,
+    serving,
+)
 
 from tinylm import cli
 from tinylm.data.chat import end_of_turn_id, format_tool_call, parse_tool_calls
 from tinylm.formats import checkpoint
 from tinylm.infer.generate import generate_ids
-from tinylm.serve.app import listen
 from tinylm.stages.serve import ServeConfig, build_app
 
 CORPUS = ['{"name": "Tom", "age": 3, "city": "Paris"}', '{"name": "Ann", "age": 41, "city": "Rome"}',
@@ -48,24 +50,6 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                                 "city": {"type": "string", "maxLength": 12}},
                                                 "required": ["city"], "additionalProperties": False}}}
 CONTEXT = 768  # the Hermes tools preamble alone is ~550 tokens of the tiny tokenizer
-
-
-@contextlib.contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run `app` on uvicorn in a background thread on a free loopback port; yields its base URL."""
-    sock = listen("127.0.0.1", 0)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        while not server.started:
-            assert thread.is_alive(), "the server did not start"
-            time.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +102,6 @@ def _post(url: str, path: str, data: bytes) -> tuple[int, dict[str, Any]]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def _metric(url: str, name: str) -> float:
-    """A sample's value in /metrics (0 when absent)."""
-    text = urllib.request.urlopen(url + "/metrics", timeout=30).read().decode()
-    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
 
 
 # ----- answers against the model ----------------------------------------------------------------------------
@@ -286,12 +263,12 @@ def test_32_concurrent_requests_equal_their_single_stream_output(client, ref):
 
 
 def test_metrics_count_tokens_and_time_requests(client, url):
-    before = _metric(url, "tinylm_generated_tokens_total")
+    before = metric(url, "tinylm_generated_tokens_total")
     reply = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0)
-    assert _metric(url, "tinylm_generated_tokens_total") == before + reply.usage.completion_tokens
-    assert _metric(url, "tinylm_request_latency_seconds_count") >= 1
-    assert _metric(url, "tinylm_time_to_first_token_seconds_count") >= 1
-    assert _metric(url, 'tinylm_http_requests_total{endpoint="/v1/completions",status="200"}') >= 1
+    assert metric(url, "tinylm_generated_tokens_total") == before + reply.usage.completion_tokens
+    assert metric(url, "tinylm_request_latency_seconds_count") >= 1
+    assert metric(url, "tinylm_time_to_first_token_seconds_count") >= 1
+    assert metric(url, 'tinylm_http_requests_total{endpoint="/v1/completions",status="200"}') >= 1
 
 
 # ----- bad requests and limits ------------------------------------------------------------------------------
@@ -350,38 +327,28 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(client, url, app, r
     prompt, max_tokens = "the cat sat on the mat.", 200
     out, _ = _greedy(ref, ref.tokenizer.encode(prompt), max_tokens, [ref.tokenizer.eos_id])
     assert len(out) == max_tokens, "the reply must be long enough to be cut (pick another prompt)"
-    cancelled = _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
+    cancelled = metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
     stream = client.completions.create(model="tiny", prompt=prompt, max_tokens=max_tokens, temperature=0, stream=True)
     for _, _ in zip(range(3), stream):  # a few tokens, then hang up
         pass
     stream.close()
     engine = app.state.server.model.worker
     deadline = time.monotonic() + 30
-    while (_metric(url, "tinylm_running_requests") or _metric(url, "tinylm_queue_depth")) \
+    while (metric(url, "tinylm_running_requests") or metric(url, "tinylm_queue_depth")) \
             and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert _metric(url, "tinylm_running_requests") == 0 and _metric(url, "tinylm_queue_depth") == 0
-    assert _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
+    assert metric(url, "tinylm_running_requests") == 0 and metric(url, "tinylm_queue_depth") == 0
+    assert metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
     assert not engine.tickets and app.state.server.admitted == 0
 
 
 def test_a_client_that_disconnects_while_waiting_for_a_whole_reply_frees_its_slot(url, app):
     """Without streaming nothing is written until the end, so a task watches the connection instead."""
-    cancelled = _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
-    body = json.dumps({"model": "tiny", "prompt": "the cat sat on the mat.", "max_tokens": CONTEXT - 32,
-                       "temperature": 1.0, "seed": 1}).encode()
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as conn:
-        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
-        deadline = time.monotonic() + 30
-        while not _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert _metric(url, "tinylm_running_requests") == 1
-    while _metric(url, "tinylm_running_requests") and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _metric(url, "tinylm_running_requests") == 0
-    assert _metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
+    cancelled = metric(url, 'tinylm_finished_requests_total{reason="cancelled"}')
+    hang_up_while_running(url, {"model": "tiny", "prompt": "the cat sat on the mat.", "max_tokens": CONTEXT - 32,
+                                "temperature": 1.0, "seed": 1})
+    assert metric(url, "tinylm_running_requests") == 0
+    assert metric(url, 'tinylm_finished_requests_total{reason="cancelled"}') == cancelled + 1
     assert app.state.server.admitted == 0
 
 

@@ -51,7 +51,14 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
     "serve": Command("an OpenAI-compatible HTTP server (chat, completions, streaming, tools, JSON schema)",
                      "serve", "ServeConfig", positional=SOURCE,
                      epilog="Needs the serve extra: pip install 'tinylm[serve]'. Any OpenAI client works: "
-                            "base_url http://HOST:PORT/v1, the model id from --name (default: SOURCE)."),
+                            "base_url http://HOST:PORT/v1, the model id from --name (default: SOURCE). Routing: "
+                            "--fallback MODEL_OR_URL with --route-threshold T or --route-config route.json (from "
+                            "`tinylm route calibrate`); the reply's `model` and its x-tinylm-routed-to header "
+                            "say which model answered."),
+    "route": Command("routing between a small model and a fallback (`tinylm serve SMALL --fallback ...`)", sub={
+        "calibrate": Command("set the routing threshold from labelled examples, for a target quality or fallback "
+                             "share; writes route.json and prints the quality-vs-share curve", "route",
+                             "CalibrateConfig", "calibrate_main")}),
     "data": Command("corpora: the built-in TinyTales generator, preparing token shards", sub={
         "prepare": Command("clean, dedup, split and tokenise a corpus into token shards", "data", "PrepareConfig",
                            "prepare_main", positional=("inputs",)),

@@ -127,6 +127,29 @@ def _read_jsonl(path: str, field: str) -> Iterator[str]:
             yield record[field]
 
 
+def read_jsonl(path: str, what: str) -> list[Any]:
+    """Every line of a JSONL file, parsed; a missing file or a bad line is a one-line error.
+
+    Args:
+        path: the file.
+        what: what it holds, for messages ("--data").
+    """
+    if not path:
+        raise TinylmError(f"{what} is required")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise TinylmError(f"cannot read {what} {path}: {e}") from None
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise TinylmError(f"{path}:{i} is not JSON: {e}") from None
+    return rows
+
+
 def _read_parquet(path: str, field: str) -> Iterator[str]:
     pq = optional_import("pyarrow.parquet", "data", f"{path}: reading it")
 

@@ -1,2 +1,3 @@
 """The OpenAI-compatible server of `tinylm serve`: request shapes (protocol), Prometheus metrics, the engine's
-own thread (worker), turning requests into engine work (prepare), and the HTTP app (app)."""
+own thread (worker), turning requests into engine work (prepare), the HTTP app (app), and routing between a
+small model and a fallback (routing's signals and calibration, router's live part)."""

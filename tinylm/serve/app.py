@@ -10,6 +10,10 @@ true`. A client that disconnects ends its engine requests at once: the streaming
 by Starlette when the connection drops, a plain one by a task that watches the connection; either way
 closing the answer's iterator cancels what is still running.
 
+Routing (serve.router) plugs in as `Server.router`: before the reply, its `route(job)` answers with the small
+model and either hands back another model's whole Response (the request went to the fallback) or the headers
+of the small model's reply, which its `answer` then replays; it starts and stops with the server.
+
 Errors are OpenAI's body {"error": {"message", "type", "param", "code"}}; after one, the server goes on.
 """
 
@@ -23,7 +27,7 @@ import time
 import traceback
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -129,6 +133,17 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class Router(Protocol):
+    """What the server asks of a router (serve.router.Router)."""
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def route(self, job: Job) -> Response | dict[str, str]:
+        """Another model's Response to the request, or the headers of the small model's own reply."""
+
+
 class Server:
     """The endpoints' state: the model, the limits, the admitted count, and the `answer` seam.
 
@@ -146,12 +161,19 @@ class Server:
         # The seam between the endpoints and the model: Job -> (sample index, TokenEvent | Completion), each
         # sample's Completion last. A router replaces it with one that wraps it.
         self.answer: Callable[[Job], AsyncIterator[Update]] = lambda job: model.run(job.samples)
+        self.router: Router | None = None  # routing (serve.router installs itself), or None
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
         self.model.worker.start()
         try:
-            yield
+            if self.router is not None:
+                await self.router.start()
+            try:
+                yield
+            finally:
+                if self.router is not None:
+                    await self.router.close()
         finally:
             self.model.worker.close()
 
@@ -174,14 +196,33 @@ class Server:
         body = parse_body(await _read_body(request, self.limits.max_body_bytes), kind)
         job = await (self.prepare.chat(body) if kind is ChatRequest else self.prepare.completion(body))
         release = self._admit(len(job.samples))
+        headers: dict[str, str] = {}
+        if self.router is not None:
+            routed = await self._route(request, job, release)
+            if isinstance(routed, Response):
+                return routed
+            headers = routed
         if body.stream:
             events = self._chat_events(job, start) if job.kind == "chat" else self._completion_events(job, start)
-            return _EventStream(events, release)
+            return _EventStream(events, release, headers)
         try:
             reply = await _unless_disconnected(request, self._reply(job, start))
         finally:
             release()
-        return JSONResponse(reply) if reply is not None else Response(status_code=499)  # nginx's "client closed"
+        # 499: nginx's "client closed"
+        return JSONResponse(reply, headers=headers) if reply is not None else Response(status_code=499)
+
+    async def _route(self, request: Request, job: Job, release: Callable[[], None]) -> Response | dict[str, str]:
+        """The router's decision (see Router); the small model's samples are counted out once another model
+        answers, or once the client has gone."""
+        try:
+            routed = await _unless_disconnected(request, self.router.route(job))
+        except BaseException:
+            release()
+            raise
+        if not isinstance(routed, dict):
+            release()
+        return Response(status_code=499) if routed is None else routed
 
     def _admit(self, n: int) -> Callable[[], None]:
         """Count n engine requests in, or refuse with 429; returns the call that counts them out (once)."""
@@ -371,8 +412,8 @@ class _EventStream(StreamingResponse):
     """A server-sent event stream that counts its engine requests out however it ends (finished, client gone,
     or never started)."""
 
-    def __init__(self, events: AsyncIterator[str], release: Callable[[], None]) -> None:
-        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    def __init__(self, events: AsyncIterator[str], release: Callable[[], None], headers: dict[str, str]) -> None:
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
         self.release = release
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:

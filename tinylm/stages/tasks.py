@@ -6,13 +6,13 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from tinylm.core.errors import TinylmError, optional_import
 from tinylm.core.fs import atomic_file, check_out
 from tinylm.core.recipe import Count, Seed, one_of
 from tinylm.data import tasks
+from tinylm.data.sources import read_jsonl
 
 TASK_NAMES = tuple(tasks.TASKS)
 
@@ -60,29 +60,6 @@ def task_main(cfg: TaskConfig) -> None:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     kind = "preference pairs" if cfg.pairs else "examples"
     print(f"wrote {cfg.out}: {len(records)} {cfg.task} {cfg.split} {kind} (seed {cfg.seed})")
-
-
-def read_jsonl(path: str, what: str) -> list[Any]:
-    """Every line of a JSONL file, parsed; a missing file or a bad line is a one-line error.
-
-    Args:
-        path: the file.
-        what: what it holds, for messages ("--data").
-    """
-    if not path:
-        raise TinylmError(f"{what} is required")
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TinylmError(f"cannot read {what} {path}: {e}") from None
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise TinylmError(f"{path}:{i} is not JSON: {e}") from None
-    return rows
 
 
 def _prediction(row: Any) -> Any:
