@@ -381,6 +381,7 @@ def ckpts(tmp_path_factory):
                        max_seq_len=128)
     checkpoint.save(model, root / "target", tokenizer=tok)
     checkpoint.save(truncated(model, 1), root / "draft", tokenizer=tok)
+    checkpoint.save(truncated(model, 1), root / "bare")  # no tokenizer
     other = train_tokenizer(["a wholly different corpus of words " * 5] * 10, vocab_size=280, min_frequency=1)
     checkpoint.save(tiny_model(vocab_size=other.vocab_size), root / "other", tokenizer=other)
     return root
@@ -420,11 +421,12 @@ def test_cli_draft_samples_with_a_seed(ckpts, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--draft", "other"], "vocabulary"),
+    (["--draft", "bare"], "no tokenizer"),
     (["--draft-k", "3"], "--draft-k needs --draft"),
     (["--draft", "ngram", "--fast"], "--fast"),
 ])
 def test_cli_draft_errors_are_one_line_exit_2(ckpts, capsys, extra, message):
-    extra = [str(ckpts / e) if e == "other" else e for e in extra]
+    extra = [str(ckpts / e) if e in ("other", "bare") else e for e in extra]
     assert main(["generate", str(ckpts / "target"), "--prompt", "hi", *extra]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and message in captured.err

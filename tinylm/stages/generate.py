@@ -92,17 +92,21 @@ def load_drafter(source: str, target: Any) -> Drafter:
     if source == "ngram":
         return NgramDrafter()
     draft = load(source)
-    if target.tokenizer is None or draft.tokenizer is None or \
-            draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
+    if draft.tokenizer is None:
+        raise TinylmError(f"--draft {source} has no tokenizer; a draft model must share the target's tokenizer")
+    if draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
         raise TinylmError(f"--draft {source}: its tokenizer's vocabulary is not the target's; a draft model must "
                           "share the target's tokenizer")
     return ModelDrafter(draft.model, target.config.vocab_size)
 
 
 def _load(cfg: GenerateConfig) -> Any:
-    """The model, refused before any generation when --chat asks for a chat template it does not have."""
+    """The model, refused before any generation when it has no tokenizer or --chat asks for a chat template it
+    does not have."""
     loaded = load(cfg.source)
-    if cfg.chat and loaded.tokenizer is not None and not loaded.tokenizer.chat_template:
+    if loaded.tokenizer is None:
+        raise TinylmError("this model has no tokenizer; generation needs one")
+    if cfg.chat and not loaded.tokenizer.chat_template:
         raise TinylmError(f"--chat: the tokenizer of {cfg.source} has no chat template (drop --chat)")
     return loaded
 
@@ -121,8 +125,6 @@ def _main_json(cfg: GenerateConfig, prompts: list[str]) -> None:
     if cfg.stop:
         raise TinylmError("--stop cannot be combined with --json-schema: a stop string would cut the JSON short")
     loaded = _load(cfg)
-    if loaded.tokenizer is None:
-        raise TinylmError("this model has no tokenizer; generation needs one")
     index = JsonIndex(schema, loaded.tokenizer, loaded.config.vocab_size)
     if cfg.max_tokens < index.min_tokens:
         raise TinylmError(f"--max-tokens {cfg.max_tokens} is too small for this JSON schema: its shortest valid "
