@@ -72,6 +72,24 @@ def hf_model(model: Llama):
     return ref
 
 
+def chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor, min_expected: float = 0.0) -> float:
+    """Pearson's chi-square goodness of fit of observed `counts` to `probs`; the survival function of chi2(df)
+    is Q(df/2, x/2). Cells expected fewer than `min_expected` times are pooled into one (the test's usual
+    validity condition); a count where the probability is 0 gives p = 0."""
+    expected = probs.double() * counts.sum()
+    small = expected < min_expected
+    if small.any():
+        counts = torch.cat([counts[~small], counts[small].sum()[None]])
+        expected = torch.cat([expected[~small], expected[small].sum()[None]])
+    seen = expected > 0
+    if counts[~seen].sum() > 0:
+        return 0.0
+    counts, expected = counts[seen].double(), expected[seen]
+    stat = ((counts - expected) ** 2 / expected).sum()
+    df = torch.tensor((len(expected) - 1) / 2, dtype=torch.float64)
+    return torch.special.gammaincc(df, stat / 2).item()
+
+
 # ----- training runs -----------------------------------------------------------------------------------------
 
 def make_data(directory: Path, vocab: int = 64, n_train: int = 12000, n_val: int = 1500) -> Path:

@@ -113,6 +113,7 @@ def _broken_files(root: Path) -> None:
     _unk_tokenizer().save(root / "ck-unk")
     shutil.copytree(root / "ck", root / "ck-no-tok")
     (root / "ck-no-tok" / "tokenizer.json").unlink()
+    save(Llama(tiny_config(vocab_size=400, max_seq_len=64)).eval(), root / "ck-other-vocab", tokenizer=big)  # valid
     # data dirs
     shutil.copytree(root / "data", root / "data-meta-truncated")
     meta = root / "data-meta-truncated" / "meta.json"
@@ -305,6 +306,10 @@ CASES = [
     Case("config", "generate ck --prompt hi --n 0", "n"),
     Case("config", "generate ck-no-chat --prompt hi --chat", "chat template"),
     Case("config", "generate ck", "prompt"),
+    Case("config", "generate ck --prompt hi --draft-k 3", "--draft-k needs --draft"),
+    Case("config", "generate ck --prompt hi --draft ngram --draft-k 0", "draft"),
+    Case("config", "generate ck --prompt hi --draft ngram --fast", "--fast"),
+    Case("config", "generate ck --prompt hi --draft ngram --json-schema schema-object.json", "--json-schema"),
     # chat (errors come before stdin is read)
     Case("config", "chat ck-no-chat", "tinylm sft"),
     Case("config", "chat ck --max-tokens 0", "max"),
@@ -478,11 +483,13 @@ CASES = [
     Case("disk", "tokenizer stats nowhere --corpus corpus.txt", "nowhere"),
     Case("disk", "generate ck --prompt-file nowhere.txt", "nowhere.txt"),
     Case("disk", "generate ck --prompt-file latin1.txt", "latin1.txt"),
+    Case("disk", "generate ck --prompt hi --draft nowhere", "nowhere"),
     Case("disk", "distill cache --teacher nowhere --data data --top-k 4 --out c --schedule.steps 2", "nowhere"),
     Case("disk", f"distill {TRAIN} --cache nowhere --out o", "nowhere"),
     Case("disk", "grow q8 --out o --method stack --factor 2", "quanti"),
     # --- vocabularies and shapes that disagree ---
     Case("vocab", "generate ck-big-tok --prompt hi", "400"),
+    Case("vocab", "generate ck --prompt hi --draft ck-other-vocab", "vocabulary"),
     Case("vocab", "eval ck-big-tok --data corpus.txt", "400"),
     Case("vocab", "quantize ck-big-tok --scheme int8 --out o", "400"),
     Case("vocab", "eval ck --data ids", "vocab"),

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from helpers import hf_model, tiny_model
+from helpers import chi_square_p_value, hf_model, tiny_model
 
 from tinylm.cli import main
 from tinylm.core.errors import TinylmError
@@ -118,14 +118,6 @@ def test_seeded_sampling_is_deterministic_and_seed_dependent(model):
     assert runs[1] != runs[2]
 
 
-def _chi_square_p_value(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson's chi-square goodness of fit; the survival function of chi2(df) is Q(df/2, x/2)."""
-    expected = probs * counts.sum()
-    stat = ((counts - expected) ** 2 / expected).sum()
-    df = torch.tensor((len(probs) - 1) / 2, dtype=torch.float64)
-    return torch.special.gammaincc(df, stat.double() / 2).item()
-
-
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 5, None), (1.5, None, 0.8)])
 def test_sampled_frequencies_match_softmax(temperature, top_k, top_p):
     from transformers import TopKLogitsWarper, TopPLogitsWarper
@@ -143,7 +135,7 @@ def test_sampled_frequencies_match_softmax(temperature, top_k, top_p):
     counts = torch.bincount(torch.tensor(rows)[:, 0], minlength=8).double()
     kept = probs > 0
     assert counts[~kept].sum() == 0 and kept.sum() >= 3
-    assert _chi_square_p_value(counts[kept], probs[kept].double()) > 1e-3
+    assert chi_square_p_value(counts[kept], probs[kept].double()) > 1e-3
 
 
 def test_bad_sampling_settings_are_one_line_errors():

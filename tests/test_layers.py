@@ -41,6 +41,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data.tasks.tinytales_instruct", "data.tasks.function_calling"),
     ("data.tasks",),
     ("infer.sampling", "infer.constrained", "infer.decode"),
+    ("infer.speculative",),
     ("infer.generate",),
     ("infer.engine",),
     ("train.config",),

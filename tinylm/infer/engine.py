@@ -9,7 +9,12 @@ so a prompt prefix that an earlier or a running request computed (a system promp
 reused, not recomputed. A step prefills the requests admitted in it one at a time, chooses one token for
 every running request, and runs one batched forward of the model's own `forward` over a `PagedCache`.
 
-The server, speculative decoding and routing build on `submit`, `step` and `cancel`; every token comes back
+Given a drafter, every step is a speculative one instead (speculative.py): each running request drafts up to
+`draft_k` tokens, one batched forward verifies every row's draft over its own positions, and each row keeps
+its accepted prefix plus one token of the model's; rejected positions are rolled back by moving the row's
+position (the pool slots past it are simply written again). Each row's greedy output stays its plain one.
+
+The server and routing build on `submit`, `step` and `cancel`; every token comes back
 as a `TokenEvent` with its text delta (multi-byte UTF-8 and stop-string prefixes held back, as TextStream
 does), its log-probability and optionally the top log-probabilities.
 """
@@ -30,6 +35,7 @@ from tinylm.core.recipe import Count
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.infer.generate import TextStream
 from tinylm.infer.sampling import SamplingConfig, penalize_repetition, sample_next
+from tinylm.infer.speculative import Draft, Drafter, DraftLength, SpecStats, penalize_rows, verify
 from tinylm.model.kvcache import PagedCache
 from tinylm.model.llama import Llama
 
@@ -42,6 +48,7 @@ class EngineConfig:
     block_size: Count = 16  # positions per KV-cache block (the unit of allocation and prefix reuse)
     kv_tokens: Count = 65536  # most positions the KV pool may hold, all requests together (grows up to it)
     prefix_cache: bool = True  # reuse the cached blocks of a prompt prefix computed before
+    draft_k: Count = 5  # with a drafter: the most draft tokens per step (the length adapts between 1 and this)
 
 
 @dataclass
@@ -240,6 +247,8 @@ class _Live:
     out: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    drafter: Drafter | None = None  # this request's own drafter (speculative decoding)
+    length: DraftLength | None = None  # its adaptive draft length
 
 
 class Engine:
@@ -249,11 +258,14 @@ class Engine:
     Args:
         model: the model (eval mode), on any device.
         tokenizer: decodes text deltas and stop strings (None: ids only).
-        cfg: batch size, block size, KV pool size, prefix caching.
+        cfg: batch size, block size, KV pool size, prefix caching, draft length.
+        drafter: decode speculatively with (a fresh copy of) this drafter per request (speculative.py).
     """
 
-    def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, cfg: EngineConfig | None = None) -> None:
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg or EngineConfig()
+    def __init__(self, model: Llama, tokenizer: Tokenizer | None = None, cfg: EngineConfig | None = None,
+                 drafter: Drafter | None = None) -> None:
+        self.model, self.tokenizer, self.cfg, self.drafter = model, tokenizer, cfg or EngineConfig(), drafter
+        self.spec_stats = SpecStats()  # acceptance counts of every speculative step so far
         self.device = next(model.parameters()).device
         self.pool = BlockPool(model, self.cfg.block_size, -(-self.cfg.kv_tokens // self.cfg.block_size))
         self.waiting: OrderedDict[int, Request] = OrderedDict()
@@ -295,8 +307,11 @@ class Engine:
     @torch.no_grad()
     def step(self) -> list[TokenEvent]:
         """Admit waiting requests (prefilling their prompts), choose one token for every running request,
-        and run the batched forward of those that go on. Returns this step's events."""
+        and run the batched forward of those that go on (with a drafter: one speculative step, which emits
+        one or more tokens per request). Returns this step's events."""
         self._admit()
+        if self.drafter is not None:
+            return self._speculate(list(self.running.values()))
         # (a callback may cancel requests: those are skipped)
         events = [self._choose(live) for live in list(self.running.values()) if live.id in self.running]
         if self.running:
@@ -323,17 +338,17 @@ class Engine:
                               f"and {r.top_logprobs}")
         if r.stop and self.tokenizer is None:
             raise TinylmError("stop strings need a tokenizer")
-        need = len(r.prompt_ids) + r.max_tokens
+        need = self._context(len(r.prompt_ids), r.max_tokens)
         if need > self.pool.max_blocks * self.cfg.block_size:
-            raise TinylmError(f"a request of {need} tokens (prompt + max_tokens) exceeds the KV cache's "
-                              f"{self.pool.max_blocks * self.cfg.block_size} positions (kv_tokens)")
+            raise TinylmError(f"a request of {need} tokens (prompt + max_tokens, + draft_k with a drafter) exceeds "
+                              f"the KV cache's {self.pool.max_blocks * self.cfg.block_size} positions (kv_tokens)")
 
     def _admit(self) -> None:
         """Start waiting requests in order while a batch row and their blocks are free."""
         while self.waiting and len(self.running) < self.cfg.max_batch:
             rid, req = next(iter(self.waiting.items()))
             prompt = list(req.prompt_ids)
-            n_blocks = -(-(len(prompt) + req.max_tokens) // self.cfg.block_size)
+            n_blocks = -(-self._context(len(prompt), req.max_tokens) // self.cfg.block_size)
             # at least the last prompt token is computed: its logits choose the first new token
             reused = self.pool.lookup(prompt, (len(prompt) - 1) // self.cfg.block_size) if self.cfg.prefix_cache else []
             if self.pool.available(reused) < n_blocks - len(reused):
@@ -345,6 +360,10 @@ class Engine:
             self._prefill(live)
             self.running[rid] = live
 
+    def _context(self, prompt: int, max_tokens: int) -> int:
+        # positions a request may write: a verification step writes up to draft_k past its last token
+        return prompt + max_tokens + (self.cfg.draft_k if self.drafter is not None else 0)
+
     def _start(self, rid: int, req: Request, prompt: list[int]) -> _Live:
         eos = self.tokenizer.eos_id if self.tokenizer is not None else self.model.config.eos_token_id
         stop_ids = set(req.stop_ids) if req.stop_ids is not None else {eos} - {None}
@@ -353,14 +372,19 @@ class Engine:
             live.generator = torch.Generator(device=self.device).manual_seed(req.sampling.seed)
         if self.tokenizer is not None:
             live.stream = TextStream(self.tokenizer, req.stop, live.pending.append)
+        if self.drafter is not None:
+            live.drafter, live.length = self.drafter.fresh(), DraftLength(self.cfg.draft_k)
         return live
 
     def _prefill(self, live: _Live) -> None:
-        """Compute the prompt after its cached prefix; keep the last position's logits."""
-        ids = torch.tensor([live.tokens[live.pos:]], device=self.device)  # (1, T)
-        cache = PagedCache(self.pool.k, self.pool.v, self.pool.slots([live.blocks], len(live.tokens)), [live.pos])
-        live.logits = self.model(ids, cache=cache)[:, -1]  # (1, V)
-        live.pos = len(live.tokens)
+        """Compute the prompt after its cached prefix; keep the last position's logits. Speculative decoding
+        leaves the last prompt token out: the first verification step feeds it with the first draft."""
+        end = len(live.tokens) - (self.drafter is not None)
+        if end > live.pos:
+            ids = torch.tensor([live.tokens[live.pos:end]], device=self.device)  # (1, T)
+            cache = PagedCache(self.pool.k, self.pool.v, self.pool.slots([live.blocks], end), [live.pos])
+            live.logits = self.model(ids, cache=cache)[:, -1]  # (1, V)
+        live.pos = end
         self._register(live)
 
     def _register(self, live: _Live) -> None:
@@ -380,10 +404,14 @@ class Engine:
         if req.sampling.repetition_penalty != 1.0:
             seen = torch.tensor([live.tokens], device=self.device)  # (1, S)
             logits = penalize_repetition(logits, seen, req.sampling.repetition_penalty)
-        if req.constraint is not None:
-            allowed = req.constraint.allowed(req.max_tokens - len(live.out)).to(self.device)  # (V,)
-            logits = logits.masked_fill(~allowed, float("-inf"))
+        logits = self._constrain(live, logits)
         token = int(sample_next(logits, req.sampling, live.generator)[0])
+        return self._emit(live, token, logp)
+
+    def _emit(self, live: _Live, token: int, logp: Tensor) -> TokenEvent:
+        """Record a request's next token (logp: (V,) its position's raw log-probabilities) and emit its
+        event; ends the request on a stop or its token limit."""
+        req = live.req
         top = logp.topk(req.top_logprobs) if req.top_logprobs else None
         live.out.append(token)
         live.tokens.append(token)
@@ -399,6 +427,13 @@ class Engine:
         if reason is not None and live.id in self.running:  # on_finish after the last event (unless cancelled)
             self._finish(live, reason)
         return event
+
+    def _constrain(self, live: _Live, logits: Tensor) -> Tensor:
+        # -inf for the tokens the request's constraint forbids next; logits (1, V)
+        if live.req.constraint is None:
+            return logits
+        allowed = live.req.constraint.allowed(live.req.max_tokens - len(live.out)).to(self.device)  # (V,)
+        return logits.masked_fill(~allowed, float("-inf"))
 
     def _ends(self, live: _Live, token: int) -> bool:
         # generate()'s order: the constraint advances on every token, the stream sees every non-stop id
@@ -418,6 +453,51 @@ class Engine:
             r.logits, r.pos = logits[i:i + 1], r.pos + 1
             if r.pos % self.cfg.block_size == 0:
                 self._register(r)
+
+    # ----- speculative decoding -----
+
+    def _speculate(self, rows: list[_Live]) -> list[TokenEvent]:
+        """One speculative step: every row drafts, one batched forward scores each row's last token and draft
+        (shorter drafts padded), and each row emits its accepted prefix plus one token of the model's."""
+        if not rows:
+            return []
+        drafts = [self._draft(r) for r in rows]
+        K = max(len(d.tokens) for d in drafts)
+        ids = torch.tensor([[r.tokens[-1]] + d.tokens + [0] * (K - len(d.tokens)) for r, d in zip(rows, drafts)],
+                           device=self.device)  # (B, K+1); a padded position is scored, never used
+        pos = [r.pos for r in rows]
+        slots = self.pool.slots([r.blocks for r in rows], max(pos) + K + 1)  # within each row's blocks (_context)
+        logits = self.model(ids, cache=PagedCache(self.pool.k, self.pool.v, slots, pos))  # (B, K+1, V)
+        events: list[TokenEvent] = []
+        for i, (r, d) in enumerate(zip(rows, drafts)):
+            if r.id in self.running:  # (a callback may have cancelled it)
+                events += self._accept(r, d, logits[i, :len(d.tokens) + 1])
+        return events
+
+    def _draft(self, live: _Live) -> Draft:
+        # no draft where the step may emit only one token, or under a constraint (it cannot judge a draft)
+        k = min(live.length.k, live.req.max_tokens - len(live.out) - 1)
+        if k <= 0 or live.req.constraint is not None:
+            return Draft([])
+        return live.drafter.propose(live.tokens, k, live.req.sampling, live.generator)
+
+    def _accept(self, live: _Live, draft: Draft, logits: Tensor) -> list[TokenEvent]:
+        """Verify a row's draft (logits: (k+1, V)), emit the tokens it keeps, and roll its position back to
+        the last kept token that was fed (its last token is fed by the next step)."""
+        req, logp = live.req, logits.float().log_softmax(-1)  # (k+1, V)
+        logits = self._constrain(live, logits)  # a constrained row has no draft: one row of logits
+        logits = penalize_rows(logits, live.tokens, draft.tokens, req.sampling.repetition_penalty)
+        new = verify(logits, draft, req.sampling, live.generator)
+        self.spec_stats.record(len(draft.tokens), len(new) - 1)
+        live.length.update(len(draft.tokens), len(new) - 1)
+        base, events = live.pos + 1, []  # the row's last token is now in the pool
+        for j, token in enumerate(new):
+            live.pos = base + min(j + 1, len(new) - 1)  # accepted draft tokens are in the pool, the last is not
+            events.append(self._emit(live, token, logp[j]))
+            if live.id not in self.running:
+                return events
+        self._register(live)
+        return events
 
     def _finish(self, live: _Live, reason: str) -> None:
         """Record the Completion, free the request's blocks (full ones stay cached) and call on_finish."""

@@ -13,6 +13,7 @@ from tinylm.core.errors import TinylmError
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.infer.decode import StaticDecoder
 from tinylm.infer.sampling import SamplingConfig, penalize_repetition, sample_next
+from tinylm.infer.speculative import Drafter, SpecStats, speculative_generate_ids
 from tinylm.model.kvcache import KVCache
 from tinylm.model.llama import Llama
 
@@ -166,7 +167,8 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: in
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              repetition_penalty: float = 1.0, seed: int | None = None, stop: Sequence[str] = (),
              n: int = 1, add_bos: bool = False, write: Callable[[str], object] | None = None,
-             constraint: Callable[[], Any] | None = None, fast: bool = False) -> str | list[str]:
+             constraint: Callable[[], Any] | None = None, fast: bool = False, drafter: Drafter | None = None,
+             draft_k: int = 5, stats: SpecStats | None = None) -> str | list[str]:
     """Continue a text prompt; return the new text (or n of them).
 
     Args:
@@ -179,12 +181,23 @@ def generate(model: Llama, tokenizer: Tokenizer, prompt: str, max_new_tokens: in
         write: stream the text of the first sample to this callable as it is generated.
         constraint: makes a fresh per-sample constraint (see generate_ids), e.g. for JSON schemas.
         fast: decode with StaticDecoder (compiled one-token step).
+        drafter: decode speculatively with this drafter (speculative.py; one sample, no constraint, not fast),
+            drafting up to `draft_k` tokens per step; its acceptance counts are added to `stats`.
     """
     ids = tokenizer.encode(prompt, add_bos=add_bos)
     if not ids:
         raise TinylmError("the prompt is empty; give some text or use --add-bos")
     streams = [TextStream(tokenizer, stop, write if row == 0 else None) for row in range(n)]
     stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]
+    if drafter is not None:
+        if n != 1 or constraint is not None or fast:
+            raise ValueError("speculative decoding takes one sample, no constraint, and no fast path")
+        _, counts = speculative_generate_ids(model, ids, drafter, max_new_tokens, temperature, top_k, top_p,
+                                             repetition_penalty, seed, stop_ids, k_max=draft_k,
+                                             on_token=lambda row, tok: tok in stop_ids or streams[0].push(tok))
+        if stats is not None:
+            stats.add(counts)
+        return streams[0].finish()
     generate_ids(model, [ids] * n, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
                  stop_ids, on_token=lambda row, tok: tok in stop_ids or streams[row].push(tok),
                  constraints=[constraint() for _ in range(n)] if constraint else None, fast=fast)

@@ -13,6 +13,7 @@ from tinylm.formats.checkpoint import load
 from tinylm.infer.engine import Engine, EngineConfig, Request
 from tinylm.infer.generate import generate
 from tinylm.infer.sampling import SamplingConfig
+from tinylm.infer.speculative import Drafter, ModelDrafter, NgramDrafter, SpecStats
 from tinylm.model.llama import Llama
 
 
@@ -38,10 +39,14 @@ class GenerateConfig:
     json_schema: str | None = None  # constrain the output to JSON valid for the JSON Schema in this file
     fast: bool = False  # compiled fixed-shape decoding (torch.compile; same tokens), one sample at a time
     max_batch: Count = 16  # samples decoded together by the engine when there are several (continuous batching)
+    draft: str | None = None  # speculative decoding: a draft model with the same tokenizer (any source), or ngram
+    draft_k: Count | None = None  # with --draft: the most draft tokens per step, adapting between 1 and this (none: 5)
 
     def __post_init__(self) -> None:
         if self.greedy:
             self.temperature = 0.0
+        if self.draft is not None and self.draft_k is None:
+            self.draft_k = EngineConfig.draft_k
 
 
 def main(cfg: GenerateConfig) -> None:
@@ -52,16 +57,56 @@ def main(cfg: GenerateConfig) -> None:
         cfg: the command's config.
     """
     prompts = read_prompts(cfg.prompt, cfg.prompt_file)
+    _check_draft(cfg)
     if cfg.json_schema:
         return _main_json(cfg, prompts)
     loaded = _load(cfg)
-    run(loaded.model, loaded.tokenizer, cfg, prompts)
+    if cfg.draft is None:
+        run(loaded.model, loaded.tokenizer, cfg, prompts)
+        return
+    stats = SpecStats()
+    run(loaded.model, loaded.tokenizer, cfg, prompts, drafter=load_drafter(cfg.draft, loaded), stats=stats)
+    print(f"speculative decoding ({cfg.draft}): {stats.summary()}", file=sys.stderr)
+
+
+def _check_draft(cfg: GenerateConfig) -> None:
+    """The options --draft cannot be combined with, refused before the model loads."""
+    if cfg.draft is None:
+        if cfg.draft_k is not None:
+            raise TinylmError("--draft-k needs --draft (a draft model or ngram)")
+        return
+    if cfg.json_schema:
+        raise TinylmError("--draft cannot be combined with --json-schema: the schema constrains every token, "
+                          "so a draft cannot be verified ahead of it")
+    if cfg.fast:
+        raise TinylmError("--draft cannot be combined with --fast: the compiled path decodes one token a step")
+
+
+def load_drafter(source: str, target: Any) -> Drafter:
+    """--draft: prompt lookup ("ngram"), or a draft model whose tokenizer is the target's (same tokens, same ids).
+
+    Args:
+        source: "ngram" or a model source.
+        target: the loaded target model (checkpoint.Loaded).
+    """
+    if source == "ngram":
+        return NgramDrafter()
+    draft = load(source)
+    if draft.tokenizer is None:
+        raise TinylmError(f"--draft {source} has no tokenizer; a draft model must share the target's tokenizer")
+    if draft.tokenizer.backend.get_vocab() != target.tokenizer.backend.get_vocab():
+        raise TinylmError(f"--draft {source}: its tokenizer's vocabulary is not the target's; a draft model must "
+                          "share the target's tokenizer")
+    return ModelDrafter(draft.model, target.config.vocab_size)
 
 
 def _load(cfg: GenerateConfig) -> Any:
-    """The model, refused before any generation when --chat asks for a chat template it does not have."""
+    """The model, refused before any generation when it has no tokenizer or --chat asks for a chat template it
+    does not have."""
     loaded = load(cfg.source)
-    if cfg.chat and loaded.tokenizer is not None and not loaded.tokenizer.chat_template:
+    if loaded.tokenizer is None:
+        raise TinylmError("this model has no tokenizer; generation needs one")
+    if cfg.chat and not loaded.tokenizer.chat_template:
         raise TinylmError(f"--chat: the tokenizer of {cfg.source} has no chat template (drop --chat)")
     return loaded
 
@@ -80,8 +125,6 @@ def _main_json(cfg: GenerateConfig, prompts: list[str]) -> None:
     if cfg.stop:
         raise TinylmError("--stop cannot be combined with --json-schema: a stop string would cut the JSON short")
     loaded = _load(cfg)
-    if loaded.tokenizer is None:
-        raise TinylmError("this model has no tokenizer; generation needs one")
     index = JsonIndex(schema, loaded.tokenizer, loaded.config.vocab_size)
     if cfg.max_tokens < index.min_tokens:
         raise TinylmError(f"--max-tokens {cfg.max_tokens} is too small for this JSON schema: its shortest valid "
@@ -125,7 +168,8 @@ def read_prompts(prompts: list[str], prompt_file: str | None) -> list[str]:
 
 
 def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, prompts: list[str],
-        out: Callable[[str], object] | None = None, constraint: Callable[[], Any] | None = None) -> list[str]:
+        out: Callable[[str], object] | None = None, constraint: Callable[[], Any] | None = None,
+        drafter: Drafter | None = None, stats: SpecStats | None = None) -> list[str]:
     """Generate for every prompt, streaming to `out` (default stdout); return the texts. Several samples
     (prompts, or --n above 1) are decoded together by the engine, printed in order as they come.
 
@@ -135,6 +179,8 @@ def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, prompts:
         prompts: the prompts, each continued `cfg.n` times.
         out: where the text streams.
         constraint: a per-sample constraint factory (JSON schema); the prompt is then not echoed.
+        drafter: decode speculatively with (a fresh copy of) this drafter per sample; its acceptance counts
+            are added to `stats`.
     """
     if tokenizer is None:
         raise TinylmError("this model has no tokenizer; generation needs one")
@@ -143,13 +189,15 @@ def run(model: Llama, tokenizer: Tokenizer | None, cfg: GenerateConfig, prompts:
     heads = ["" if cfg.chat or constraint is not None else p for p in prompts for _ in range(cfg.n)]
     sep = "\n" if len(heads) == 1 else "\n---\n"
     if len(heads) > 1 and not cfg.fast:
-        return _run_engine(model, tokenizer, cfg, texts, _InOrder(write, heads, sep), constraint)
+        return _run_engine(model, tokenizer, cfg, texts, _InOrder(write, heads, sep), constraint, drafter, stats)
     results: list[str] = []
     for j, text in enumerate(t for t in texts for _ in range(cfg.n)):
         write(heads[j])
         seed = None if cfg.seed is None else cfg.seed + j % cfg.n
         results.append(generate(model, tokenizer, text, cfg.max_tokens, cfg.temperature, cfg.top_k, cfg.top_p,
-                                cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write, constraint, cfg.fast))
+                                cfg.repetition_penalty, seed, cfg.stop, 1, cfg.add_bos, write, constraint, cfg.fast,
+                                drafter.fresh() if drafter is not None else None,
+                                cfg.draft_k or EngineConfig.draft_k, stats))
         write(sep)
     return results
 
@@ -164,7 +212,8 @@ def _chat_text(tokenizer: Tokenizer, cfg: GenerateConfig, prompt: str) -> str:
 
 
 def _run_engine(model: Llama, tokenizer: Tokenizer, cfg: GenerateConfig, texts: list[str], shown: "_InOrder",
-                constraint: Callable[[], Any] | None) -> list[str]:
+                constraint: Callable[[], Any] | None, drafter: Drafter | None = None,
+                stats: SpecStats | None = None) -> list[str]:
     """Every sample of every prompt as one engine request (sample i of a prompt seeded with seed + i)."""
     stop_ids = [i for i in (tokenizer.eos_id,) if i is not None]  # as `generate` stops
     requests = []
@@ -180,13 +229,18 @@ def _run_engine(model: Llama, tokenizer: Tokenizer, cfg: GenerateConfig, texts: 
                                     constraint() if constraint is not None else None,
                                     on_token=lambda e, j=j: shown.text(j, e.text),
                                     on_finish=lambda c, j=j: shown.finish(j)))
-    engine = Engine(model, tokenizer, EngineConfig(max_batch=cfg.max_batch, kv_tokens=_kv_tokens(requests, cfg)))
-    return [c.text for c in engine.run(requests)]
+    engine = Engine(model, tokenizer, EngineConfig(max_batch=cfg.max_batch, kv_tokens=_kv_tokens(requests, cfg),
+                                                   draft_k=cfg.draft_k or EngineConfig.draft_k), drafter)
+    texts = [c.text for c in engine.run(requests)]
+    if stats is not None:
+        stats.add(engine.spec_stats)
+    return texts
 
 
 def _kv_tokens(requests: list[Request], cfg: GenerateConfig) -> int:
     """A KV pool for a full batch of the longest requests (blocks rounded up)."""
-    longest = max(len(r.prompt_ids) for r in requests) + cfg.max_tokens + EngineConfig.block_size
+    reach = cfg.draft_k or 0  # how far past its last token a verification step writes
+    longest = max(len(r.prompt_ids) for r in requests) + cfg.max_tokens + reach + EngineConfig.block_size
     return min(len(requests), cfg.max_batch) * longest
 
 
