@@ -28,7 +28,7 @@ check() {
   local task=$1 name=$2 model=$3; shift 3
   local line
   line=$(tl data check "$task" --data "$WORK/$task-test.jsonl" --model "$model" --max-tokens "${MAX_TOKENS:-80}" \
-         --save "$WORK/answers-$name.jsonl" --overwrite "$@" 2>/dev/null | tail -1)
+         --save "$WORK/answers-$name.jsonl" --overwrite "$@" 2>/dev/null | grep -E "^(failing|[a-z-]+: [0-9]+/)" | tr "\n" " ")
   result "$(date -u +%FT%TZ) $name: $line"
 }
 
