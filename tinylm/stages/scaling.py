@@ -36,6 +36,7 @@ from typing import Annotated, Any
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_file, check_out
 from tinylm.core.recipe import Check, Count, Positive, one_of, validate
+from tinylm.data.sources import read_jsonl
 from tinylm.data.tokens import read_meta
 from tinylm.evals import scaling as law_fit
 from tinylm.formats import checkpoint
@@ -448,24 +449,13 @@ def read_results(path: Path) -> list[dict[str, Any]]:
     """
     if not path.is_file():
         raise TinylmError(f"no results at {path}: run `tinylm scaling --config LADDER --out DIR` first")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise TinylmError(f"cannot read {path} as UTF-8 text ({e})") from None
-    records = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TinylmError(f"{path}:{i}: not JSON ({e.msg})") from None
+    records = read_jsonl(str(path), "the ladder's results")
+    for i, r in enumerate(records, 1):
         for key in ("params", "tokens", "loss"):
             value = r.get(key) if isinstance(r, dict) else None
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
-                raise TinylmError(f"{path}:{i}: {key} must be a positive finite number, got {value!r}")
+                raise TinylmError(f"{path}: record {i}: {key} must be a positive finite number, got {value!r}")
         r.setdefault("flops", 6 * r["params"] * r["tokens"])
-        records.append(r)
     return records
 
 
