@@ -24,8 +24,11 @@ from tinylm.data.tokenizer import Tokenizer
 from tinylm.model.kvcache import PagedCache
 from tinylm.model.llama import Llama
 
-MIN_TOKENS = 16  # the fewest positions a forward pass holds (see _run_batch)
-KEY_BLOCK = 64  # a pass's keys per row are a multiple of this (see _run_batch)
+MIN_TOKENS = 16  # the fewest positions a forward pass holds (see _run_window)
+KEY_BLOCK = 64  # a pass's keys per row are a multiple of this (see _run_window)
+PASS_COST = 16  # what a forward pass costs beyond its positions, in positions (see _passes)
+WINDOW = 4  # a window of groups holds up to this many passes' worth of rows (see _run_window)
+PREFIX_BUDGET = 8192  # a window's most cached prefix positions (SmolLM2-135M: 46 KB of keys and values each)
 
 
 @dataclass(frozen=True)
@@ -100,14 +103,14 @@ def loglikelihoods(model: Llama, groups: Sequence[Sequence[tuple[list[int], list
         per group, per request, its Scored.
     """
     prepared = [_prepare(i, g, model.config.max_seq_len, reuse) for i, g in enumerate(groups)]
-    # longest first: batches of similar lengths pad less; the order changes no figure
+    # longest first: neighbours have similar lengths, so passes pad less; the order changes no figure
     prepared.sort(key=lambda g: -max(len(x) for x in g.seqs))
     out: list[list[Scored]] = [[] for _ in groups]
     done = 0
-    for batch in _batches(prepared, batch_size):
-        for group, scores in zip(batch, _run_batch(model, batch, batch_size)):
+    for window in _windows(prepared, batch_size):
+        for group, scores in zip(window, _run_window(model, window, batch_size)):
             out[group.index] = scores
-        done += len(batch)
+        done += len(window)
         if progress is not None:
             progress(done)
     return out
@@ -131,24 +134,28 @@ def _prepare(index: int, requests: Sequence[tuple[list[int], list[int]]], max_le
     return _Group(index, seqs, n_scored, prefix)
 
 
-def _batches(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
-    """Consecutive groups with at most batch_size rows together (a larger group alone)."""
+def _windows(groups: list[_Group], batch_size: int) -> list[list[_Group]]:
+    """Consecutive groups with at most WINDOW * batch_size rows and PREFIX_BUDGET cached prefix positions
+    together (a larger group alone)."""
     out: list[list[_Group]] = []
-    rows = 0
+    rows = cached = 0
     for g in groups:
-        if out and rows + len(g.seqs) <= batch_size:
+        if out and rows + len(g.seqs) <= WINDOW * batch_size and cached + g.prefix <= PREFIX_BUDGET:
             out[-1].append(g)
-            rows += len(g.seqs)
+            rows, cached = rows + len(g.seqs), cached + g.prefix
         else:
             out.append([g])
-            rows = len(g.seqs)
+            rows, cached = len(g.seqs), g.prefix
     return out
 
 
 @torch.no_grad()
 @sdpa_kernel(SDPBackend.MATH)
-def _run_batch(model: Llama, groups: list[_Group], batch_size: int) -> list[list[Scored]]:
-    """The groups' prefixes in one forward pass, then their rows in passes of at most batch_size rows.
+def _run_window(model: Llama, groups: list[_Group], batch_size: int) -> list[list[Scored]]:
+    """The groups' shared prefixes in passes of at most batch_size sequences, longest first, cached in one
+    pool; then all their rows in passes of at most batch_size rows, sorted by length, each row reading its
+    group's prefix from the pool. Sorting inside a window is what keeps padding low: a group's choices and
+    the prefixes of neighbouring groups differ in length, rows of similar length rarely share a group.
 
     One attention kernel serves every batch shape: a lone row without a mask would get the fused causal
     kernel, which rounds differently from the masked one a batch gets (4.5e-5 nats apart on SmolLM2-135M's
@@ -159,37 +166,59 @@ def _run_batch(model: Llama, groups: list[_Group], batch_size: int) -> list[list
     differently from whole blocks, and the key count of a batch is its longest row's."""
     device = next(model.parameters()).device
     cfg = model.config
-    rows = [(gi, r) for gi, g in enumerate(groups) for r in range(len(g.seqs))]
-    longest_prefix = max(g.prefix for g in groups)
-    if longest_prefix:
-        longest_prefix = max(longest_prefix, -(-MIN_TOKENS // len(groups)))
-    longest_row = max(max(len(groups[gi].tail(r)) for gi, r in rows), MIN_TOKENS)
-    chunk = min(batch_size, len(rows))
-    # pool positions: each group's prefix (padded to the longest), then one chunk of rows
-    n_slots = len(groups) * longest_prefix + chunk * longest_row
-    pool_k = torch.zeros(cfg.n_layers, n_slots, cfg.n_kv_heads, cfg.head_dim, device=device,
-                         dtype=next(model.parameters()).dtype)
+    shared = sorted((gi for gi, g in enumerate(groups) if g.prefix), key=lambda gi: -groups[gi].prefix)
+    prefix_passes = [shared[i:j] for i, j in _passes([groups[gi].prefix for gi in shared], batch_size)]
+    widths = [max(groups[p[0]].prefix, -(-MIN_TOKENS // len(p))) for p in prefix_passes]
+    rows = sorted(((gi, r) for gi, g in enumerate(groups) for r in range(len(g.seqs))),
+                  key=lambda row: -len(groups[row[0]].tail(row[1])))
+    row_passes = _passes([len(groups[gi].tail(r)) for gi, r in rows], batch_size)
+    longest_row = max(len(groups[rows[0][0]].tail(rows[0][1])), MIN_TOKENS)
+    # pool positions: each prefix pass's sequences (padded to its longest), then one pass of rows
+    first_row_slot = sum(len(p) * w for p, w in zip(prefix_passes, widths))
+    pool_k = torch.zeros(cfg.n_layers, first_row_slot + min(batch_size, len(rows)) * longest_row, cfg.n_kv_heads, cfg.head_dim,
+                         device=device, dtype=next(model.parameters()).dtype)
     pool_v = torch.zeros_like(pool_k)
-    prefix_slots = torch.arange(len(groups) * longest_prefix, device=device).view(len(groups), longest_prefix)
-    if longest_prefix:
-        ids = _padded([g.seqs[0][:max(g.prefix, 1)] for g in groups], longest_prefix, device)
-        cache = PagedCache(pool_k, pool_v, _blocked(prefix_slots), [0] * len(groups))
+    prefix_slots = [torch.zeros(0, dtype=torch.long, device=device) for _ in groups]
+    offset = 0
+    for passed, width in zip(prefix_passes, widths):
+        slots = offset + torch.arange(len(passed) * width, device=device).view(len(passed), width)
+        offset += len(passed) * width
+        for k, gi in enumerate(passed):
+            prefix_slots[gi] = slots[k, :groups[gi].prefix]
+        ids = _padded([groups[gi].seqs[0][:groups[gi].prefix] for gi in passed], width, device)
+        cache = PagedCache(pool_k, pool_v, _blocked(slots), [0] * len(passed))
         # the prefix's logits are never scored: compute one vocabulary column instead of all of them
         model(ids, cache=cache, logits_for=torch.zeros(1, dtype=torch.long, device=device))
-    scores: list[list[Scored]] = [[] for _ in groups]
-    first_row_slot = len(groups) * longest_prefix
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
+    scores: dict[tuple[int, int], Scored] = {}
+    for i, j in row_passes:
+        part = rows[i:j]
         tails = [groups[gi].tail(r) for gi, r in part]
-        width = max(max(len(t) for t in tails), -(-MIN_TOKENS // len(part)))
+        width = max(len(tails[0]), -(-MIN_TOKENS // len(part)))
         own = first_row_slot + torch.arange(len(part) * width, device=device).view(len(part), width)
         starts = [groups[gi].prefix for gi, _ in part]
-        slots = _row_slots(prefix_slots, [gi for gi, _ in part], starts, own)
+        slots = _row_slots([prefix_slots[gi] for gi, _ in part], own)
         cache = PagedCache(pool_k, pool_v, slots, starts)
         logits = model(_padded(tails, width, device), cache=cache)  # (R, width, V)
         for i, (gi, r) in enumerate(part):
-            scores[gi].append(_score(logits[i], groups[gi], r))
-    return scores
+            scores[gi, r] = _score(logits[i], groups[gi], r)
+    return [[scores[gi, r] for r in range(len(g.seqs))] for gi, g in enumerate(groups)]
+
+
+def _passes(lengths: list[int], limit: int) -> list[tuple[int, int]]:
+    """Cut a list of lengths (longest first) into consecutive passes of at most `limit` sequences, each padded
+    to its first (longest) length, minimising the padded positions plus PASS_COST per pass (a pass reads every
+    weight once, whatever its size): a dynamic programme over the cut points. Returns (start, end) pairs."""
+    best, cut = [0.0] + [math.inf] * len(lengths), [0] * (len(lengths) + 1)
+    for j in range(1, len(lengths) + 1):
+        for i in range(max(0, j - limit), j):
+            cost = best[i] + max((j - i) * lengths[i], MIN_TOKENS) + PASS_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], len(lengths)
+    while j:
+        out.append((cut[j], j))
+        j = cut[j]
+    return out[::-1]
 
 
 def _padded(seqs: list[list[int]], width: int, device: torch.device) -> Tensor:
@@ -198,15 +227,12 @@ def _padded(seqs: list[list[int]], width: int, device: torch.device) -> Tensor:
     return torch.tensor([s + [s[-1]] * (width - len(s)) for s in seqs], device=device)
 
 
-def _row_slots(prefix_slots: Tensor, group_of: list[int], starts: list[int], own: Tensor) -> Tensor:
-    """(R, S) pool positions of each row's context positions: its group's prefix, then its own slots; the
-    tail past a row's end repeats its first own slot (masked, never read)."""
+def _row_slots(prefixes: list[Tensor], own: Tensor) -> Tensor:
+    """(R, S) pool positions of each row's context positions: its group's prefix slots, then its own slots;
+    the tail past a row's end repeats its first own slot (masked, never read)."""
     width = own.shape[1]
-    S = max(starts) + width
-    rows = []
-    for i, (g, p) in enumerate(zip(group_of, starts)):
-        fill = own[i, :1].expand(S - p - width)
-        rows.append(torch.cat([prefix_slots[g, :p], own[i], fill]))
+    S = max(len(p) for p in prefixes) + width
+    rows = [torch.cat([p, own[i], own[i, :1].expand(S - len(p) - width)]) for i, p in enumerate(prefixes)]
     return _blocked(torch.stack(rows))
 
 
