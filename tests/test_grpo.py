@@ -43,6 +43,7 @@ from tinylm.train.grpo import (
     grpo_loss,
     grpo_token_losses,
     reduce_losses,
+    token_logps,
 )
 from tinylm.train.metrics import read_metrics
 from tinylm.train.state import checkpoint_dir
@@ -179,6 +180,15 @@ def test_loss_equals_trls(kind: str, loss_type: str, beta: float, lo: float, hi:
     weight = len(x["adv"]) if kind == "sequence" else int(x["mask"].sum())
     got = float(reduce_losses(per_token, x["mask"], kind)) / weight
     assert got == pytest.approx(_trl_loss(x, beta, lo, hi, loss_type), rel=1e-12)
+
+
+def test_token_logps_are_the_tempered_policys(base: Path) -> None:
+    model = checkpoint.load(base).model.eval()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = token_logps(model, tokens, 0.7)
+        lp = F.log_softmax(model(tokens[:, :-1]).double() / 0.7, -1)  # (2, 8, V)
+    assert torch.allclose(got.double(), lp.gather(-1, tokens[:, 1:, None]).squeeze(-1), atol=1e-5)
 
 
 # ----- sampled rounds -------------------------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class GrpoSection:
     reward: str = "checker"  # checker (the built-in tasks' checkers), judge, or FILE.py:FUNC (runs that file's code)
     group_size: GroupSize = 8  # completions sampled per prompt (DeepSeekMath: 64; data.batch_tokens / seq_len rows a step)
     max_tokens: Count = 128  # the most tokens of a completion (prompt + max_tokens at most data.seq_len + 1)
-    temperature: Positive = 1.0  # sampling temperature of the completions
+    temperature: Positive = 1.0  # sampling temperature of the completions (the policy trained is the tempered one)
     beta: NonNegative = 0.04  # KL coefficient to the reference (DeepSeekMath sec. 4.2: 0.04; 0: no reference)
     epsilon: ClipRange = 0.2  # clip range of the ratio: [1 - epsilon, 1 + epsilon_high] (PPO's 0.2, as TRL's)
     epsilon_high: Positive | None = None  # upper clip (DAPO's clip-higher: 0.28); none: epsilon
@@ -240,7 +240,9 @@ class Sampler:
         each round, since the weights changed (a cached prefix of the last round's is stale)."""
         longest = max(len(p) for p in prompts) + self.g.max_tokens
         batch = min(self.g.sample_batch, len(prompts))
-        engine = Engine(self.model, self.tokenizer, EngineConfig(max_batch=batch, kv_tokens=(batch + 1) * longest))
+        cache = EngineConfig(max_batch=batch)
+        cache.kv_tokens = batch * (longest + cache.block_size)  # whole blocks: every request of a batch fits at once
+        engine = Engine(self.model, self.tokenizer, cache)
         requests = [Request(p, self.g.max_tokens, SamplingConfig(self.g.temperature, seed=s), stop_ids=self.stops)
                     for p, s in zip(prompts, seeds)]
         self.model.eval()
@@ -268,7 +270,7 @@ class Sampler:
         for key, model in models.items():
             if model is not None:
                 model.to(self.device).eval()  # the reference follows the policy to its device
-                out[key] = torch.cat([token_logps(model, t.to(self.device)).cpu()
+                out[key] = torch.cat([token_logps(model, t.to(self.device), self.g.temperature).cpu()
                                       for t in tokens.split(self.cfg.data.micro_batch)])
         self.model.train()
         return out
@@ -361,7 +363,8 @@ def grpo(cfg: GrpoConfig) -> Path:
         run.meta.update(stage="grpo", base=str(cfg.model.init), peft=dataclasses.asdict(cfg.peft),
                         grpo=dataclasses.asdict(cfg.grpo), prompts=len(prompts))
         g = cfg.grpo
-        return fit(run, grpo_loss(g.loss, g.beta, g.epsilon, g.epsilon if g.epsilon_high is None else g.epsilon_high))
+        high = g.epsilon if g.epsilon_high is None else g.epsilon_high
+        return fit(run, grpo_loss(g.loss, g.beta, g.epsilon, high, g.temperature))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

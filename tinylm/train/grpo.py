@@ -45,14 +45,16 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True) -> Te
     return centred.flatten()
 
 
-def token_logps(model: nn.Module, tokens: Tensor) -> Tensor:
-    """(B, T) fp32 log-probability of every target tokens[:, 1:] under `model`.
+def token_logps(model: nn.Module, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """(B, T) fp32 log-probability of every target tokens[:, 1:] under `model` sampled at `temperature`: the
+    policy GRPO optimises is the one the completions came from (TRL's GRPOTrainer divides the logits too).
 
     Args:
         model: the language model.
         tokens: (B, T + 1) token ids.
+        temperature: the sampling temperature.
     """
-    logits = model(tokens[:, :-1]).float()  # (B, T, V)
+    logits = model(tokens[:, :-1]).float() / temperature  # (B, T, V)
     return torch.gather(F.log_softmax(logits, -1), -1, tokens[:, 1:, None]).squeeze(-1)
 
 
@@ -115,7 +117,7 @@ def batch_weight(mask: Tensor, kind: str) -> float:
 GrpoLoss = Callable[[nn.Module, Batch], tuple[Tensor, dict[str, Tensor | float]]]  # a train.losses.LossFn
 
 
-def grpo_loss(kind: str, beta: float, eps_low: float, eps_high: float) -> GrpoLoss:
+def grpo_loss(kind: str, beta: float, eps_low: float, eps_high: float, temperature: float = 1.0) -> GrpoLoss:
     """The loop's loss step (a LossFn) for GRPO Batches: `grpo_token_losses` reduced by `reduce_losses`, with
     the mean KL, the share of clipped tokens and the sampling round's reward statistics (extras "reward",
     "reward_std", "flat_groups": the same for every row of a step) as metrics.
@@ -123,10 +125,11 @@ def grpo_loss(kind: str, beta: float, eps_low: float, eps_high: float) -> GrpoLo
     Args:
         kind: "sequence" or "token" (see `reduce_losses`).
         beta, eps_low, eps_high: see `grpo_token_losses`.
+        temperature: the sampling temperature (see `token_logps`).
     """
     def loss_fn(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor | float]]:
         mask = batch.mask.float()
-        logps = token_logps(model, batch.tokens)
+        logps = token_logps(model, batch.tokens, temperature)
         old = batch.extras.get("old_logps", logps.detach())
         ref = batch.extras.get("ref_logps")
         per_token, kl, clipped = grpo_token_losses(logps, old, ref, batch.extras["advantages"], beta, eps_low,
