@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tinylm.core.devices import _autocast
 from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import Check, Count, NonNegative, Positive, one_of
 from tinylm.data.chat import end_of_turn_id, generation_prompt, read_rows, to_example
@@ -201,6 +202,7 @@ class Sampler:
         self.stops = sorted({end_of_turn_id(tokenizer, cfg.chat.end_of_turn)} | ({tokenizer.eos_id} - {None}))
         self.pad = next((t for t in (tokenizer.pad_id, tokenizer.eos_id) if t is not None), 0)
         self.current: tuple[int, Round] | None = None
+        self.amp_dtype: torch.dtype | None = None  # the run's autocast dtype (set once the run is built)
 
     def source(self) -> BatchSource:
         """The loop's batch source: rows [first, first + count) of step's round."""
@@ -228,7 +230,7 @@ class Sampler:
         texts = [self.tokenizer.decode([t for t in c if t not in self.stops]) for c in completions]
         rewards = torch.tensor(score(self.reward[0], [self.prompts[i][0].row for i in chosen], texts, self.reward[1]))
         tokens, mask = self.pack([self.prompts[i][1] for i in chosen], completions)
-        extras = self.logps(tokens)
+        extras = self.logps(tokens, mask)
         grouped = rewards.view(-1, self.g.group_size)
         stats = {"reward": rewards.mean(), "reward_std": grouped.std(-1).mean(),
                  "flat_groups": (grouped.std(-1) == 0).float().mean(), "completion_tokens": mask.sum(-1).float().mean()}
@@ -261,17 +263,25 @@ class Sampler:
             mask[i, len(p) - 1:len(p) + len(c) - 1] = True  # targets p + c[:k] -> c[k]
         return tokens, mask
 
-    def logps(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    def logps(self, tokens: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
         """The round's cached per-target log-probabilities: under the sampling weights when the round trains
-        more than one step, under the reference with a KL term; fp32, in eval mode."""
+        more than one step, under the reference with a KL term. In eval mode, over the very micro-batches the
+        loss step will see (the same rows, cut to the same width, under the run's autocast), so a round's first
+        step computes the same numbers again: its ratio is 1."""
         models = {"old_logps": self.model if self.g.iterations > 1 else None,
                   "ref_logps": self.reference if self.g.beta > 0 else None}
+        micro = min(self.cfg.data.micro_batch, self.rows)
         out = {}
         for key, model in models.items():
-            if model is not None:
-                model.to(self.device).eval()  # the reference follows the policy to its device
-                out[key] = torch.cat([token_logps(model, t.to(self.device), self.g.temperature).cpu()
-                                      for t in tokens.split(self.cfg.data.micro_batch)])
+            if model is None:
+                continue
+            model.to(self.device).eval()  # the reference follows the policy to its device
+            out[key] = torch.zeros(mask.shape)
+            for i in range(0, len(tokens), micro):
+                width = _width(mask[i:i + micro])
+                with _autocast(self.device, self.amp_dtype):
+                    lp = token_logps(model, tokens[i:i + micro, :width + 1].to(self.device), self.g.temperature)
+                out[key][i:i + micro, :width] = lp.cpu()
         self.model.train()
         return out
 
@@ -283,11 +293,16 @@ class Sampler:
         """Rows [first, first + count) of a round, cut to their longest prompt + completion."""
         sl = slice(first, first + count)
         mask = rnd.mask[sl]
-        width = int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1  # targets up to the last completion token
+        width = _width(mask)
         extras: dict[str, Any] = {k: (v[sl, :width] if v.dim() == 2 else v[sl]) for k, v in rnd.extras.items()}
         extras["advantages"] = rnd.advantages[sl]
         return Batch(rnd.tokens[sl, :width + 1], index=index, mask=mask[:, :width], extras=extras,
                      weight=batch_weight(mask, self.g.loss))
+
+
+def _width(mask: torch.Tensor) -> int:
+    """The targets of rows up to their last completion token: what a micro-batch of (B, T) `mask` is cut to."""
+    return int(mask.any(0).nonzero().max()) + 1 if mask.any() else 1
 
 
 # ----- the stage ----------------------------------------------------------------------------------------------
@@ -360,6 +375,7 @@ def grpo(cfg: GrpoConfig) -> Path:
               f"{cfg.grpo.group_size} completions a round; reward {cfg.grpo.reward}; reference "
               f"{'none' if reference is None else 'the base without adapters' if lora_layers(model) else 'a copy'}")
         run = start(cfg, model, sampler.source(), d, device, None, tokenizer)
+        sampler.amp_dtype = run.amp_dtype
         run.meta.update(stage="grpo", base=str(cfg.model.init), peft=dataclasses.asdict(cfg.peft),
                         grpo=dataclasses.asdict(cfg.grpo), prompts=len(prompts))
         g = cfg.grpo
