@@ -197,6 +197,12 @@ def chat_checkpoint(texts: list[str], directory: Path, vocab_size: int = 300, **
     return checkpoint.save(model, directory, tok)
 
 
+def sums_checkpoint(directory: Path) -> Path:
+    """`chat_checkpoint` on sums in words ("3 plus 4: it is 7"): the fine-tuning tests' base model (sft, dpo, grpo)."""
+    return chat_checkpoint([f"{a} plus {b}: it is {c}" for a in range(10) for b in range(10) for c in range(0, 24, 5)],
+                           directory)
+
+
 def tune_args(base: Path, data: Path, out: Path, seq: int, rows: int, micro: int, steps: int, warmup: int,
               lr: float, **extra: object) -> dict[str, object]:
     """The overrides of a short, quiet CPU fine-tuning run (sft, dpo) of `base` on `data` into `out`."""

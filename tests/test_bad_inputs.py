@@ -94,6 +94,15 @@ def _broken_files(root: Path) -> None:
     pair = {"prompt": "once", "chosen": "upon a time", "rejected": "a time upon"}
     _write(root / "pairs-no-rejected.jsonl", json.dumps(pair) + "\n" + json.dumps({**pair, "rejected": None}) + "\n")
     _write(root / "pairs.jsonl", json.dumps(pair) + "\n")
+    _write(root / "prompts.jsonl", json.dumps({"prompt": "once upon a"}) + "\n" + json.dumps({"prompt": "one day"}) + "\n")
+    _write(root / "prompts-bad.jsonl", json.dumps({"prompt": "once upon a"}) + "\n" + json.dumps({"prompt": 3}) + "\n")
+    _write(root / "prompts-long.jsonl", json.dumps({"prompt": "once upon a time " * 20}) + "\n")
+    _write(root / "reward.py", "def ok(prompts, completions):\n    return [1.0 for _ in completions]\n"
+           "def boom(prompts, completions):\n    raise ValueError('no reward today')\n"
+           "def short(prompts, completions):\n    return [1.0]\n"
+           "def nan(prompts, completions):\n    return [float('nan') for _ in completions]\n"
+           "NOT_A_FUNCTION = 3\n")
+    _write(root / "reward-broken.py", "import nonesuch_module_for_tinylm\n")
     shutil.copytree(root / "ck", root / "ck-no-chat")
     _edit_json(root / "ck-no-chat" / "tokenizer_config.json", lambda c: c.pop("chat_template"))
     shutil.copytree(root / "ck", root / "ck-not-json")
@@ -215,6 +224,9 @@ LADDER = ("--data data --ladder.widths [32,64] --ladder.depths [1] --ladder.toke
 TRAIN = ("--data data --model.dim 32 --model.n_layers 1 --model.n_heads 2 --model.ffn_dim 64 "
          "--data.seq_len 32 --data.batch_tokens 128 --data.micro_batch 4 --schedule.steps 2 "
          "--run.progress false --run.plot false --run.compile false")
+GRPO = ("--data.seq_len 32 --data.batch_tokens 64 --data.micro_batch 2 --grpo.group_size 2 --grpo.max_tokens 4 "
+        "--schedule.steps 1 --run.progress false --run.plot false --run.compile false --run.device cpu "
+        "--run.peak_flops 1e11")
 CASES = [
     # --- config values out of range (Deliver 1): pretrain ---
     Case("config", f"pretrain {TRAIN} --out o --optim.lr -1e-3", "optim.lr"),
@@ -292,6 +304,31 @@ CASES = [
     Case("disk", "dpo ck --data nonesuch.jsonl --out o --schedule.steps 2", "nonesuch.jsonl"),
     Case("disk", "dpo ck --data pairs-no-rejected.jsonl --out o --schedule.steps 2", "pairs-no-rejected.jsonl:2"),
     Case("syntax", "dpo ck --out o --schedule.steps 2", "no preference pairs"),
+    # --- grpo ---
+    Case("config", "grpo ck --data prompts.jsonl --out o --grpo.group_size 1", "grpo.group_size"),
+    Case("config", "grpo ck --data prompts.jsonl --out o --grpo.epsilon 1", "grpo.epsilon"),
+    Case("config", "grpo ck --data prompts.jsonl --out o --grpo.temperature 0", "grpo.temperature"),
+    Case("config", "grpo ck --data prompts.jsonl --out o --grpo.loss dapo", "grpo.loss"),
+    Case("config", f"grpo ck --data prompts.jsonl --out o --reward ok {GRPO}", "not checker, judge or FILE.py:FUNC"),
+    Case("config", f"grpo ck --data prompts.jsonl --out o --reward judge {GRPO}", "needs the judge (not built yet)"),
+    Case("config", f"grpo ck --data prompts.jsonl --out o --reward reward.py:ok {GRPO} --data.batch_tokens 96",
+         "not a multiple of grpo.group_size 2"),
+    Case("config", f"grpo ck --data prompts.jsonl --out o {GRPO}", "the checker needs a built-in task's record"),
+    Case("config", f"grpo ck --data prompts-long.jsonl --out o --reward reward.py:ok {GRPO}", "raise data.seq_len"),
+    Case("disk", f"grpo ck --data nonesuch.jsonl --out o --reward reward.py:ok {GRPO}", "nonesuch.jsonl"),
+    Case("disk", f"grpo ck --data prompts-bad.jsonl --out o --reward reward.py:ok {GRPO}", "prompts-bad.jsonl:2"),
+    Case("disk", f"grpo ck --data prompts.jsonl --out o --reward nonesuch.py:f {GRPO}", "no file nonesuch.py"),
+    Case("disk", f"grpo ck --data prompts.jsonl --out o --reward reward.py:missing {GRPO}", "has no function missing"),
+    Case("disk", f"grpo ck --data prompts.jsonl --out o --reward reward.py:NOT_A_FUNCTION {GRPO}",
+         "has no function NOT_A_FUNCTION"),
+    Case("disk", f"grpo ck --data prompts.jsonl --out o --reward reward-broken.py:f {GRPO}",
+         "ModuleNotFoundError"),
+    Case("disk", f"grpo ck --data prompts.jsonl --out o --reward reward.py:boom {GRPO}",
+         "raised ValueError: no reward today"),
+    Case("disk", f"grpo ck --data prompts.jsonl --out o --reward reward.py:short {GRPO}",
+         "returned 1 rewards for 2 completions"),
+    Case("disk", f"grpo ck --data prompts.jsonl --out o --reward reward.py:nan {GRPO}", "non-finite reward"),
+    Case("syntax", f"grpo ck --out o {GRPO}", "no prompts"),
     Case("config", "distill cache --teacher ck --data data --top-k 4 --out c --temperature 0", "temperature"),
     Case("config", "distill cache --teacher ck --data data --top-k 4 --out c --batch-size 0", "batch_size"),
     # generate

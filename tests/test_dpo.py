@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from helpers import (
     REPO,
     assert_bitwise,
-    chat_checkpoint,
     kill_note,
     run_and_kill,
     run_bad_data,
+    sums_checkpoint,
     tune_args,
     weights,
     write_jsonl,
@@ -70,8 +70,7 @@ def _rows(n: int = 32, plain: bool = False) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    texts = [f"{a} plus {b}: it is {c}" for a in range(10) for b in range(10) for c in range(0, 24, 5)]
-    return chat_checkpoint(texts, tmp_path_factory.mktemp("base") / "ck")
+    return sums_checkpoint(tmp_path_factory.mktemp("base") / "ck")
 
 
 @pytest.fixture(scope="module")

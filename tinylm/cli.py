@@ -115,6 +115,13 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
         "dpo", "DpoConfig", positional=("model.init",),
         aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume"},
         epilog="Several processes: torchrun --nproc_per_node N -m tinylm dpo ..."),
+    "grpo": Command(
+        "reinforcement learning on checkable rewards (GRPO): the built-in checkers or your function, full or LoRA",
+        "grpo", "GrpoConfig", positional=("model.init",),
+        aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume", "--reward": "grpo.reward"},
+        epilog="--reward checker (the built-in tasks' checkers: rows written by `tinylm data task`), judge, or "
+               "FILE.py:FUNC: FUNC(prompts, completions) -> list of floats, prompts being the data rows as read; "
+               "naming a file runs its code in this process."),
     "scaling": Command(
         "scaling-law ladder: sizes x token budgets by WSD branching, a fit of L(N, D) and its compute frontier",
         "scaling", "ScalingConfig",
