@@ -127,13 +127,11 @@ class ScriptedTeacher:
         return out
 
 
-def test_checks_reject_by_reason_and_count_each(tmp_path, monkeypatch):
-    teacher = ScriptedTeacher()
-    monkeypatch.setattr(synth_stage, "open_teacher", lambda *a, **k: teacher)
+def test_checks_reject_by_reason_and_count_each(tmp_path):
     out = tmp_path / "s.jsonl"
     cfg = synth_stage.SynthConfig("stories", "scripted", str(out), n=4, batch=5, min_words=8, dedup=0.5,
                                   progress=False, device="cpu")
-    result = synth_stage.synth(cfg)
+    result = synth_stage.synth(cfg, ScriptedTeacher())
     rows = [json.loads(x) for x in _lines(out)]
     # every fifth answer passes, each of the other four fails one check; the run ends at its fourth row (index 15)
     assert result["total"] == 4 and result["asked"] == 16
@@ -169,12 +167,11 @@ class ArithmeticTeacher:
         return out
 
 
-def test_rationales_keep_right_answers_only(tmp_path, monkeypatch):
-    monkeypatch.setattr(synth_stage, "open_teacher", lambda *a, **k: ArithmeticTeacher())
+def test_rationales_keep_right_answers_only(tmp_path):
     out = tmp_path / "r.jsonl"
     cfg = synth_stage.SynthConfig("rationales", "arithmetic", str(out), n=3, batch=9, progress=False, device="cpu",
                                   dedup=1.0)
-    result = synth_stage.synth(cfg)
+    result = synth_stage.synth(cfg, ArithmeticTeacher())
     assert result["rejected"] == {"wrong answer": 2, "no answer line": 2}
     rows = [json.loads(x) for x in _lines(out)]
     assert [r["answer"] for r in rows] == [r["seeds"]["gold"] for r in rows]
@@ -274,3 +271,45 @@ def test_a_failing_endpoint_is_one_line_exit_2_and_rows_written_are_kept(problem
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and says in err[0], err
     assert out.read_bytes() == before
+
+
+class PairTeacher:
+    """Writes two stories per prompt (its second sample is told by the seed's parity) and judges pairs: the
+    story marked GOOD wins; rows whose index is a multiple of 3 get two GOOD stories (a tie)."""
+
+    name = "pairs"
+
+    def __init__(self) -> None:
+        self.verdict_asks = []
+
+    def answer(self, asks: list[Any], on_done: Any = None) -> list[str]:
+        out = []
+        for ask in asks:
+            text = ask.messages[-1]["content"]
+            if ask.schema is not None:
+                self.verdict_asks.append(text)
+                a, b = re.search(r"\[Answer A\]\n(.*)\n\n\[Answer B\]\n(.*)\n\nReply", text, re.S).groups()
+                out.append(json.dumps({"winner": "tie" if ("GOOD" in a) == ("GOOD" in b) else
+                                       "A" if "GOOD" in a else "B"}))
+                continue
+            index, sample = (ask.seed // 2) % 1_000_003, ask.seed % 2
+            good = sample == 1 or index % 3 == 0
+            out.append(f"{'GOOD' if good else 'meh'} story number {index} sample {sample} about a dog and a cat.")
+        return out
+
+
+def test_pairs_ranked_by_the_judge_in_both_orders(tmp_path):
+    teacher = PairTeacher()
+    out = tmp_path / "p.jsonl"
+    cfg = synth_stage.SynthConfig("pairs", "pairs", str(out), n=4, batch=6, rank="judge", min_simple=0.0,
+                                  seed_words=False, progress=False, device="cpu")
+    result = synth_stage.synth(cfg, teacher)
+    rows = [json.loads(x) for x in _lines(out)]
+    assert [r["index"] for r in rows] == [1, 2, 4, 5] and result["rejected"] == {"tie": 2}
+    assert all(r["chosen"].startswith("GOOD") and r["rejected"].startswith("meh") for r in rows)
+    assert all(r["ranking"] == {"by": "judge", "first_as_a": "B", "first_as_b": "A", "winner": "second",
+                                "consistent": True} for r in rows)
+    assert len(teacher.verdict_asks) == 2 * 6  # every pair of the chunk, in both orders
+    got, _ = read_pairs([str(out)])
+    assert [p[1].completion if p[1].messages is None else p[1].messages[-1]["content"] for p in got] == \
+        [r["rejected"] for r in rows]

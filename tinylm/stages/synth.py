@@ -19,10 +19,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from tinylm.core.devices import resolve_device
 from tinylm.core.errors import TinylmError
@@ -114,27 +115,24 @@ def _asks(cfg: SynthConfig, items: list[dict[str, Any]], indices: range, sample:
             for it, s in zip(items, seeds)]
 
 
-def make_rows(cfg: SynthConfig, teacher: Any, judge: Judge | None, indices: range,
-              tick: Callable[[], object]) -> list[tuple[int, dict[str, Any], str, Any]]:
+def make_rows(cfg: SynthConfig, teacher: Any, indices: range) -> list[tuple[int, dict[str, Any], str, Any]]:
     """The teacher's answers for rows `indices`: (index, prompt item, answer text, extra) per row; extra is
     the new task (instructions) or the second story (pairs).
 
     Args:
         cfg: the run's config.
         teacher: the teacher.
-        judge: the pairs' judge (--rank judge), else None.
         indices: the chunk's row indices.
-        tick: called after each answer.
     """
     items = [S.PROMPTS[cfg.kind](S.row_rng(cfg.seed, i)) for i in indices]
-    texts = teacher.answer(_asks(cfg, items, indices), tick)
+    texts = teacher.answer(_asks(cfg, items, indices))
     if cfg.kind == "instructions":  # the new task, then the teacher's answer to it
         tasks = [t.strip() for t in texts]
         questions = [dict(it, prompt=t or "(empty)") for it, t in zip(items, tasks)]
-        texts = teacher.answer(_asks(cfg, questions, indices, 1), tick)
+        texts = teacher.answer(_asks(cfg, questions, indices, 1))
         return [(i, it, t, task) for i, it, t, task in zip(indices, items, texts, tasks)]
     if cfg.kind == "pairs":
-        seconds = teacher.answer(_asks(cfg, items, indices, 1), tick)
+        seconds = teacher.answer(_asks(cfg, items, indices, 1))
         return [(i, it, a, b) for i, it, a, b in zip(indices, items, texts, seconds)]
     return [(i, it, t, None) for i, it, t in zip(indices, items, texts)]
 
@@ -215,20 +213,23 @@ def _check_flags(cfg: SynthConfig) -> None:
         raise TinylmError(f"--out {cfg.out}: synth writes JSON Lines; name it FILE.jsonl")
 
 
-def synth(cfg: SynthConfig) -> dict[str, Any]:
+def synth(cfg: SynthConfig, teacher: Any = None) -> dict[str, Any]:
     """Write (or resume) cfg.out until it holds cfg.n rows or cfg.attempts rows were asked for.
 
-    Returns {"written", "total", "asked", "rejected": {reason: count}} of this invocation.
+    Returns {"written", "total", "asked", "rejected": {reason: count}, "seconds": spent asking and checking}
+    of this invocation.
 
     Args:
         cfg: the command's config.
+        teacher: an opened teacher (serve.client) to use instead of opening cfg.teacher.
     """
     _check_flags(cfg)
     out = Path(cfg.out)
     check_out(out, True, kind="file")
     existing = read_existing(out, cfg) if out.exists() and not cfg.overwrite else Existing({}, [], -1)
     device = resolve_device(cfg.device)
-    teacher = open_teacher(cfg.teacher, "--teacher", cfg.teacher_model, cfg.teacher_key_env, cfg.batch, device)
+    teacher = teacher or open_teacher(cfg.teacher, "--teacher", cfg.teacher_model, cfg.teacher_key_env, cfg.batch,
+                                      device)
     judge = None
     if cfg.kind == "pairs" and cfg.rank == "judge":
         judging = teacher if cfg.judge in (None, cfg.teacher) else \
@@ -258,11 +259,11 @@ def _loop(cfg: SynthConfig, teacher: Any, judge: Judge | None, dedup: NearDedup 
         teacher.check(_asks(cfg, [S.PROMPTS[cfg.kind](S.row_rng(cfg.seed, i)) for i in first], first))
     bar = tqdm(total=cfg.n, initial=min(total, cfg.n), unit="row", file=sys.stderr, disable=not cfg.progress,
                desc=f"synth {cfg.kind}", dynamic_ncols=True)
-    index = start
+    index, began = start, time.perf_counter()
     try:
         while total < cfg.n and index < attempts:
             indices = range(index, min(index + cfg.batch, attempts))
-            rows = make_rows(cfg, teacher, judge, indices, lambda: None)
+            rows = make_rows(cfg, teacher, indices)
             rankings = _rank(cfg, judge, rows) if cfg.kind == "pairs" else [None] * len(rows)
             accepted = []
             for (i, item, text, extra), ranking in zip(rows, rankings):
@@ -283,7 +284,8 @@ def _loop(cfg: SynthConfig, teacher: Any, judge: Judge | None, dedup: NearDedup 
             bar.set_postfix(accepted=f"{written / max(1, asked):.0%}", refresh=False)
     finally:
         bar.close()
-    return {"written": written, "total": total, "asked": asked, "rejected": dict(rejected.most_common())}
+    return {"written": written, "total": total, "asked": asked, "rejected": dict(rejected.most_common()),
+            "seconds": time.perf_counter() - began}
 
 
 def _checked(cfg: SynthConfig, name: str, index: int, item: dict[str, Any], text: str, extra: Any,
