@@ -565,6 +565,8 @@ CASES = [
     Case("config", "synth stories --teacher ck --out s.jsonl --n 0", "--n"),
     Case("config", "synth stories --teacher ck --out s.jsonl --teacher-model m", "--teacher-model"),
     Case("config", "synth stories --teacher ck --out s.jsonl --judge ck", "--rank judge"),
+    Case("config", "synth stories --teacher ck --out s.jsonl --rejects s.jsonl", "another file"),
+    Case("config", "synth stories --teacher ck --out s.jsonl --rejects r.txt", "--rejects r.txt"),
     Case("bounded", "synth stories --teacher ck --out s.jsonl", "context of 64 tokens"),
     Case("disk", "synth stories --teacher nowhere --out s.jsonl", "nowhere"),
     Case("disk", "synth stories --teacher ck --out pairs.jsonl", "not a `tinylm synth` row"),

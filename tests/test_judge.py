@@ -209,6 +209,19 @@ def test_judge_a_file_writes_every_row_with_a_grade(ckpt, tmp_path, capsys):
     assert f"| grammar (1-10) | {mean:.2f} |" in table
 
 
+@pytest.mark.parametrize("rubric", ["tinystories", "instruction"])
+def test_judge_a_model_grades_its_answers_to_built_in_prompts(ckpt, tmp_path, rubric):
+    out = tmp_path / "graded.jsonl"
+    assert cli.main(["judge", str(ckpt), "--judge", str(ckpt), "--rubric", rubric, "--n", "2", "--max-tokens", "8",
+                     "--out", str(out), "--device", "cpu"]) == 0
+    graded = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(graded) == 2
+    for g in graded:
+        _valid_grade(g["judge"], rubric)
+    if rubric == "tinystories":  # the prompts are the first two sentences of TinyTales stories
+        assert [g["prompt"] for g in graded] == [" ".join(_split(s)[:2]) for s in tinytales.generate(2, 0)]
+
+
 def test_judge_calibrate_prints_agreement_and_a_confusion_table(ckpt, capsys):
     assert cli.main(["judge", "--calibrate", "3", "--judge", str(ckpt), "--rubric", "pairwise", "--device", "cpu",
                      "--json"]) == 0

@@ -52,10 +52,14 @@ def _lines(path: Path) -> list[str]:
 @pytest.mark.slow
 def test_kill9_at_random_points_then_rerun_equals_an_uninterrupted_run(ckpt, tmp_path, rng):
     n = 32
+
+    def args(out: Path) -> list[str]:  # some short answers are rejected, into a --rejects file beside `out`
+        return _args(ckpt, out, n, "--min-words", "3", "--rejects", str(out.with_suffix(".rejects.jsonl")))
+
     ref = tmp_path / "ref.jsonl"
-    assert cli.main(_args(ckpt, ref, n)) == 0
-    want = _lines(ref)
-    assert len(want) == n and len({json.loads(x)["id"] for x in want}) == n
+    assert cli.main(args(ref)) == 0
+    want, want_rejects = _lines(ref), _lines(ref.with_suffix(".rejects.jsonl"))
+    assert len(want) == n and len({json.loads(x)["id"] for x in want}) == n and want_rejects
     out = tmp_path / "out.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     kills = []
@@ -67,7 +71,7 @@ def test_kill9_at_random_points_then_rerun_equals_an_uninterrupted_run(ckpt, tmp
         at = int(rng.integers(lines_before + 1, min(n, lines_before + 6)))
         delay = float(rng.uniform(0, 0.05))
         kills.append((at, round(delay, 3)))
-        proc = subprocess.Popen([sys.executable, "-m", "tinylm", *_args(ckpt, out, n)], env=env,
+        proc = subprocess.Popen([sys.executable, "-m", "tinylm", *args(out)], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         while proc.poll() is None and (not out.exists() or out.read_bytes().count(b"\n") < at):
             time.sleep(0.005)
@@ -75,10 +79,11 @@ def test_kill9_at_random_points_then_rerun_equals_an_uninterrupted_run(ckpt, tmp
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert kills and out.read_bytes().count(b"\n") < n, f"no kill landed before the end: {kills}"
-    assert cli.main(_args(ckpt, out, n)) == 0, kills
+    assert cli.main(args(out)) == 0, kills
     got = _lines(out)
     assert len(got) == len(set(got)), f"duplicates after kills at {kills}"
     assert got == want, f"kills at {kills}"
+    assert _lines(out.with_suffix(".rejects.jsonl")) == want_rejects, f"kills at {kills}"
 
 
 def test_a_partial_last_line_is_dropped_and_the_run_completes_equal(ckpt, tmp_path, rng):
@@ -92,6 +97,21 @@ def test_a_partial_last_line_is_dropped_and_the_run_completes_equal(ckpt, tmp_pa
     assert _lines(out) == want, f"cut after {k} rows"
     assert cli.main(_args(ckpt, out, 10)) == 0  # complete: nothing more to do
     assert _lines(out) == want
+
+
+def test_rejected_rows_go_to_rejects_once_each_across_resumes(ckpt, tmp_path, capsys):
+    strict = ("--min-words", "3")  # some of the random model's short answers fail
+    ref, ref_rej = tmp_path / "ref.jsonl", tmp_path / "ref-rejects.jsonl"
+    assert cli.main(_args(ckpt, ref, 10, *strict, "--rejects", str(ref_rej))) == 0
+    summary = capsys.readouterr().out
+    refused = [json.loads(x) for x in _lines(ref_rej)]
+    assert refused and all(r["reason"] == "too short" and len(r["text"].split()) < 3 for r in refused)
+    assert f"too short {len(refused)}" in summary
+    out, rej = tmp_path / "out.jsonl", tmp_path / "rejects.jsonl"
+    assert cli.main(_args(ckpt, out, 5, *strict, "--rejects", str(rej))) == 0  # stops halfway, then resumed
+    assert cli.main(_args(ckpt, out, 10, *strict, "--rejects", str(rej))) == 0
+    assert _lines(out) == _lines(ref) and _lines(rej) == _lines(ref_rej)
+    assert f"(every run): too short {len(refused)}" in capsys.readouterr().out
 
 
 def test_a_file_of_another_kind_or_seed_is_not_resumed(ckpt, tmp_path, capsys):
@@ -245,6 +265,39 @@ class _Malformed(BaseHTTPRequestHandler):
 
     def log_message(self, *args: Any) -> None:
         pass
+
+
+class _GoodThenMalformed(_Malformed):
+    """Answers its first four chat completions with a story, then malformed ones."""
+
+    answered = 0
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        cls = type(self)
+        cls.answered += 1
+        if cls.answered > 4:
+            self._send({"choices": []})
+            return
+        text = f"A story for seed {body['seed']} about a dog."
+        self._send({"choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                 "finish_reason": "stop"}]})
+
+
+def test_rows_written_before_the_endpoint_fails_are_kept(tmp_path, capsys):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _GoodThenMalformed)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "s.jsonl"
+        url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+        assert cli.main(_remote_args(url, out, 8, "--dedup", "1")) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "malformed response" in err[0], err
+    rows = [json.loads(x) for x in _lines(out)]  # the first chunk, whole
+    assert [r["index"] for r in rows] == [0, 1, 2, 3] and all(r["text"].startswith("A story") for r in rows)
 
 
 @pytest.fixture

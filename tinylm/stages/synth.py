@@ -11,7 +11,9 @@ only on (--seed, index), and a chunk is always asked together, so a chunk asked 
 Accepted rows are appended in index order and flushed after every chunk. Running the same command again after
 a kill -9 drops a partial last line, reads the rows there (their ids and their texts, back into the
 near-duplicate index), asks the last written row's chunk again and skips rows already written: the file ends
-equal to an uninterrupted run's, with no duplicate and no lost row.
+equal to an uninterrupted run's, with no duplicate and no lost row. With --rejects FILE.jsonl every rejected row
+is kept too, with its reason, once per row index (written before its chunk's accepted rows), so the counts by
+reason add up over every run of the command.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class SynthConfig:
     rank: one_of("checker", "judge") = "checker"  # pairs: rank the two stories by the checks or by --judge (both orders)
     judge: str | None = None  # pairs with --rank judge: the judge (model source or URL; none: the teacher)
     attempts: Count | None = None  # stop after this many rows were asked for, accepted or not (none: 20 x --n)
+    # also append every rejected row here, with its "reason" (resumed like --out; the summary then counts all runs')
+    rejects: str | None = None
     teacher_model: str | None = None  # a URL teacher's model id (none: $TINYLM_TEACHER_MODEL, else its only one)
     teacher_key_env: str = "OPENAI_API_KEY"  # environment variable holding a URL teacher's API key
     judge_model: str | None = None  # a URL judge's model id (none: $TINYLM_JUDGE_MODEL, else its only one)
@@ -80,26 +84,36 @@ def read_existing(path: Path, cfg: SynthConfig) -> Existing:
         path: the output file.
         cfg: the run's config (its rows must be of the same kind and seed).
     """
+    found = Existing({}, [], -1)
+    for row in _rows(path, cfg, "id", "--out"):
+        index = int(row["index"])
+        found.ids[row["id"]] = index
+        found.texts.append(_dedup_text(row))
+        found.last_index = max(found.last_index, index)
+    return found
+
+
+def _rows(path: Path, cfg: SynthConfig, key: str, flag: str) -> list[dict[str, Any]]:
+    """The whole rows of a synth file (a partial last line, from a kill -9 during a write, is cut off), each
+    checked to be of this run's kind and seed and to hold `key`."""
     data = path.read_bytes()
     whole = data[:data.rfind(b"\n") + 1]
     if len(whole) != len(data):
         with open(path, "r+b") as f:
             f.truncate(len(whole))
-    found = Existing({}, [], -1)
+    rows = []
     for lineno, line in enumerate(whole.decode("utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
-            kind, seed, index, rid = row["kind"], row["seed"], int(row["index"]), row["id"]
+            kind, seed, _, _ = row["kind"], row["seed"], int(row["index"]), row[key]
         except (ValueError, KeyError, TypeError):
-            raise TinylmError(f"{path}:{lineno} is not a `tinylm synth` row; --out another file or --overwrite") \
+            raise TinylmError(f"{path}:{lineno} is not a `tinylm synth` row; {flag} another file or --overwrite") \
                 from None
         if (kind, seed) != (cfg.kind, cfg.seed):
             raise TinylmError(f"{path} holds {kind} rows of --seed {seed}, not {cfg.kind} of --seed {cfg.seed}; "
-                              "--out another file or --overwrite")
-        found.ids[rid] = index
-        found.texts.append(_dedup_text(row))
-        found.last_index = max(found.last_index, index)
-    return found
+                              f"{flag} another file or --overwrite")
+        rows.append(row)
+    return rows
 
 
 def _dedup_text(row: dict[str, Any]) -> str:
@@ -209,8 +223,11 @@ def _check_flags(cfg: SynthConfig) -> None:
         raise TinylmError(f"--min-words {cfg.min_words} is above --max-words {cfg.max_words}")
     if cfg.judge is not None and (cfg.kind != "pairs" or cfg.rank != "judge"):
         raise TinylmError("--judge ranks pairs: it needs `synth pairs --rank judge`")
-    if not cfg.out.endswith((".jsonl", ".ndjson")):
-        raise TinylmError(f"--out {cfg.out}: synth writes JSON Lines; name it FILE.jsonl")
+    for flag, path in (("--out", cfg.out), ("--rejects", cfg.rejects)):
+        if path is not None and not path.endswith((".jsonl", ".ndjson")):
+            raise TinylmError(f"{flag} {path}: synth writes JSON Lines; name it FILE.jsonl")
+    if cfg.rejects is not None and Path(cfg.rejects).resolve() == Path(cfg.out).resolve():
+        raise TinylmError("--rejects must be another file than --out")
 
 
 def synth(cfg: SynthConfig, teacher: Any = None) -> dict[str, Any]:
@@ -227,6 +244,12 @@ def synth(cfg: SynthConfig, teacher: Any = None) -> dict[str, Any]:
     out = Path(cfg.out)
     check_out(out, True, kind="file")
     existing = read_existing(out, cfg) if out.exists() and not cfg.overwrite else Existing({}, [], -1)
+    earlier_rejects: dict[int, str] = {}  # index -> reason of the rows in --rejects
+    if cfg.rejects is not None:
+        check_out(cfg.rejects, True, kind="file")
+        if Path(cfg.rejects).exists() and not cfg.overwrite:
+            earlier_rejects = {int(r["index"]): r["reason"] for r in _rows(Path(cfg.rejects), cfg, "reason",
+                                                                            "--rejects")}
     device = resolve_device(cfg.device)
     teacher = teacher or open_teacher(cfg.teacher, "--teacher", cfg.teacher_model, cfg.teacher_key_env, cfg.batch,
                                       device)
@@ -238,15 +261,37 @@ def synth(cfg: SynthConfig, teacher: Any = None) -> dict[str, Any]:
     dedup = NearDedup(threshold=cfg.dedup) if cfg.dedup < 1 else None
     if dedup is not None and existing.texts:
         dedup.duplicates(existing.texts)
-    writer = Writer(out, cfg.overwrite)
+    sinks = Sinks(Writer(out, cfg.overwrite), Writer(Path(cfg.rejects), cfg.overwrite) if cfg.rejects else None,
+                  earlier_rejects)
     try:
-        return _loop(cfg, teacher, judge, dedup, existing, writer)
+        return _loop(cfg, teacher, judge, dedup, existing, sinks)
     finally:
-        writer.close()
+        sinks.rows.close()
+        if sinks.rejects is not None:
+            sinks.rejects.close()
+
+
+@dataclass
+class Sinks:
+    """Where rows go: accepted ones, rejected ones (--rejects), and the rejected indices already there."""
+
+    rows: Writer
+    rejects: Writer | None
+    rejected: dict[int, str]  # index -> reason, in --rejects
+
+    def reject(self, cfg: SynthConfig, index: int, item: dict[str, Any], text: str, extra: Any, reason: str,
+               pending: list[dict[str, Any]]) -> None:
+        """Queue a rejected row for --rejects (once per index, however often its chunk is asked)."""
+        if self.rejects is None or index in self.rejected:
+            return
+        self.rejected[index] = reason
+        pending.append({"kind": cfg.kind, "seed": cfg.seed, "index": index, "reason": reason,
+                        "prompt": item["prompt"], "seeds": item["seeds"], "features": item["features"],
+                        "text": text, **({"second": extra} if extra is not None else {})})
 
 
 def _loop(cfg: SynthConfig, teacher: Any, judge: Judge | None, dedup: NearDedup | None, existing: Existing,
-          writer: Writer) -> dict[str, Any]:
+          sinks: Sinks) -> dict[str, Any]:
     """Chunks of rows from the last written one's chunk on, until n rows are written or attempts are used."""
     from tqdm import tqdm
 
@@ -265,7 +310,7 @@ def _loop(cfg: SynthConfig, teacher: Any, judge: Judge | None, dedup: NearDedup 
             indices = range(index, min(index + cfg.batch, attempts))
             rows = make_rows(cfg, teacher, indices)
             rankings = _rank(cfg, judge, rows) if cfg.kind == "pairs" else [None] * len(rows)
-            accepted = []
+            accepted, refused = [], []
             for (i, item, text, extra), ranking in zip(rows, rankings):
                 row, reason = _checked(cfg, teacher.name, i, item, text, extra, ranking, existing, dedup)
                 if row is not None and existing.ids.get(row["id"]) == i:
@@ -273,18 +318,23 @@ def _loop(cfg: SynthConfig, teacher: Any, judge: Judge | None, dedup: NearDedup 
                 asked += 1
                 if reason is not None:
                     rejected[reason] += 1
+                    sinks.reject(cfg, i, item, text, extra, reason, refused)
                     continue
                 existing.ids[row["id"]] = i
                 accepted.append(row)
                 if total + len(accepted) == cfg.n:
                     break
-            writer.write(accepted)
+            if sinks.rejects is not None:
+                sinks.rejects.write(refused)  # before the chunk's rows: a resumed run asks this chunk again
+            sinks.rows.write(accepted)
             total, written, index = total + len(accepted), written + len(accepted), indices.stop
             bar.update(len(accepted))
             bar.set_postfix(accepted=f"{written / max(1, asked):.0%}", refresh=False)
     finally:
         bar.close()
+    every = Counter(sinks.rejected.values()) if sinks.rejects is not None else None
     return {"written": written, "total": total, "asked": asked, "rejected": dict(rejected.most_common()),
+            "rejected_all_runs": dict(every.most_common()) if every is not None else None,
             "seconds": time.perf_counter() - began}
 
 
@@ -324,6 +374,9 @@ def main(cfg: SynthConfig) -> None:
     print(f"wrote {result['written']} {cfg.kind} rows to {cfg.out} ({result['total']} in all); this run asked "
           f"{result['asked']}, accepted {result['written']} ({result['written'] / max(1, result['asked']):.0%}); "
           f"rejected: {reasons}")
+    if result["rejected_all_runs"] is not None:
+        every = ", ".join(f"{r} {c}" for r, c in result["rejected_all_runs"].items()) or "none"
+        print(f"rejected rows in {cfg.rejects} (every run): {every}")
     if result["total"] < cfg.n:
         print(f"tinylm: only {result['total']} of --n {cfg.n} rows passed the checks within --attempts "
               f"{cfg.attempts or 20 * cfg.n}: loosen the checks or raise --attempts", file=sys.stderr)
