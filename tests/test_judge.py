@@ -25,7 +25,8 @@ from tinylm.evals.judge import (
     corrupt,
 )
 from tinylm.formats.checkpoint import load
-from tinylm.serve.client import LocalTeacher, open_teacher
+from tinylm.infer.teacher import LocalTeacher
+from tinylm.serve.client import open_teacher
 
 CONTEXT = 2048  # a pairwise prompt with two stories is ~1200 tokens of the tiny tokenizer
 

@@ -45,6 +45,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("infer.speculative",),
     ("infer.generate",),
     ("infer.engine",),
+    ("infer.teacher",),
     ("train.config",),
     ("train.schedule", "train.optim", "train.metrics", "train.losses",
      "train.preference", "train.rules"),

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from tinylm.core.errors import TinylmError
+from tinylm.infer.teacher import Ask
 
 SCALE = list(range(1, 11))  # every criterion is an integer 1-10, as in TinyStories' grading prompt
 AGES = ["3 or under", "4-5", "6-7", "8-9", "10-12", "13-16"]  # TinyStories' age groups A-F
@@ -82,10 +83,11 @@ def pair_messages(prompt: str, a: str, b: str) -> list[dict[str, str]]:
 
 @dataclass
 class Judge:
-    """A teacher model (serve.client: LocalTeacher or Endpoint) asked to grade.
+    """A teacher model asked to grade.
 
     Args:
-        teacher: anything with `answer(asks, on_done) -> list[str]` and a `name`.
+        teacher: anything with `answer(asks, on_done) -> list[str]` and a `name` (infer.teacher.LocalTeacher,
+            serve.client.Endpoint).
         rubric: one of RUBRICS.
         max_tokens: the most tokens of one grade (a grade's JSON is about 40 tokens).
         seed: the judge's sampling seed (grades are greedy; the seed matters only to an endpoint that samples).
@@ -156,24 +158,13 @@ class Judge:
         from tinylm.infer.constrained import validate
 
         shape = schema(rubric)
-        asks = [_Ask(c, self.max_tokens, 0.0, self.seed, shape) for c in conversations]
+        asks = [Ask(c, self.max_tokens, 0.0, self.seed, shape) for c in conversations]
         texts = self.teacher.answer(asks, on_done)
         try:
             return [validate(t, shape) for t in texts]
         except TinylmError as e:
             raise TinylmError(f"the judge {self.teacher.name} answered a grade outside the {rubric} schema "
                               f"({e}); an endpoint must honour response_format json_schema") from None
-
-
-@dataclass
-class _Ask:
-    """The fields of serve.client.Ask (evals sits left of serve, so the teacher takes any object shaped so)."""
-
-    messages: list[dict[str, Any]]
-    max_tokens: int
-    temperature: float
-    seed: int | None
-    schema: dict[str, Any] | None
 
 
 # ----- calibration on TinyTales ----------------------------------------------------------------------------
@@ -311,7 +302,7 @@ def model_answers(model: Any, rubric: str, n: int, max_tokens: int, temperature:
     TinyTales-Instruct instructions.
 
     Args:
-        model: a teacher-shaped model (serve.client.LocalTeacher).
+        model: the model as a teacher (infer.teacher.LocalTeacher).
         rubric: tinystories or instruction.
         n: prompts.
         max_tokens: the most tokens of one answer.
@@ -329,7 +320,7 @@ def model_answers(model: Any, rubric: str, n: int, max_tokens: int, temperature:
     else:
         rows = tasks.examples("tinytales-instruct", n, "test", seed)
         prompts = questions = [r["messages"][-2]["content"] for r in rows]
-    asks = [_Ask([{"role": "user", "content": q}], max_tokens, temperature, seed * 1_000_003 + i, None)
+    asks = [Ask([{"role": "user", "content": q}], max_tokens, temperature, seed * 1_000_003 + i, None)
             for i, q in enumerate(questions)]
     return prompts, [a.strip() for a in model.answer(asks, None)]
 

@@ -133,7 +133,7 @@ def judged_stories(judge: Judge, loaded: checkpoint.Loaded, cfg: EvalConfig) -> 
         loaded: the model under evaluation.
         cfg: the command's config.
     """
-    from tinylm.serve.client import LocalTeacher
+    from tinylm.infer.teacher import LocalTeacher
 
     model = LocalTeacher(loaded, cfg.source[0])
     room = loaded.config.max_seq_len // 2  # a story beginning is ~30 tokens; the rest is the continuation's

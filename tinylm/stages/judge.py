@@ -29,7 +29,8 @@ from tinylm.evals.judge import (
     model_answers,
     summary,
 )
-from tinylm.serve.client import LocalTeacher, open_teacher
+from tinylm.infer.teacher import LocalTeacher
+from tinylm.serve.client import open_teacher
 
 
 @dataclass

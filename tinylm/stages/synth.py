@@ -34,7 +34,8 @@ from tinylm.core.recipe import Count, Fraction, Interval, NonNegative, Seed, one
 from tinylm.data import synth as S
 from tinylm.data.dedup import NearDedup
 from tinylm.evals.judge import Judge
-from tinylm.serve.client import Ask, open_teacher
+from tinylm.infer.teacher import Ask
+from tinylm.serve.client import open_teacher
 
 
 @dataclass
@@ -105,13 +106,13 @@ def _rows(path: Path, cfg: SynthConfig, key: str, flag: str) -> list[dict[str, A
     for lineno, line in enumerate(whole.decode("utf-8").splitlines(), 1):
         try:
             row = json.loads(line)
-            kind, seed, _, _ = row["kind"], row["seed"], int(row["index"]), row[key]
-        except (ValueError, KeyError, TypeError):
-            raise TinylmError(f"{path}:{lineno} is not a `tinylm synth` row; {flag} another file or --overwrite") \
-                from None
-        if (kind, seed) != (cfg.kind, cfg.seed):
-            raise TinylmError(f"{path} holds {kind} rows of --seed {seed}, not {cfg.kind} of --seed {cfg.seed}; "
-                              f"{flag} another file or --overwrite")
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("index"), int) or key not in row:
+            raise TinylmError(f"{path}:{lineno} is not a `tinylm synth` row; {flag} another file or --overwrite")
+        if (row.get("kind"), row.get("seed")) != (cfg.kind, cfg.seed):
+            raise TinylmError(f"{path} holds {row.get('kind')} rows of --seed {row.get('seed')}, not {cfg.kind} of "
+                              f"--seed {cfg.seed}; {flag} another file or --overwrite")
         rows.append(row)
     return rows
 
@@ -192,11 +193,11 @@ def _rank(cfg: SynthConfig, judge: Judge | None, rows: list[tuple[int, dict[str,
 # ----- the run -------------------------------------------------------------------------------------------------
 
 class Writer:
-    """Appends accepted rows to the output file (opened at the first row, so a run that fails before any row
+    """Appends rows to a JSONL file (opened at the first row, so a run that fails before any row
     leaves no file); each chunk's rows are flushed and synced together.
 
     Args:
-        path: the output file.
+        path: the file.
         fresh: --overwrite: the file is started again at the first row.
     """
 
@@ -341,19 +342,15 @@ def _loop(cfg: SynthConfig, teacher: Any, judge: Judge | None, dedup: NearDedup 
 def _checked(cfg: SynthConfig, name: str, index: int, item: dict[str, Any], text: str, extra: Any,
              ranking: dict[str, Any] | None, existing: Existing,
              dedup: NearDedup | None) -> tuple[dict[str, Any] | None, str | None]:
-    """(the row, None) when it passes every check; (row or None, reason) when it is rejected."""
-    if cfg.kind == "pairs":
-        if ranking["winner"] == "tie":
-            return None, "tie"
-        row = build_row(cfg, name, index, item, text, extra, ranking)
-        reason = S.reject_reason(cfg.kind, item, row["chosen"], cfg.min_words, cfg.max_words, cfg.min_simple,
-                                 cfg.seed_words)
-    else:
-        row = build_row(cfg, name, index, item, text, extra, ranking)
-        reason = S.reject_reason(cfg.kind, item, row["text"], cfg.min_words, cfg.max_words, cfg.min_simple,
-                                 cfg.seed_words)
-        if reason is None and cfg.kind == "instructions" and not extra:
-            reason = "no task"
+    """(the row, None) when it passes every check; (row or None, reason) when it is rejected. A pair is checked
+    on its chosen story (the rejected one may fail anything: it is the worse of the two)."""
+    if cfg.kind == "pairs" and ranking["winner"] == "tie":
+        return None, "tie"
+    row = build_row(cfg, name, index, item, text, extra, ranking)  # a pair's "text" is its chosen story
+    reason = S.reject_reason(cfg.kind, item, row["text"], cfg.min_words, cfg.max_words, cfg.min_simple,
+                             cfg.seed_words)
+    if reason is None and cfg.kind == "instructions" and not extra:
+        reason = "no task"
     if reason is not None or existing.ids.get(row["id"]) == index:
         return row, reason
     if row["id"] in existing.ids:
