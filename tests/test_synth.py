@@ -366,3 +366,11 @@ def test_pairs_ranked_by_the_judge_in_both_orders(tmp_path):
     got, _ = read_pairs([str(out)])
     assert [p[1].completion if p[1].messages is None else p[1].messages[-1]["content"] for p in got] == \
         [r["rejected"] for r in rows]
+
+
+def test_a_url_teacher_without_the_serve_extra_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "httpx2", None)  # import httpx2 raises ImportError
+    assert cli.main(_remote_args("http://127.0.0.1:9/v1", tmp_path / "s.jsonl", 2)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'tinylm[serve]'" in err, err
+    assert not (tmp_path / "s.jsonl").exists()
