@@ -130,6 +130,18 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
         epilog="Refit existing results: tinylm scaling --fit DIR [--predict FLOPS]. "
                "Sizes and budgets on the command line: --ladder.widths '[64,128]' --ladder.depths '[2]' "
                "--ladder.tokens '[1e6,2e6]'."),
+    "synth": Command(
+        "teacher-made data: stories, instructions, rationales or ranked pairs, checked, deduplicated, resumable",
+        "synth", "SynthConfig", positional=("kind",),
+        epilog="--teacher is any model source or an OpenAI-compatible URL (http://host:port/v1; the model id from "
+               "--teacher-model or $TINYLM_TEACHER_MODEL, the key from $OPENAI_API_KEY). The same command again "
+               "resumes FILE.jsonl after an interruption. Rows feed `tinylm data prepare` (text), `tinylm sft` "
+               "(messages) and, for pairs, `tinylm dpo` (prompt / chosen / rejected)."),
+    "judge": Command(
+        "LLM-as-judge: grade a JSONL file or a model's answers (TinyStories' rubric, instruction, pairwise in both "
+        "orders), or --calibrate a judge on labelled stories", "judge", "JudgeConfig", "judge_main",
+        positional=("source",),
+        epilog="Every grade is decoded under the rubric's JSON schema (a URL judge gets it as response_format)."),
     "quantize": Command("weight-only int8 / int4 quantisation; reports size and perplexity change", "quantize",
                         "QuantizeConfig", positional=SOURCE),
     "export": Command("write a model as an HF dir, a GGUF file (llama.cpp) or an ONNX graph", "export",

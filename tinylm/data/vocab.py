@@ -10,7 +10,12 @@ from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir, check_out
 from tinylm.data.prepare import load_tokenizer_source
 from tinylm.data.sources import iter_texts
-from tinylm.data.tokenizer import Tokenizer, tokenizer_stats, train_tokenizer, trim_tokenizer
+from tinylm.data.tokenizer import (
+    Tokenizer,
+    tokenizer_stats,
+    train_tokenizer,
+    trim_tokenizer,
+)
 
 # ----- tokenizer commands on files (the document reader lives here, so these do too) ----------------------
 

@@ -21,7 +21,13 @@ from safetensors.torch import load_file, save_file
 from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir
 from tinylm.data.tokenizer import Tokenizer
-from tinylm.formats.gguf import _field, _gguf_tokenizer, _open_gguf, gguf_config, gguf_state_dict
+from tinylm.formats.gguf import (
+    _field,
+    _gguf_tokenizer,
+    _open_gguf,
+    gguf_config,
+    gguf_state_dict,
+)
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
 from tinylm.model.surgery import build, check_memory, export_state_dict

@@ -35,7 +35,14 @@ from tinylm.core.recipe import Count
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.infer.generate import TextStream
 from tinylm.infer.sampling import SamplingConfig, penalize_repetition, sample_next
-from tinylm.infer.speculative import Draft, Drafter, DraftLength, SpecStats, penalize_rows, verify
+from tinylm.infer.speculative import (
+    Draft,
+    Drafter,
+    DraftLength,
+    SpecStats,
+    penalize_rows,
+    verify,
+)
 from tinylm.model.kvcache import PagedCache
 from tinylm.model.llama import Llama
 

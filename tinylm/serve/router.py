@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import weakref
 from contextlib import aclosing
 from typing import Any, AsyncIterator
@@ -33,9 +32,9 @@ import jsonschema
 import referencing.exceptions
 from fastapi.responses import Response, StreamingResponse
 
-from tinylm.core.errors import TinylmError
 from tinylm.infer.engine import Completion
 from tinylm.serve.app import Limits, Server, create_app
+from tinylm.serve.client import check_endpoint, one_line
 from tinylm.serve.metrics import Metrics
 from tinylm.serve.prepare import Job, reply_calls
 from tinylm.serve.protocol import ApiError, ToolChoice, sse
@@ -103,7 +102,7 @@ class Fallback:
 
     def _failed(self, e: Exception) -> ApiError:
         return ApiError(502, f"The fallback model '{self.name}' at {self.base_url} did not answer: "
-                        f"{_one_line(e)}", type="server_error", code="fallback_unavailable")
+                        f"{one_line(e)}", type="server_error", code="fallback_unavailable")
 
 
 class _Relay(StreamingResponse):
@@ -139,28 +138,8 @@ def remote_fallback(url: str, model: str | None, key_env: str) -> Fallback:
         model: the model id to ask for, or None.
         key_env: the environment variable that holds its API key (unset or empty: no key is sent).
     """
-    key = os.environ.get(key_env, "")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
-    base = url.rstrip("/")
-    try:
-        reply = httpx2.get(f"{base}/models", headers=headers, timeout=10.0)
-    except httpx2.HTTPError as e:
-        raise TinylmError(f"--fallback {url}: cannot reach it: {_one_line(e)}") from None
-    if reply.status_code != 200:
-        hint = f" (is ${key_env} the right key? --fallback-key-env names another)" if reply.status_code in (401, 403) \
-            else ""
-        raise TinylmError(f"--fallback {url}: GET /models answered {reply.status_code}{hint}")
-    try:
-        ids = [m["id"] for m in reply.json()["data"]]
-    except (ValueError, KeyError, TypeError):
-        raise TinylmError(f"--fallback {url}: /models is not an OpenAI model list") from None
-    if model is None and len(ids) != 1:
-        raise TinylmError(f"--fallback {url} serves {len(ids)} models ({', '.join(ids[:5])}"
-                          f"{', ...' if len(ids) > 5 else ''}): name one with --fallback-model")
-    if model is not None and model not in ids:
-        raise TinylmError(f"--fallback {url} does not serve --fallback-model {model!r} (it lists "
-                          f"{', '.join(ids[:5])}{', ...' if len(ids) > 5 else ''})")
-    return Fallback(model or ids[0], base + "/", headers)
+    name, base, headers = check_endpoint(url, model, key_env, "--fallback")
+    return Fallback(name, base, headers)
 
 
 def local_fallback(model: LocalModel, limits: Limits) -> Fallback:
@@ -324,6 +303,3 @@ def _valid(value: Any, schema: dict[str, Any]) -> bool:
     except (jsonschema.SchemaError, jsonschema.exceptions.UnknownType, referencing.exceptions.Unresolvable):
         return True
 
-
-def _one_line(e: Exception) -> str:
-    return " ".join((str(e) or type(e).__name__).split())

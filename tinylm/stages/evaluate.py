@@ -19,6 +19,7 @@ from tinylm.core.errors import TinylmError
 from tinylm.core.fs import atomic_dir, check_out
 from tinylm.core.recipe import Check, Count, Interval, Seed, check_context, one_of
 from tinylm.evals import benchmarks
+from tinylm.evals.judge import CRITERIA, Judge, model_answers, summary
 from tinylm.evals.perplexity import evaluate
 from tinylm.evals.tinytales import sample_tinytales
 from tinylm.formats import checkpoint
@@ -51,6 +52,12 @@ class EvalConfig:
     seq_len: Count | None = None  # context per window, at most the model's max_seq_len (none: min(max_seq_len, 1024))
     batch_size: Count = 8  # windows (--data) or continuations (--tasks) per forward pass
     tinytales: Interval = 0  # also sample this many stories and score them with the TinyTales validator
+    # also let this judge (model source or OpenAI-compatible URL) grade the model's continuations of --judge-n
+    # TinyTales story beginnings with TinyStories' rubric (grammar, creativity, consistency, plot)
+    judge: str | None = None
+    judge_n: Count = 16  # with --judge: the stories graded
+    judge_model: str | None = None  # a URL judge's model id (none: $TINYLM_JUDGE_MODEL, else its only one)
+    judge_key_env: str = "OPENAI_API_KEY"  # environment variable holding a URL judge's API key
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     json: bool = False  # print JSON instead of a table
 
@@ -63,6 +70,8 @@ def evaluate_source(cfg: EvalConfig) -> dict[str, Any]:
     """
     if cfg.tasks and cfg.data is not None:
         raise TinylmError("give --data (loss, perplexity, bits per byte) or --tasks (benchmarks), not both")
+    if cfg.tasks and cfg.judge is not None:
+        raise TinylmError("--judge adds judge scores to a --data evaluation, not to --tasks")
     if cfg.tasks:
         return evaluate_tasks(cfg)
     if cfg.data is None:
@@ -74,6 +83,7 @@ def evaluate_source(cfg: EvalConfig) -> dict[str, Any]:
     if not Path(cfg.data).exists():
         raise TinylmError(f"no data at {cfg.data}: expected a data dir or a UTF-8 text file")
     device = resolve_device(cfg.device)
+    judge = _judge(cfg, device)  # a URL is checked before the model loads
     loaded = checkpoint.load(cfg.source[0], device=device)
     check_context("--seq-len", cfg.seq_len, loaded.config.max_seq_len)
     amp = torch.bfloat16 if device.type == "cuda" else None
@@ -84,6 +94,8 @@ def evaluate_source(cfg: EvalConfig) -> dict[str, Any]:
         if loaded.tokenizer is None:
             raise TinylmError(f"{cfg.source} has no tokenizer to sample TinyTales stories with")
         result["tinytales"] = sample_tinytales(loaded.model, loaded.tokenizer, cfg.tinytales)
+    if judge is not None:
+        result["judge"] = judged_stories(judge, loaded, cfg)
     print(json.dumps(result, indent=2) if cfg.json else format_result(result))
     return result
 
@@ -97,8 +109,36 @@ def format_result(r: dict[str, Any]) -> str:
         t = r["tinytales"]
         rows += [("TinyTales valid sentences", f"{t['valid_fraction']:.1%} of {t['sentences']}"),
                  ("TinyTales consistent stories", f"{t['consistent_fraction']:.1%} of {t['stories']}")]
+    if "judge" in r:
+        j = r["judge"]
+        rows += [(f"judge {k} (1-10)", f"{j[k]:.2f}") for k in (*CRITERIA["tinystories"], "overall")]
     lines = [f"| {r['source']} on {r['data']} | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
     return "\n".join(lines)
+
+
+def _judge(cfg: EvalConfig, device: torch.device) -> Judge | None:
+    """The --judge, opened (and a URL checked) before the model under evaluation loads."""
+    if cfg.judge is None:
+        return None
+    from tinylm.serve.client import open_teacher
+
+    return Judge(open_teacher(cfg.judge, "--judge", cfg.judge_model, cfg.judge_key_env, device=device), "tinystories")
+
+
+def judged_stories(judge: Judge, loaded: checkpoint.Loaded, cfg: EvalConfig) -> dict[str, Any]:
+    """The judge's mean TinyStories grades of the model's continuations of --judge-n story beginnings.
+
+    Args:
+        judge: the judge (tinystories rubric).
+        loaded: the model under evaluation.
+        cfg: the command's config.
+    """
+    from tinylm.infer.teacher import LocalTeacher
+
+    model = LocalTeacher(loaded, cfg.source[0])
+    room = loaded.config.max_seq_len // 2  # a story beginning is ~30 tokens; the rest is the continuation's
+    prompts, answers = model_answers(model, "tinystories", cfg.judge_n, min(256, room), seed=cfg.seed)
+    return {"judge": judge.teacher.name, **summary(judge.grade(prompts, answers), "tinystories")}
 
 
 # ----- benchmark tasks -------------------------------------------------------------------------------------

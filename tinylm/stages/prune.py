@@ -40,7 +40,13 @@ from tinylm.formats import checkpoint
 from tinylm.model.config import ModelConfig
 from tinylm.model.llama import Llama
 from tinylm.model.surgery import Keep, slice_model, target_shape, trim_vocab
-from tinylm.train.config import DataSection, OptimSection, RunSection, ScheduleSection, TrainConfig
+from tinylm.train.config import (
+    DataSection,
+    OptimSection,
+    RunSection,
+    ScheduleSection,
+    TrainConfig,
+)
 from tinylm.train.loop import setup_model, train_step
 from tinylm.train.losses import lm_loss
 
