@@ -25,7 +25,7 @@ from helpers import (
 from tinylm import cli
 from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import load_config
-from tinylm.data import tasks
+from tinylm.data import tasks, tinytales
 from tinylm.evals.rewards import checker_reward, load_reward, score
 from tinylm.formats import checkpoint
 from tinylm.stages.grpo import (
@@ -279,8 +279,31 @@ def test_a_users_function_is_loaded_and_its_output_checked(reward_file: Path) ->
         score(lambda p, c: None, [{}], ["a"])
     with pytest.raises(TinylmError, match="raised ZeroDivisionError"):
         score(lambda p, c: [1 / 0], [{}], ["a"])
-    with pytest.raises(TinylmError, match="needs the judge"):
+    with pytest.raises(TinylmError, match="needs a judge: --judge"):
         load_reward("judge")
+
+
+class FakeJudge:
+    """Grades each response by its length (1-10) and records what it was shown."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[list[str], list[str]]] = []
+
+    def score(self, prompts: list[str], responses: list[str]) -> list[float]:
+        self.seen.append((prompts, responses))
+        return [float(min(10, 1 + len(r))) for r in responses]
+
+
+def test_the_judge_reward_is_its_grade_rescaled_and_reads_the_prompt_text() -> None:
+    judge = FakeJudge()
+    rows = [{"prompt": "a story about a cat"},
+            {"prompt": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "two plus two"}]},
+            {"messages": [{"role": "user", "content": "call it"}, {"role": "assistant", "content": "gold"}]}]
+    got = score(load_reward("judge", judge), rows, ["", "abcd", "a" * 20])
+    assert got == [0.0, pytest.approx(4 / 9), 1.0]  # (grade - 1) / 9
+    assert judge.seen == [(["a story about a cat", "two plus two", "call it"], ["", "abcd", "a" * 20])]
+    with pytest.raises(TinylmError, match="no text prompt or user message"):
+        score(load_reward("judge", judge), [{"id": 1}], ["x"])
 
 
 # ----- runs -----------------------------------------------------------------------------------------------------
@@ -324,6 +347,15 @@ def test_the_checker_runs_on_a_built_in_tasks_records_through_the_cli(tmp_path: 
     (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert row["reward"] == 0 and row["flat_groups"] == 1 and abs(row["loss"]) < 1e-6  # a random model calls nothing
     assert checkpoint.load(tmp_path / "run" / "final").tokenizer is not None
+
+
+def test_a_local_judge_rewards_a_run(base: Path, prompts_file: Path, tmp_path: Path) -> None:
+    judge = chat_checkpoint(list(tinytales.generate(100, 0)), tmp_path / "judge", max_seq_len=512)
+    args = _args(base, prompts_file, tmp_path / "run", "judge", steps=1,
+                 **{"grpo.judge": str(judge), "grpo.judge_rubric": "instruction", "grpo.beta": 0.0})
+    grpo(load_config(GrpoConfig, None, args))
+    (row,) = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert 0 <= row["reward"] <= 1 and math.isfinite(row["loss"])  # every grade parsed (a random judge, a schema)
 
 
 def test_a_resumed_run_samples_and_ends_as_the_straight_one(base: Path, prompts_file: Path, reward_file: Path,

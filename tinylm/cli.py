@@ -118,7 +118,8 @@ COMMANDS: dict[str, Command] = {  # order is the order in `tinylm --help`
     "grpo": Command(
         "reinforcement learning on checkable rewards (GRPO): the built-in checkers or your function, full or LoRA",
         "grpo", "GrpoConfig", positional=("model.init",),
-        aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume", "--reward": "grpo.reward"},
+        aliases={"--data": "chat.data", "--out": "run.out", "--resume": "run.resume", "--reward": "grpo.reward",
+                 "--judge": "grpo.judge"},
         epilog="--reward checker (the built-in tasks' checkers: rows written by `tinylm data task`), judge, or "
                "FILE.py:FUNC: FUNC(prompts, completions) -> list of floats, prompts being the data rows as read; "
                "naming a file runs its code in this process."),

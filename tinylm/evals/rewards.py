@@ -8,7 +8,8 @@ one per row, in order; it returns one finite number per completion.
 * "checker": the built-in tasks' checkers (`data.tasks`): 1.0 when a completion passes, else 0.0. A row
   with a "spec" is a TinyTales-Instruct instruction (the story must follow it), a row whose last message
   holds a gold call is a function-calling request (exact match).
-* "judge": an LLM judge's score (not built yet).
+* "judge": an LLM judge's grade of each completion (`evals.judge`, the instruction or TinyStories rubric),
+  its mean score on 1-10 rescaled to 0-1.
 * "FILE.py:FUNC": FUNC of a Python file of the user's. Naming a file here is the user's explicit choice
   to run its code (it is imported like any module: its top level runs once, in this process).
 """
@@ -54,16 +55,43 @@ def checker_reward(prompts: list[Any], completions: list[str]) -> list[float]:
     return out
 
 
-def load_reward(spec: str) -> Reward:
+def prompt_text(row: Any) -> str:
+    """What a judge is shown as the prompt a completion answers: a row's text prompt, else its last user
+    message (a final assistant message is the gold answer, not part of the prompt)."""
+    if isinstance(row, dict):
+        prompt = row.get("prompt")
+        if isinstance(prompt, str):
+            return prompt
+        messages = prompt if isinstance(prompt, list) else row.get("messages")
+        if isinstance(messages, list):
+            for m in reversed(messages):
+                if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                    return m["content"]
+    raise TinylmError("a row has no text prompt or user message for the judge to read")
+
+
+def judge_reward(judge: Any) -> Reward:
+    """A judge's grades as a reward: `judge.score(prompts, responses)` (1-10, evals.judge.Judge) rescaled to
+    0-1."""
+    def reward(prompts: list[Any], completions: list[str]) -> list[float]:
+        return [(s - 1) / 9 for s in judge.score([prompt_text(r) for r in prompts], completions)]
+    return reward
+
+
+def load_reward(spec: str, judge: Any = None) -> Reward:
     """The reward a `--reward` value names.
 
     Args:
         spec: "checker", "judge" or "FILE.py:FUNC".
+        judge: with "judge", the judge (anything with `score(prompts, responses)` on 1-10).
     """
     if spec == "checker":
         return checker_reward
     if spec == "judge":
-        raise TinylmError("--reward judge needs the judge (not built yet): use checker or FILE.py:FUNC")
+        if judge is None:
+            raise TinylmError("--reward judge needs a judge: --judge SOURCE_or_URL (a model source or an "
+                              "OpenAI-compatible endpoint)")
+        return judge_reward(judge)
     path, sep, name = spec.rpartition(":")
     if not sep or not path.endswith(".py") or not name.isidentifier():
         raise TinylmError(f"--reward {spec!r} is not checker, judge or FILE.py:FUNC")

@@ -39,11 +39,13 @@ from tinylm.core.recipe import Check, Count, NonNegative, Positive, one_of
 from tinylm.data.chat import end_of_turn_id, generation_prompt, read_rows, to_example
 from tinylm.data.tokenizer import Tokenizer
 from tinylm.data.tokens import Batch, BatchSource
+from tinylm.evals.judge import Judge
 from tinylm.evals.rewards import Reward, checker_task, load_reward, score
 from tinylm.infer.engine import Engine, EngineConfig, Request
 from tinylm.infer.sampling import SamplingConfig
 from tinylm.model.llama import Llama
 from tinylm.model.lora import base_model, lora_layers
+from tinylm.serve.client import open_teacher
 from tinylm.train.config import TrainConfig
 from tinylm.train.finetune import PeftSection, load_model
 from tinylm.train.grpo import (
@@ -86,6 +88,9 @@ class GrpoSection:
     loss: one_of(*LOSSES) = "sequence"  # sequence (per-completion token mean, DeepSeekMath) | token (DAPO)
     scale_rewards: bool = True  # divide advantages by the group's std (false: Dr. GRPO's mean-centred rewards)
     sample_batch: Count = 64  # completions the engine decodes together
+    judge: str | None = None  # with reward judge: the judge, a model source or an OpenAI-compatible URL
+    judge_rubric: one_of("instruction", "tinystories") = "instruction"  # what the judge grades
+    judge_model: str | None = None  # with a judge URL: the model id (none: $TINYLM_JUDGE_MODEL or its only one)
 
 
 @dataclass
@@ -307,8 +312,9 @@ def _width(mask: torch.Tensor) -> int:
 
 # ----- the stage ----------------------------------------------------------------------------------------------
 
-def check_config(cfg: GrpoConfig) -> Reward:
-    """The config's own problems (before anything is loaded), and the reward it names."""
+def check_config(cfg: GrpoConfig) -> Reward | None:
+    """The config's own problems (before anything is loaded), and the reward it names (None for the judge,
+    which `open_judge` loads once the config is known to be good)."""
     if not cfg.chat.data:
         raise TinylmError("no prompts: tinylm grpo MODEL --data prompts.jsonl")
     if cfg.optim.z_loss:
@@ -319,7 +325,21 @@ def check_config(cfg: GrpoConfig) -> Reward:
     if rows % cfg.grpo.group_size:
         raise TinylmError(f"a step's {rows} completions (data.batch_tokens / data.seq_len) are not a multiple of "
                           f"grpo.group_size {cfg.grpo.group_size}")
+    if cfg.grpo.judge and cfg.grpo.reward != "judge":
+        raise TinylmError(f"--judge is given but --reward is {cfg.grpo.reward}: use --reward judge or drop --judge")
+    if cfg.grpo.reward == "judge":
+        if not cfg.grpo.judge:
+            load_reward("judge")  # its one-line error: the judge is missing
+        return None
     return load_reward(cfg.grpo.reward)
+
+
+def open_judge(cfg: GrpoConfig, device: torch.device) -> Reward:
+    """The judge's reward: a local model (decoding grpo.sample_batch grades together on `device`) or an
+    OpenAI-compatible endpoint, checked before any work."""
+    teacher = open_teacher(cfg.grpo.judge, "--judge", cfg.grpo.judge_model, max_batch=cfg.grpo.sample_batch,
+                           device=device)
+    return load_reward("judge", Judge(teacher, cfg.grpo.judge_rubric, seed=cfg.data.seed))
 
 
 def check_prompts(prompts: list[tuple[Prompt, list[int]]], cfg: GrpoConfig) -> None:
@@ -361,6 +381,8 @@ def grpo(cfg: GrpoConfig) -> Path:
     try:
         if d.world > 1:
             raise TinylmError("grpo runs in one process (it samples through the engine): run it without torchrun")
+        if reward is None:
+            reward = open_judge(cfg, device)
         raw, skipped = read_prompts([cfg.chat.data], cfg.chat.skip_bad_rows)
         model, tokenizer = load_model(cfg, "grpo")
         prompts = [(p, prompt_ids(p, tokenizer)) for p in raw]
