@@ -213,16 +213,19 @@ def _run_model(source: str, chosen: list[_Chosen], cfg: EvalConfig, device: torc
     # every task's text is encoded before any is scored: text the tokenizer cannot encode stops the run early
     groups = [benchmarks.encode_items(c.task, loaded.tokenizer, loaded.config.vocab_size) for c in chosen]
     results: dict[str, Any] = {}
+    live = sys.stderr.isatty()  # a terminal gets a line updated in place; a log file one line per task
+    start, end = ("\r", "") if live else ("", "\n")
     for c, g in zip(chosen, groups):
         n = len(c.task.items)
-        step = max(1, n // 100)  # about a hundred progress updates a task
+        step = max(1, n // 100) if live else n  # about a hundred updates a task on a terminal
 
         def progress(i: int, name: str = c.task.name, n: int = n, step: int = step) -> None:
             if i % step == 0 or i == n:
-                print(f"\r{source} {name}: {i}/{n} items", end="", file=sys.stderr, flush=True)
+                print(f"{start}{source} {name}: {i}/{n} items", end=end, file=sys.stderr, flush=True)
 
         per_item = benchmarks.score(loaded.model, c.task, g, cfg.batch_size, progress)
-        print(file=sys.stderr)
+        if live:
+            print(file=sys.stderr)
         results[c.task.name] = _task_figures(per_item, c)
     del loaded
     return _layout(source, results, chosen, cfg, device)
