@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 
 import numpy as np
 import pytest
@@ -13,6 +14,12 @@ from helpers import TEST_SEED, rng_for, tiny_model
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(min(2, torch.get_num_threads()))
+# The Ctrl-C tests send SIGINT to `tinylm` subprocesses. A suite started as a background job of a
+# non-interactive shell (`make test &`, nohup) has SIGINT ignored, and POSIX keeps an ignored signal ignored
+# across exec: its subprocesses would never see the Ctrl-C (Python installs no handler for an ignored SIGINT).
+# A handler is reset to the default at exec, so installing Python's own gives every subprocess the default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_report_header() -> str:

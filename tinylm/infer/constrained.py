@@ -295,7 +295,11 @@ class JsonIndex:
 
         worker = threading.Thread(target=work, name="tinylm-json-index", daemon=True)
         worker.start()
-        worker.join(max(0.0, self.deadline - time.monotonic()))  # Ctrl-C interrupts the wait
+        # Joined in short slices: POSIX lets the kernel hand a process-directed SIGINT to any thread, and Python
+        # runs its handler (the KeyboardInterrupt) only in the main thread, between bytecodes; one long join
+        # would not wake until the build ends when the signal lands on the build thread.
+        while worker.is_alive() and time.monotonic() < self.deadline:
+            worker.join(min(0.2, max(0.0, self.deadline - time.monotonic())))
         if worker.is_alive():
             self._too_slow()
         if "error" in result:
