@@ -5,6 +5,8 @@
    accuracy on the held-out requests (`tinylm data check --model`, greedy).
 3. From the SFT model: `tinylm grpo --reward checker` on the same training requests for --grpo-steps steps
    (timed), then its accuracy.
+   (--sft-model DIR: an SFT model made earlier on the same --train requests, e.g. bench_tasks.sh fc's merged LoRA
+   model, is used instead, and step 2 only scores it.)
 4. From the SFT model again: more SFT on the same requests for the wall clock GRPO took (`--run.minutes`),
    then its accuracy.
 
@@ -96,6 +98,8 @@ def main() -> None:
     p.add_argument("--test", type=int, default=100, help="held-out requests scored")
     p.add_argument("--peft", choices=("lora", "none"), default="lora", help="LoRA (r 16, merged) or full fine-tuning")
     p.add_argument("--sft-epochs", type=float, default=1.0, help="epochs of the first SFT")
+    p.add_argument("--sft-model", default=None,
+                   help="start from this SFT model (made on the same --train requests) instead of training one")
     p.add_argument("--sft-lr", type=float, default=1e-3, help="SFT learning rate (1e-3 suits LoRA, 5e-5 full)")
     p.add_argument("--grpo-steps", type=int, default=30)
     p.add_argument("--grpo-lr", type=float, default=2e-5)
@@ -121,7 +125,10 @@ def main() -> None:
         print(line, flush=True)
         lines.append(line)
 
-    base, t_sft = sft(args, "sft", args.model, "--chat.epochs", args.sft_epochs)
+    if args.sft_model:  # an SFT model made earlier on the same requests (bench_tasks.sh fc): its time is not known here
+        base, t_sft = Path(args.sft_model), float("nan")
+    else:
+        base, t_sft = sft(args, "sft", args.model, "--chat.epochs", args.sft_epochs)
     result("sft", base, t_sft)
     tuned, t_grpo = grpo(args, base)
     result("sft+grpo", tuned, t_grpo)
