@@ -85,7 +85,7 @@ def score(args: argparse.Namespace, work: Path, name: str) -> dict[str, float]:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    final = checkpoint.load(work / f"run-{name}" / "final")
+    final = checkpoint.load(work / f"run-{name}" / "train" / "final")
     checked = sample_tinytales(final.model, final.tokenizer, args.samples, seed=args.seed)
     texts = generate(final.model, final.tokenizer, "", max_new_tokens=256, temperature=0.8, seed=args.seed,
                      stop=[SEPARATOR], n=args.samples, add_bos=final.tokenizer.bos_id is not None)
@@ -124,8 +124,9 @@ def main() -> None:
              "| corpus | valid sentences | consistent stories (parsed) | grammar | creativity | consistency | plot "
              "| overall |", "|---|---|---|---|---|---|---|---|"]
     for name, text in texts.items():
-        tl("quickstart", "--data", text, "--out", work / f"run-{name}", "--minutes", args.minutes, "--overwrite",
-           "--seed", args.seed, log=work / f"quickstart-{name}.log")
+        if not (work / f"run-{name}" / "train" / "final").is_dir():  # a model trained by an earlier call is kept
+            tl("quickstart", "--data", text, "--out", work / f"run-{name}", "--minutes", args.minutes, "--overwrite",
+               "--seed", args.seed, log=work / f"quickstart-{name}.log")
         s = score(args, work, name)
         lines.append(f"| {name} | {s['valid']:.1%} | {s['consistent']:.0%} | "
                      + " | ".join(f"{s.get(k, float('nan')):.2f}" for k in ("grammar", "creativity", "consistency",
