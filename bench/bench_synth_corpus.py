@@ -90,7 +90,9 @@ def score(args: argparse.Namespace, work: Path, name: str) -> dict[str, float]:
     texts = generate(final.model, final.tokenizer, "", max_new_tokens=256, temperature=0.8, seed=args.seed,
                      stop=[SEPARATOR], n=args.samples, add_bos=final.tokenizer.bos_id is not None)
     samples = work / f"samples-{name}.jsonl"
-    samples.write_text("".join(json.dumps({"text": t.strip()}) + "\n" for t in texts))
+    # the prompt the judge's calibration uses for a story (evals.judge.calibrate)
+    samples.write_text("".join(json.dumps({"prompt": "Write a short story for young children.",
+                                           "completion": t.strip()}) + "\n" for t in texts))
     report = work / f"judge-{name}.json"
     tl("judge", samples, "--rubric", "tinystories", "--judge", args.judge, "--json", "--device", "cpu",
        "--out", work / f"judged-{name}.jsonl", "--overwrite", log=report)
