@@ -112,8 +112,8 @@ def test_muon_update_equals_newton_schulz_by_hand() -> None:
     got = (w.detach() - before).double()
     err = (got - want).abs().max().item()
     exact = -0.02 * (80 / 48) ** 0.5 * newton_schulz_by_svd(w.grad, (1.5, -0.5, 0.0), 40)  # true U V^T
-    print(f"max error {err:.2e} (torch works in bfloat16); against the exact U V^T: {(got - exact).abs().max():.2e}")
-    assert err < 0.1 * want.abs().max().item()
+    print(f"max error {err:.2e} (float32 on CPU); against the exact U V^T: {(got - exact).abs().max():.2e}")
+    assert err < 1e-5 * want.abs().max().item()  # torch's own Muon, in bfloat16, is ~2% off here
     assert (got - exact).abs().max().item() > 2 * err  # the quintic's S' (0.7-1.2) is not U V^T: it can fail
     # AdamW's first step for the embedding: lr * g / (|g| + eps) (bias-corrected moments)
     torch.testing.assert_close(emb.detach() - emb_before, -1e-3 * emb.grad / (emb.grad.abs() + 1e-8))

@@ -72,9 +72,59 @@ class Optimizers:
         return iter(self.parts)
 
 
+class Muon(torch.optim.Muon):
+    """torch.optim.Muon with its Newton-Schulz iteration in float32 off the GPU.
+
+    torch runs the iteration in bfloat16, which suits a GPU's matrix units; a CPU without bf16 matrix
+    instructions emulates those products. Measured on the 2-core reference machine, one thread: 10-24x
+    slower than float32 for 128x128 to 128x512 matrices, so a Muon step of the 1m preset cost 2.2x an
+    AdamW step (BENCHMARKS.md, "Speedrun: Muon vs AdamW"). Everything else is torch's: the state (one
+    momentum buffer per matrix, so checkpoints are interchangeable), Nesterov momentum, decoupled weight
+    decay and the lr shape factor. Written here because torch exposes no option for the iteration's dtype.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        from torch.optim._muon import _adjust_lr  # the shape factor itself is torch's
+
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            for p, grad, buf in zip(params, grads, bufs):
+                buf.lerp_(grad, 1 - group["momentum"])
+                update = grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                dtype = torch.bfloat16 if p.device.type == "cuda" else torch.float32
+                update = orthogonalise(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """Muon's quintic Newton-Schulz iteration X <- a X + b (X X^T) X + c (X X^T)^2 X from X = G / ||G||_F
+    (Jordan et al. 2024), on the wide orientation of G, in `dtype`."""
+    a, b, c = coefficients
+    x = g.to(dtype)
+    tall = g.size(0) > g.size(1)
+    if tall:
+        x = x.T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 def make_optimizer(model: Llama, cfg: OptimSection, device: torch.device) -> Optimizers:
     """optim.name adamw: AdamW over every group of `param_groups`, fused where this PyTorch build has it
-    for the device (one kernel for all parameters). muon: torch.optim.Muon for the hidden matrices at
+    for the device (one kernel for all parameters). muon: Muon (torch's, float32 off the GPU) for the hidden matrices at
     muon_lr (the orthogonalised update's own shape factor sqrt(max(1, rows / cols)), Keller Jordan's
     "original" adjustment, replaces the width scaling), AdamW as above for the rest."""
     groups = param_groups(model, cfg)
@@ -89,7 +139,7 @@ def make_optimizer(model: Llama, cfg: OptimSection, device: torch.device) -> Opt
     if hidden["params"]:  # a LoRA run may train no full matrix
         # lr_scale muon_lr / lr: set_lr's one peak lr drives both (the schedule scales them alike)
         muon = dict(params=hidden["params"], lr_scale=cfg.muon_lr / cfg.lr, weight_decay=cfg.weight_decay)
-        parts.insert(0, torch.optim.Muon([muon], lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True))
+        parts.insert(0, Muon([muon], lr=cfg.muon_lr, momentum=cfg.muon_momentum, nesterov=True))
     return Optimizers(parts)
 
 
