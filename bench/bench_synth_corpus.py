@@ -45,14 +45,15 @@ def synth_text(args: argparse.Namespace, work: Path) -> tuple[Path, int, float]:
             return []
         return [json.loads(line)["text"].strip() for line in rows_file.read_text().splitlines() if line.strip()]
 
-    while sum(len(s.encode()) + 2 for s in stories()) < target:
-        got = stories()
-        mean = sum(len(s.encode()) + 2 for s in got) / len(got) if got else 600.0
-        n = len(got) + max(args.batch, math.ceil((target - sum(len(s.encode()) + 2 for s in got)) / mean * 1.1))
+    got = stories()
+    while (size := sum(len(s.encode()) + 2 for s in got)) < target:
+        mean = size / len(got) if got else 600.0
+        n = len(got) + max(args.batch, math.ceil((target - size) / mean * 1.1))
         spent += tl("synth", "stories", "--teacher", args.teacher, "--n", n, "--out", rows_file, "--batch", args.batch,
                     "--max-tokens", args.max_tokens, "--seed", args.seed, "--no-progress", "--device", "cpu",
                     "--seed-words" if args.seed_words else "--no-seed-words", log=work / "synth.log")
-    return cut(stories(), target, work / "synth.txt"), len(stories()), spent
+        got = stories()
+    return cut(got, target, work / "synth.txt"), len(got), spent
 
 
 def cut(stories: list[str], target: int, out: Path) -> Path:

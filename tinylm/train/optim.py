@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.optim._muon import _adjust_lr  # Muon's lr shape factor, torch's own
 
 from tinylm.model.llama import Llama
 from tinylm.train.config import OptimSection
@@ -85,8 +86,6 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
-        from torch.optim._muon import _adjust_lr  # the shape factor itself is torch's
-
         loss = None
         if closure is not None:
             with torch.enable_grad():
