@@ -115,6 +115,25 @@ def test_bad_config_is_one_line_error(bad):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("cached", [False, True])
+def test_last_only_is_the_last_position_of_the_full_logits(cached):
+    from tinylm.model.kvcache import KVCache
+
+    model = tiny_model(n_kv_heads=2, logit_softcap=30.0)
+    x = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        full = model(x)
+        if cached:  # a prefill after a cached prefix, as generate_ids and the engine run it
+            cache = KVCache.new(model, 2, 16)
+            model(x[:, :4], cache=cache)
+            last = model(x[:, 4:], cache=cache, last_only=True)
+            assert cache.pos == 9
+        else:
+            last = model(x, last_only=True)
+    assert last.shape == (2, 1, 97)
+    assert (last - full[:, -1:]).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_logits_for_a_subset_of_the_vocabulary(quantized):
     model = tiny_model(n_kv_heads=2)

@@ -390,7 +390,7 @@ class Engine:
         if end > live.pos:
             ids = torch.tensor([live.tokens[live.pos:end]], device=self.device)  # (1, T)
             cache = PagedCache(self.pool.k, self.pool.v, self.pool.slots([live.blocks], end), [live.pos])
-            live.logits = self.model(ids, cache=cache)[:, -1]  # (1, V)
+            live.logits = self.model(ids, cache=cache, last_only=True)[:, -1]  # (1, V)
         live.pos = end
         self._register(live)
 

@@ -83,7 +83,7 @@ def generate_ids(model: Llama, prompt_ids: Sequence[int] | Sequence[Sequence[int
 
 
 def _cached_forward(model: Llama, cache: KVCache, ids: Tensor) -> Tensor:
-    return model(ids, cache=cache)
+    return model(ids, cache=cache, last_only=True)  # (B, 1, V): generate_ids reads the last position only
 
 
 def _constrain(logits: Tensor, constraints: Sequence[Any], remaining: int) -> Tensor:

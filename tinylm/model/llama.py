@@ -237,7 +237,8 @@ class Llama(nn.Module):
     def forward(self, input_ids: Tensor, cache: KVCache | StaticCache | PagedCache | None = None,
                 output_hidden_states: bool = False,
                 logits_for: Tensor | None = None,
-                segments: Tensor | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
+                segments: Tensor | None = None,
+                last_only: bool = False) -> Tensor | tuple[Tensor, list[Tensor]]:
         """Next-token logits.
 
         Args:
@@ -251,9 +252,11 @@ class Llama(nn.Module):
                 restricted to a trimmed vocabulary skips the rest of its head).
             segments: (B, T) integer example ids of packed rows (see `packed_layout`): positions
                 restart at each example and attention stays inside it; -1 marks padding. No cache.
+            last_only: the head at the last position only (a prefill needs nothing else; on a 49,152-token
+                vocabulary the head over a long prompt costs more than the blocks).
 
         Returns:
-            logits (B, T, vocab_size) or (B, T, V'), or (logits, hidden_states).
+            logits (B, T, vocab_size) or (B, T, V') ((B, 1, ...) with last_only), or (logits, hidden_states).
         """
         B, T = input_ids.shape
         start = cache.pos if cache is not None else 0
@@ -280,7 +283,7 @@ class Llama(nn.Module):
                 hidden.append(x)
         if cache is not None:
             cache.pos = cache.pos + T
-        x = self.model.norm(x)
+        x = self.model.norm(x[:, -1:] if last_only else x)
         if logits_for is not None and isinstance(self.lm_head, nn.Linear):
             logits = F.linear(x, self.lm_head.weight[logits_for])  # (B, T, V')
         elif logits_for is not None:  # a quantised head: all columns, then the chosen ones
