@@ -1,6 +1,10 @@
 """The measurements behind the one-row decode path and deterministic compiled training (BENCHMARKS.md).
 
     python bench/bench_kernels.py gemv          # one-row products: weight layouts and int8 kernels
+    python bench/bench_kernels.py rows          # M rows x SmolLM2's weights (M = 1, 4, 16, 64): the engine's
+                                                # batched decode; fp32 and int8 kernels, GFLOP/s
+    python bench/bench_kernels.py torchao       # torchao's int8 CPU configs on SmolLM2's shapes, beside PyTorch's
+                                                # int8 kernel (`pip install torchao`; not a tinylm dependency)
     python bench/bench_kernels.py step          # the compiled 15m int8 step: guards, attention
     python bench/bench_kernels.py teacher       # SmolLM2 forward over 8 x 128 tokens: full head vs kept rows
     python bench/bench_kernels.py determinism   # two identical compiled CPU runs, with and without
@@ -71,6 +75,57 @@ def gemv(args: argparse.Namespace) -> None:
               f"{k[torch.bfloat16]:.0f} / {k[torch.float16]:.0f} / {k[torch.float32]:.0f} | "
               f"{best_us(lambda: dyn(x)):.0f} | {best_us(lambda: inductor_gemv(x[0], codes, scales)):.0f} |",
               flush=True)
+
+
+def rows(args: argparse.Namespace) -> None:
+    """M rows times SmolLM2-135M's weights, as one batched decode step of M requests multiplies them: fp32
+    nn.Linear (MKL sgemm), fp32 from (in, out), MKL's packed sgemm (what inductor's weight prepacking calls),
+    and the int8 kernel with bf16 activations; microseconds and GFLOP/s (2 M out in / time)."""
+    shapes = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)]  # q|k|v, o, gate|up, down, head
+    print("| weight (out x in) | rows | fp32 nn.Linear us | fp32 (in, out) us | MKL packed us | int8 kernel us "
+          "| best GFLOP/s |")
+    print("|---|---|---|---|---|---|---|")
+    for out, inp in shapes:
+        w = torch.randn(out, inp)
+        wt = w.t().contiguous()
+        codes, scales = torch.randint(-127, 128, (out, inp), dtype=torch.int8), torch.rand(out).bfloat16()
+        for m in args.rows:
+            x = torch.randn(m, inp)
+            xb = x.bfloat16()
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, m)
+            t = [best_us(lambda: F.linear(x, w), 10), best_us(lambda: x @ wt, 10),
+                 best_us(lambda: torch.ops.mkl._mkl_linear(x, packed, w, None, m), 10),
+                 best_us(lambda: torch.ops.aten._weight_int8pack_mm(xb, codes, scales), 10)]
+            print(f"| {out} x {inp} | {m} | " + " | ".join(f"{v:.0f}" for v in t)
+                  + f" | {2 * m * out * inp / min(t) / 1e3:.1f} |", flush=True)
+
+
+def torchao_int8(args: argparse.Namespace) -> None:
+    """torchao's int8 weight-only and dynamic int8 configs (`quantize_` on an nn.Linear, eager) against PyTorch's
+    weight-only int8 kernel that tinylm's QLinear calls, at 1, 4 and 16 rows."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        raise SystemExit("torchao is not installed: pip install torchao")
+    print("| weight (out x in) | rows | torchao Int8WeightOnly us | torchao Int8DynamicActivationInt8Weight us "
+          "| PyTorch int8 kernel us |")
+    print("|---|---|---|---|---|")
+    for out, inp in [(3072, 576), (49152, 576)]:
+        codes, scales = torch.randint(-127, 128, (out, inp), dtype=torch.int8), torch.rand(out).bfloat16()
+        for m in (1, 4, 16):
+            x = torch.randn(m, inp)
+            times = []
+            for config in (tq.Int8WeightOnlyConfig(), tq.Int8DynamicActivationInt8WeightConfig()):
+                layer = torch.nn.Sequential(torch.nn.Linear(inp, out, bias=False))
+                tq.quantize_(layer, config)
+                with torch.no_grad():
+                    times.append(best_us(lambda: layer(x), 5))
+            xb = x.bfloat16()
+            times.append(best_us(lambda: torch.ops.aten._weight_int8pack_mm(xb, codes, scales), 10))
+            print(f"| {out} x {inp} | {m} | " + " | ".join(f"{v:.0f}" for v in times) + " |", flush=True)
 
 
 def _sdpa_one_query(q, k, v, visible):  # the library kernel the written-out attention replaced
@@ -176,12 +231,13 @@ def determinism(args: argparse.Namespace) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=["gemv", "step", "teacher", "determinism"])
+    p.add_argument("what", choices=["gemv", "rows", "torchao", "step", "teacher", "determinism"])
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 4, 16, 64], help="rows: batch sizes")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", default="15m", help="step: the preset")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    {"gemv": gemv, "step": step, "teacher": teacher, "determinism": determinism}[args.what](args)
+    {"gemv": gemv, "rows": rows, "torchao": torchao_int8, "step": step, "teacher": teacher, "determinism": determinism}[args.what](args)
     print(f"\n`python bench/bench_kernels.py {' '.join(sys.argv[1:])}` (torch threads {torch.get_num_threads()})")
 
 

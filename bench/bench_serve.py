@@ -13,28 +13,32 @@ waits, and reports any that stay as leaked slots. The exit code is 1 when a requ
 --model starts `tinylm serve MODEL --port 0` in a subprocess for the run (--server-args adds options);
 --url uses a running server (its first model unless --model-name).
 
-Throughput (--sweep 1,4,16,64): for each concurrency, --requests requests without disconnects; generated
-tokens/s of the server, and of --compare-url (e.g. llama-server --parallel 64 on the same GGUF and threads)
-beside it:
+Throughput (--sweep 1,4,16,64): for each concurrency c, max(--requests, 2c) requests without disconnects from c
+clients; generated tokens/s of `tinylm serve MODEL --max-concurrent c`, of llama.cpp's `llama-server --parallel c`
+on --gguf (c slots of --ctx positions, continuous batching, the same --threads), and of transformers' batched
+`generate` on --hf (static batches of c). The systems alternate within each of --rounds rounds; the table gives
+median tokens/s and the median of the per-round ratios:
 
-    python bench/bench_serve.py --model smollm2-135m --sweep 1,4,16,64 --requests 128 --max-tokens 64 \\
-        --compare-url http://127.0.0.1:8080
+    python bench/bench_serve.py --model smollm2-135m --sweep 1,4,16,64 --requests 32 --max-tokens 64 \\
+        --threads 2 --gguf smollm2-f32.gguf --llama-server build/bin/llama-server --hf smollm2-hf
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
 import re
 import shlex
+import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -97,9 +101,12 @@ async def ask(client: openai.AsyncOpenAI, model: str, spec: Spec) -> Outcome:
         return Outcome("lost", why=f"{type(e).__name__}: {str(e)[:120]}")
 
 
-async def load(url: str, model: str, todo: list[Spec], concurrency: int, timeout: float) -> tuple[list[Outcome], float]:
-    """Run `todo` from `concurrency` clients; returns the outcomes and the wall-clock seconds."""
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=timeout)
+async def load(url: str, model: str, todo: list[Spec], concurrency: int, timeout: float, retries: int = 0
+               ) -> tuple[list[Outcome], float]:
+    """Run `todo` from `concurrency` clients; returns the outcomes and the wall-clock seconds. `retries`: the
+    client's own retries of a request refused or dropped before its reply starts (the load test counts them
+    as lost instead)."""
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=retries, timeout=timeout)
     queue: asyncio.Queue[Spec] = asyncio.Queue()
     for spec in todo:
         queue.put_nowait(spec)
@@ -140,10 +147,11 @@ def first_model(url: str, client_timeout: float = 30) -> str:
 
 
 @contextmanager
-def started(model: str, extra: list[str]) -> Iterator[str]:
+def started(model: str, extra: list[str], env: dict[str, str] | None = None) -> Iterator[str]:
     """`tinylm serve MODEL --port 0` in a subprocess; yields its base URL."""
     words = [sys.executable, "-m", "tinylm", "serve", model, "--port", "0", "--log-level", "warning", *extra]
-    proc = subprocess.Popen(words, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent)
+    proc = subprocess.Popen(words, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parent.parent,
+                            env={**os.environ, **(env or {})})
     try:
         line = proc.stderr.readline()
         found = re.search(r"at (http://\S+)/v1", line)
@@ -184,20 +192,104 @@ def load_test(url: str, model: str, args: argparse.Namespace) -> int:
     return 1 if r["lost"] or leaked else 0
 
 
-def sweep(url: str, model: str, args: argparse.Namespace) -> int:
-    other = None
-    if args.compare_url:
-        other = (args.compare_url.rstrip("/"), args.compare_model or first_model(args.compare_url.rstrip("/")))
-    print(f"| concurrency | {model} tok/s |" + (f" {args.compare_url} tok/s | ratio |" if other else ""))
-    print("|---:|---:|" + ("---:|---:|" if other else ""))
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def llama_server(binary: str, gguf: str, slots: int, ctx: int, threads: int) -> Iterator[str]:
+    """llama.cpp's `llama-server` with `slots` parallel slots of `ctx` positions each; yields its base URL."""
+    port = free_port()
+    words = [binary, "-m", gguf, "--port", str(port), "--parallel", str(slots), "-c", str(slots * ctx),
+             "-t", str(threads), "-tb", str(threads), "--log-disable"]
+    proc = subprocess.Popen(words, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"llama-server did not start: {shlex.join(words)}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+class HFBatched:
+    """transformers' batched `generate`: the requests in static batches of `concurrency`, left-padded, greedy.
+
+    A batch runs until its longest request is done, as static batching does; only the tokens each request asked
+    for (up to its own end of text) are counted.
+    """
+
+    def __init__(self, path: str, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+        self.tok.pad_token = self.tok.pad_token or self.tok.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def tokens_per_s(self, todo: list[Spec], concurrency: int) -> float:
+        start, tokens = time.perf_counter(), 0
+        for i in range(0, len(todo), concurrency):
+            batch = todo[i:i + concurrency]
+            enc = self.tok([s.prompt for s in batch], return_tensors="pt", padding=True)
+            with self.torch.no_grad():
+                out = self.model.generate(**enc, do_sample=False, max_new_tokens=max(s.max_tokens for s in batch),
+                                          pad_token_id=self.tok.pad_token_id)
+            for row, spec in zip(out[:, enc["input_ids"].shape[1]:].tolist(), batch):
+                row = row[:spec.max_tokens]
+                tokens += row.index(self.tok.eos_token_id) + 1 if self.tok.eos_token_id in row else len(row)
+        return tokens / (time.perf_counter() - start)
+
+
+def sweep(args: argparse.Namespace) -> int:
+    """Generated tokens/s at each concurrency: tinylm serve (and llama-server, transformers) alternated in rounds."""
+    hf = HFBatched(args.hf, args.threads) if args.hf else None
+    names = ["tinylm"] + (["llama.cpp"] if args.gguf else []) + (["transformers"] if hf else [])
+    head = "| concurrency | requests | " + " | ".join(f"{n} tok/s" for n in names)
+    head += "".join(f" | tinylm / {n}" for n in names[1:]) + " |"
+    print(head)
+    print("|---:" * (head.count("|") - 1) + "|")
+    env_threads = {"OMP_NUM_THREADS": str(args.threads)}
     for c in [int(x) for x in args.sweep.split(",")]:
-        todo = specs(args.requests, args.max_prompt_words, args.max_tokens, 0.0, args.seed)
-        mine = report(*asyncio.run(load(url, model, todo, c, args.timeout)))["tok/s"]
-        row = f"| {c} | {mine:.1f} |"
-        if other:
-            theirs = report(*asyncio.run(load(*other, todo, c, args.timeout)))["tok/s"]
-            row += f" {theirs:.1f} | {mine / theirs:.2f}x |" if theirs else " 0 | n/a |"
-        print(row, flush=True)
+        todo = specs(max(args.requests, 2 * c), args.max_prompt_words, args.max_tokens, 0.0, args.seed)
+        warm = specs(min(c, 4), 16, 4, 0.0, args.seed + 1)
+        with ExitStack() as stack:
+            urls = {"tinylm": stack.enter_context(started(args.model, [
+                "--max-concurrent", str(c), *shlex.split(args.server_args)], env_threads))}
+            if args.gguf:
+                urls["llama.cpp"] = stack.enter_context(llama_server(args.llama_server, args.gguf, c, args.ctx,
+                                                                     args.threads))
+            ids = {n: first_model(u) for n, u in urls.items()}
+            for n, u in urls.items():
+                asyncio.run(load(u, ids[n], warm, c, args.timeout))
+            rates: dict[str, list[float]] = {n: [] for n in names}
+            for _ in range(args.rounds):
+                for n in names:
+                    if n == "transformers":
+                        rates[n].append(hf.tokens_per_s(todo, c))
+                        continue
+                    # llama-server drops a kept-alive connection now and then (1 request in 16 in some rounds):
+                    # retried, so that its tokens/s is not understated
+                    outcomes, wall = asyncio.run(load(urls[n], ids[n], todo, c, args.timeout, retries=2))
+                    if any(o.kind != "done" for o in outcomes):
+                        print(f"  {n} at {c}: {[o.why for o in outcomes if o.kind != 'done'][:3]}")
+                    rates[n].append(report(outcomes, wall)["tok/s"])
+        row = f"| {c} | {len(todo)} | " + " | ".join(f"{statistics.median(rates[n]):.1f}" for n in names)
+        row += "".join(f" | {statistics.median(a / b for a, b in zip(rates['tinylm'], rates[n])):.2f}x"
+                       for n in names[1:])
+        print(row + " |", flush=True)
     return 0
 
 
@@ -216,11 +308,19 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a request counts as lost")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sweep", help="throughput at these concurrencies instead, e.g. 1,4,16,64")
-    parser.add_argument("--compare-url", help="with --sweep: another OpenAI-compatible server to run beside it")
-    parser.add_argument("--compare-model", help="the model id to send to --compare-url (default: its first)")
+    parser.add_argument("--rounds", type=int, default=3, help="with --sweep: alternated rounds (medians)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="with --sweep: threads of every system")
+    parser.add_argument("--gguf", help="with --sweep: run llama-server on this GGUF beside tinylm")
+    parser.add_argument("--llama-server", default="llama-server", help="the llama-server binary")
+    parser.add_argument("--ctx", type=int, default=256, help="llama-server's positions per slot")
+    parser.add_argument("--hf", help="with --sweep: transformers' batched generate on this HF dir beside tinylm")
     args = parser.parse_args()
     print("$ python bench/bench_serve.py " + shlex.join(sys.argv[1:]))
-    run = sweep if args.sweep else load_test
+    if args.sweep:
+        if not args.model:
+            parser.error("--sweep starts its servers itself: give --model")
+        return sweep(args)
+    run = load_test
     if args.url:
         url = args.url.rstrip("/")
         return run(url, args.model_name or first_model(url), args)

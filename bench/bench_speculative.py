@@ -96,12 +96,32 @@ def one_round(model, drafter: Drafter, prompts: list[list[int]], new: int, k: in
     return plain_n / plain_s, spec_n / spec_s, stats, equal
 
 
+def verify_cost(model, k: int, context: int = 64, n: int = 20) -> tuple[float, float]:
+    """Median ms of the target's cached forward over 1 position and over k + 1 (a verification), after
+    `context` cached positions: what a drafted token costs the target on this machine."""
+    from tinylm.model.kvcache import KVCache
+
+    times = {}
+    for t in (1, k + 1):
+        runs = []
+        for _ in range(n):
+            cache = KVCache.new(model, 1, context + t)
+            model(torch.randint(3, 1000, (1, context)), cache=cache)
+            ids = torch.randint(3, 1000, (1, t))
+            start = time.perf_counter()
+            model(ids, cache=cache)
+            runs.append(time.perf_counter() - start)
+        times[t] = 1e3 * statistics.median(runs)
+    return times[1], times[k + 1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m", help="the target model (any model source)")
     parser.add_argument("--draft", default=None, help="a draft model sharing the target's tokenizer (row skipped "
                                                       "without it)")
-    parser.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=["free", "json"])
+    parser.add_argument("--tasks", nargs="*", choices=sorted(TASKS), default=["free", "json"],
+                        help="none: only the verification cost")
     parser.add_argument("--prompts", type=int, default=8, help="prompts per task")
     parser.add_argument("--new", type=int, default=128, help="most tokens generated per prompt")
     parser.add_argument("--draft-k", type=int, default=5, help="most draft tokens per step")
@@ -117,6 +137,9 @@ def main() -> None:
         drafters[f"draft {args.draft}"] = load_drafter(args.draft, loaded)
     with torch.no_grad():
         generate_ids(model, encode(tok, "Hello"), 4, temperature=0.0)  # warm-up outside the timed rounds
+        one, many = verify_cost(model, args.draft_k)
+    print(f"target forward: 1 position {one:.1f} ms, {args.draft_k + 1} positions {many:.1f} ms "
+          f"({many / one:.2f}x)\n")
     print("| task | drafter | plain tok/s | speculative tok/s | speed-up | acceptance | mean accepted length "
           "| same tokens |")
     print("|---|---|---|---|---|---|---|---|")
