@@ -6,8 +6,9 @@ documents as bench_distill does; 5% held out).
 
 Ablations (`--variants`): each trains the quickstart recipe (or --recipe) for --minutes of wall-clock
 (`run.minutes`: the steps planned and re-planned by train.budget) with one option on, against the default:
-  default, muon (optim.name muon), qk_norm, untied (model.tie_embeddings false), z_loss (optim.z_loss 1e-4),
-  softcap (model.logit_softcap 30), batch_warmup (data.batch_warmup_tokens --ramp-tokens), all (every one).
+  default, muon (optim.name muon), adamw (optim.name adamw), qk_norm, untied (model.tie_embeddings false),
+  z_loss (optim.z_loss 1e-4), softcap (model.logit_softcap 30), batch_warmup (data.batch_warmup_tokens
+  --ramp-tokens), all (every one but adamw).
 Runs are `tinylm pretrain` subprocesses, --repeats of each (seeds 0, 1, ...), variants interleaved so that a
 shared machine's load falls on all of them; every figure is the median over repeats with its [min, max].
 Figures per run:
@@ -64,6 +65,7 @@ from tinylm.train.rules import auto_recipe, expected_tokens_per_s  # noqa: E402
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "muon": {"optim.name": "muon"},
+    "adamw": {"optim.name": "adamw"},  # the quickstart's default is Muon since 2026-11-30: AdamW is now the option
     "qk_norm": {"model.qk_norm": "true"},
     "untied": {"model.tie_embeddings": "false"},
     "z_loss": {"optim.z_loss": 1e-4},  # PaLM's coefficient
@@ -207,7 +209,7 @@ def ablations(args: argparse.Namespace, recipe: Path) -> None:
 
 def overrides(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "all":
-        return {k: v for name in VARIANTS for k, v in overrides(name, args).items()}
+        return {k: v for name in VARIANTS if name != "adamw" for k, v in overrides(name, args).items()}
     if variant == "batch_warmup":
         return {"data.batch_warmup_tokens": args.ramp_tokens}
     return dict(VARIANTS[variant])
