@@ -65,7 +65,7 @@ from tinylm.train.rules import auto_recipe, expected_tokens_per_s  # noqa: E402
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "muon": {"optim.name": "muon"},
-    "adamw": {"optim.name": "adamw"},  # the quickstart's default is Muon since 2026-11-30: AdamW is now the option
+    "adamw": {"optim.name": "adamw"},  # against a --recipe whose default is Muon
     "qk_norm": {"model.qk_norm": "true"},
     "untied": {"model.tie_embeddings": "false"},
     "z_loss": {"optim.z_loss": 1e-4},  # PaLM's coefficient
