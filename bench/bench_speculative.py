@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tinylm.formats import checkpoint
 from tinylm.infer.generate import generate_ids
 from tinylm.infer.speculative import Drafter, SpecStats, speculative_generate_ids
+from tinylm.model.kvcache import KVCache
 from tinylm.stages.generate import load_drafter
 
 STORIES = ["Write a short story about a dragon who learns to bake bread.",
@@ -99,8 +100,6 @@ def one_round(model, drafter: Drafter, prompts: list[list[int]], new: int, k: in
 def verify_cost(model, k: int, context: int = 64, n: int = 20) -> tuple[float, float]:
     """Median ms of the target's cached forward over 1 position and over k + 1 (a verification), after
     `context` cached positions: what a drafted token costs the target on this machine."""
-    from tinylm.model.kvcache import KVCache
-
     times = {}
     for t in (1, k + 1):
         runs = []

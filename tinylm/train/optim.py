@@ -123,8 +123,8 @@ def orthogonalise(g: torch.Tensor, coefficients: tuple[float, float, float], ste
 
 def make_optimizer(model: Llama, cfg: OptimSection, device: torch.device) -> Optimizers:
     """optim.name adamw: AdamW over every group of `param_groups`, fused where this PyTorch build has it
-    for the device (one kernel for all parameters). muon: Muon (torch's, float32 off the GPU) for the hidden matrices at
-    muon_lr (the orthogonalised update's own shape factor sqrt(max(1, rows / cols)), Keller Jordan's
+    for the device (one kernel for all parameters). muon: Muon (torch's, float32 off the GPU) for the hidden
+    matrices at muon_lr (the orthogonalised update's own shape factor sqrt(max(1, rows / cols)), Keller Jordan's
     "original" adjustment, replaces the width scaling), AdamW as above for the rest."""
     groups = param_groups(model, cfg)
     fused = device.type in ("cuda", "cpu")
