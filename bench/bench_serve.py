@@ -204,7 +204,11 @@ def llama_server(binary: str, gguf: str, slots: int, ctx: int, threads: int) -> 
     port = free_port()
     words = [binary, "-m", gguf, "--port", str(port), "--parallel", str(slots), "-c", str(slots * ctx),
              "-t", str(threads), "-tb", str(threads), "--log-disable"]
-    proc = subprocess.Popen(words, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc = subprocess.Popen(words, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    except OSError as e:
+        raise SystemExit(f"cannot run llama-server {binary!r} ({e.strerror}): build it with "
+                         "bench/build_llama_server.sh and pass its path as --llama-server")
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
