@@ -119,6 +119,24 @@ def test_batch_warmup_steps_are_planned_by_their_tokens() -> None:
     assert abs(taken - 60.0) <= 0.05 * 60.0
 
 
+def test_one_stalled_step_mid_run_is_not_a_slowdown() -> None:
+    # a recompile 10 s in (a new batch shape) takes 15% of the budget; the steps after it are as fast
+    ramp = BatchRamp.make(16, 16, 1, tokens=20_000, start=0.125)
+    stalled = {"yet": False}
+
+    def step_s(now: float, rows: int) -> float:
+        if now > 10.0 and not stalled["yet"]:
+            stalled["yet"] = True
+            return 9.0
+        return 0.01 * rows
+
+    taken, lrs, _ = simulate(60.0, step_s, ramp=ramp)
+    assert abs(taken - 60.0) <= 0.05 * 60.0
+    check_wsd(lrs)
+    decaying = sum(1 for x in lrs[WSD.warmup_steps:] if x < 1.0)
+    assert decaying <= WSD.decay_fraction * len(lrs) + 3  # the decay is the planned last 20%, not begun at the stall
+
+
 def test_a_budget_too_short_for_the_probe_still_ends_decayed() -> None:
     taken, lrs, _ = simulate(0.2, lambda now, rows: 0.1)  # two steps' worth: the probe alone takes three
     assert len(lrs) <= 3 + TAIL

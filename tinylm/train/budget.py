@@ -24,7 +24,9 @@ at a step count; HF Trainer's max_time stops abruptly, without a decay).
 from __future__ import annotations
 
 import math
+import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -37,6 +39,7 @@ from tinylm.train.schedule import Anchor, BatchRamp, decay_progress
 REPLAN_FRACTION = 0.02
 PROBE_STEPS = 3
 UNBOUNDED = 2**40  # the provisional total before the first plan: far beyond any decay start
+RATE_STEPS = 16  # a rate is the median of at least this many steps (fewer only in the probe)
 TAIL = 2  # steps a run out of time still takes: its decay's last two (the second's lr is below the peak)
 
 
@@ -107,7 +110,8 @@ class Budget:
     _last_plan: float | None = field(default=None, init=False)
     _steps: int = field(default=0, init=False)  # steps this session
     _final: bool = field(default=False, init=False)  # out of time: the plan's tail is fixed
-    _window: list[float] = field(default_factory=lambda: [0.0, 0.0], init=False)  # step seconds, tokens
+    _window: list[float] = field(default_factory=list, init=False)  # seconds per token of each step since the plan
+    _recent: deque[float] = field(default_factory=lambda: deque(maxlen=RATE_STEPS), init=False)  # the same, last steps
     _gaps: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0], init=False)  # sum, count, max
 
     def __post_init__(self) -> None:
@@ -138,18 +142,24 @@ class Budget:
         self._last_end = now
         if self._steps > 1:  # the first step of a session compiles: no rate from it
             tokens = self.ramp.tokens_at(step) - self.ramp.tokens_at(step - 1)
-            self._window = [self._window[0] + now - self._step_t, self._window[1] + tokens]
+            self._window.append((now - self._step_t) / max(tokens, 1))
+            self._recent.append(self._window[-1])
         if self._final or self._steps < PROBE_STEPS or (self._steps > PROBE_STEPS
                                                         and now - self._last_plan < self.replan_s):
             return plan
         self._last_plan = now
         total = self.total_for(step)
-        self._final, self._window = total <= step, [0.0, 0.0]
+        self._final, self._window = total <= step, []
         return replan(step, plan, total, self.sched)
 
     def total_for(self, step: int) -> int:
         """The largest total whose remaining steps, at the measured rates, end within the budget."""
-        s_per_token = self._window[0] / max(self._window[1], 1.0)
+        # the median step since the last plan (or of the last RATE_STEPS, if fewer), not the mean: one
+        # stalled step (a recompile when the batch shape changes under batch-size warmup: 44 s of a 5-minute
+        # run) is time spent, which elapsed() counts, not a rate; taken as a rate it started the decay at a
+        # fifth of the run
+        rates = self._window if len(self._window) >= RATE_STEPS else self._recent
+        s_per_token = statistics.median(rates) if rates else 0.0
         gap = self._gaps[0] / self._gaps[1] if self._gaps[1] else 0.0
         left = self.seconds - self.elapsed() - max(self._gaps[2], self.end_tokens * s_per_token)
 
