@@ -21,6 +21,10 @@ Figures per run:
     checkpoint (every --ckpt-every steps; the first one at or above 50% counts), a story counting only
     when the validator parses at least half its sentences (an unparsable one is vacuously consistent).
 
+`--jobs N` trains N runs at a time, each pinned (taskset) to its share of the cores with as many torch threads,
+so that a 2-core machine measures two one-thread runs side by side; every run's figures are kept in
+WORK/runs/NAME/figures.json and a rerun of the same command reuses them (an interrupted benchmark resumes).
+
 Sweep (`--sweep`, real text): the final val bits per byte of every --batch x --lr x --minutes-list, and
 for each budget the automatic recipe (train.rules.auto_recipe, as `tinylm quickstart --data` uses it)
 against the best point of the sweep: the rule's goal is to be within 2% of it.
@@ -28,6 +32,7 @@ against the best point of the sweep: the rule's goal is to be within 2% of it.
     python bench/speedrun.py --corpus tinytales pydoc --minutes 10 --repeats 3
     python bench/speedrun.py --corpus tinytales --variants default muon --minutes 10 --repeats 5 --target-bpb 0.15
     python bench/speedrun.py --sweep --minutes-list 2 5 20 --batch 2048 4096 8192 16384 --lr 1e-3 2e-3 4e-3 8e-3
+    python bench/speedrun.py --sweep --minutes-list 2 5 --batch 2048 4096 8192 --lr 3e-3 6e-3 1.2e-2 --jobs 2
     python bench/speedrun.py --minutes 0.2 --repeats 1 --stories 600 --vocab-size 300 --samples 2 \\
         --recipe tiny.yaml --variants default muon            # a smoke run
 """
@@ -37,11 +42,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +66,7 @@ from tinylm.core.recipe import load_config  # noqa: E402
 from tinylm.data.tokenizer import Tokenizer  # noqa: E402
 from tinylm.formats import checkpoint  # noqa: E402
 from tinylm.stages.quickstart import RECIPE  # noqa: E402
+from tinylm.train import rules  # noqa: E402
 from tinylm.train.config import TrainConfig  # noqa: E402
 from tinylm.train.loop import new_model_config  # noqa: E402
 from tinylm.train.metrics import read_metrics  # noqa: E402
@@ -108,11 +118,88 @@ def bytes_per_token(data: Path, split: str = "val") -> float:
 
 # ----- one run ------------------------------------------------------------------------------------------------
 
+@dataclass
+class Run:
+    """One training run and what it is judged on."""
+
+    name: str  # its folder under WORK/runs: every setting that changes it is in the name
+    corpus: str
+    data: Path
+    minutes: float
+    seed: int
+    overrides: dict[str, object] = field(default_factory=dict)
+
+
+def slot_command(slot: int, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The prefix and environment of a run in job slot `slot`: with --jobs N > 1 each slot owns
+    cpu_count / N cores (taskset) and as many torch threads, so that N runs at a time do not share cores."""
+    env = dict(os.environ)
+    if args.jobs == 1:
+        return [], env
+    cores = sorted(os.sched_getaffinity(0))
+    per = max(1, len(cores) // args.jobs)
+    mine = cores[slot * per:(slot + 1) * per]
+    env["OMP_NUM_THREADS"] = str(per)
+    return ["taskset", "-c", ",".join(map(str, mine))], env
+
+
+def execute(runs: list[Run], recipe: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Trains and judges every run, --jobs at a time, in order; a run whose figures.json exists is reused
+    (an interrupted benchmark resumes where it stopped)."""
+    slots: queue.Queue[int] = queue.Queue()
+    for k in range(args.jobs):
+        slots.put(k)
+
+    def one(run: Run) -> tuple[str, dict[str, Any]]:
+        out = args.work / "runs" / run.name
+        done = out / "figures.json"
+        lock = out.with_name(run.name + ".lock")  # another command on other cores may be training it
+        while not done.exists() and not take(lock):
+            time.sleep(10)
+        if not done.exists():
+            slot = slots.get()
+            try:
+                prefix, env = slot_command(slot, args)
+                train(run.data, out, recipe, run.minutes, run.seed, run.overrides, args, prefix, env)
+                subprocess.run([*prefix, sys.executable, __file__, "--judge-run", str(out), "--judge-data",
+                                str(run.data), "--corpus", run.corpus, "--samples", str(args.samples),
+                                "--target-bpb", str(args.target_bpb)], check=True, env=env)
+            finally:
+                slots.put(slot)
+                lock.unlink()
+        figures = json.loads(done.read_text())
+        print(f"{run.name}: {json.dumps(figures)}", file=sys.stderr, flush=True)
+        return run.name, figures
+
+    (args.work / "runs").mkdir(parents=True, exist_ok=True)
+    # runs another command is training now go last, so that this one's cores do not idle waiting for them
+    runs = sorted(runs, key=lambda r: (args.work / "runs" / f"{r.name}.lock").exists())
+    with ThreadPoolExecutor(args.jobs) as pool:
+        return dict(pool.map(one, runs))
+
+
+def take(lock: Path) -> bool:
+    """Creates `lock` holding this process's pid, or returns False while a live process holds it (a lock
+    left by a dead one is taken over)."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            os.kill(int(lock.read_text() or 0), 0)
+            return False
+        except (ProcessLookupError, ValueError, FileNotFoundError):
+            lock.unlink(missing_ok=True)
+            return take(lock)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return True
+
+
 def train(data: Path, out: Path, recipe: Path, minutes: float, seed: int, overrides: dict[str, object],
-          args: argparse.Namespace) -> float:
+          args: argparse.Namespace, prefix: list[str], env: dict[str, str]) -> float:
     """`tinylm pretrain` for `minutes` in a subprocess; returns its wall-clock seconds."""
     shutil.rmtree(out, ignore_errors=True)
-    words = [sys.executable, "-m", "tinylm", "pretrain", "--config", str(recipe), "--data.dir", str(data),
+    words = [*prefix, sys.executable, "-m", "tinylm", "pretrain", "--config", str(recipe), "--data.dir", str(data),
              "--run.out", str(out), "--run.minutes", str(minutes), "--schedule.steps", "none",
              "--schedule.tokens", "none", "--run.seed", str(seed), "--data.seed", str(seed), "--run.resume", "never",
              "--run.eval_every", str(args.eval_every), "--run.ckpt_every", str(args.ckpt_every),
@@ -120,7 +207,7 @@ def train(data: Path, out: Path, recipe: Path, minutes: float, seed: int, overri
     for key, value in overrides.items():
         words += [f"--{key}", str(value)]
     t0 = time.perf_counter()
-    subprocess.run(words, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(words, check=True, stdout=subprocess.DEVNULL, env=env)
     return time.perf_counter() - t0
 
 
@@ -196,13 +283,12 @@ def ablation_table(corpus: str, results: dict[str, list[dict[str, Any]]], args: 
 def ablations(args: argparse.Namespace, recipe: Path) -> None:
     for corpus in args.corpus:
         data = prepare_corpus(corpus, args.work, args.stories, args.vocab_size)
-        results: dict[str, list[dict[str, Any]]] = {v: [] for v in args.variants}
-        for seed in range(args.repeats):
-            for variant in args.variants:  # interleaved: the machine's load falls on every variant
-                out = args.work / "runs" / f"{corpus}-{variant}-{seed}"
-                train(data, out, recipe, args.minutes, seed, overrides(variant, args), args)
-                results[variant].append(judge(data, out, corpus, args))
-                print(f"{corpus} {variant} seed {seed}: {json.dumps(results[variant][-1])}", file=sys.stderr)
+        runs = [Run(f"{corpus}-{variant}-{args.minutes:g}m-{seed}", corpus, data, args.minutes, seed,
+                    overrides(variant, args))
+                for seed in range(args.repeats) for variant in args.variants]  # interleaved: load falls on all
+        figures = execute(runs, recipe, args)
+        results = {v: [figures[f"{corpus}-{v}-{args.minutes:g}m-{seed}"] for seed in range(args.repeats)]
+                   for v in args.variants}
         ablation_table(corpus, results, args)
     print(f"\n    python bench/speedrun.py {' '.join(sys.argv[1:])}\n")
 
@@ -217,52 +303,95 @@ def overrides(variant: str, args: argparse.Namespace) -> dict[str, object]:
 
 # ----- the sweep for the automatic recipe ------------------------------------------------------------------
 
-def rule_overrides(data: Path, recipe: Path, minutes: float) -> dict[str, object]:
-    """What `tinylm quickstart --data` would choose for this data and budget (train.rules)."""
+def rule_overrides(data: Path, recipe: Path, minutes: float, peak: float) -> tuple[dict[str, object], float]:
+    """What `tinylm quickstart --data` would choose for this data and budget (train.rules) on a machine of
+    `peak` FLOP/s: its recipe overrides, and the compute C it chose them for."""
     cfg = load_config(TrainConfig, recipe, {"data.dir": str(data)})
     tok = Tokenizer.load(data / "tokenizer")
     shape = new_model_config(cfg.model, cfg.data.seq_len, tok.vocab_size, tok)
     flops = shape.flops_per_token(cfg.data.seq_len, training=True)
-    peak = cfg.run.peak_flops or measure_peak_flops(torch.device("cpu"))
+    peak = cfg.run.peak_flops or peak
     train_tokens = json.loads((data / "meta.json").read_text())["splits"]["train"]["tokens"]
     rule = auto_recipe(train_tokens, minutes * 60, expected_tokens_per_s(peak, flops), flops, cfg.data.seq_len)
     rows = rule.batch_tokens // cfg.data.seq_len
     micro = max(m for m in range(1, min(cfg.data.micro_batch, rows) + 1) if rows % m == 0)
-    return {**rule.overrides(), "data.micro_batch": micro}
+    return {**rule.overrides(), "data.micro_batch": micro}, rule.compute
 
 
 def sweep(args: argparse.Namespace, recipe: Path) -> None:
     data = prepare_corpus("pydoc", args.work, args.stories, args.vocab_size)
     seq_len = load_config(TrainConfig, recipe, {}).data.seq_len
-    print("\nreal text (pydoc), final val bits per byte; medians over repeats\n")
-    print("| minutes | best sweep point (batch, lr) | its bpb | auto recipe (batch, lr) | its bpb | auto / best - 1 |")
-    print("|---|---|---|---|---|---|")
-    for minutes in args.minutes_list:
-        grid: dict[tuple[int, float], float] = {}
+    _, env = slot_command(0, args)
+    torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))  # the peak one run sees
+    chosen = {m: rule_overrides(data, recipe, m, peak_flops(args.work)) for m in args.minutes_list}
+    autos = {m: overrides for m, (overrides, _) in chosen.items()}
+    runs = []
+    for minutes in args.minutes_list:  # each budget's auto run first: a second command on other cores reuses it
+        auto = autos[minutes]
+        runs += [Run(auto_name(minutes, auto, seed), "pydoc", data, minutes, seed, auto) for seed in range(args.repeats)]
         for batch in args.batch:
             for lr in args.lr:
-                rows = batch // seq_len
-                extra = {"data.batch_tokens": batch, "optim.lr": lr, "data.micro_batch": math.gcd(rows, 16)}
-                grid[(batch, lr)] = median_bpb(data, recipe, minutes, extra, f"sweep-{minutes}-{batch}-{lr}", args)
-                print(f"sweep {minutes} min batch {batch} lr {lr}: {grid[(batch, lr)]:.4f}", file=sys.stderr)
-        rule = rule_overrides(data, recipe, minutes)
-        auto = median_bpb(data, recipe, minutes, rule, f"auto-{minutes}", args)
-        (b, lr), best = min(grid.items(), key=lambda kv: kv[1])
-        print(f"| {minutes} | {b:,}, {lr:g} | {best:.4f} | {rule['data.batch_tokens']:,}, {rule['optim.lr']:.2e} | "
-              f"{auto:.4f} | {auto / best - 1:+.1%} |", flush=True)
+                extra = {"data.batch_tokens": batch, "optim.lr": lr, "data.micro_batch": math.gcd(batch // seq_len, 16)}
+                runs += [Run(f"sweep-{minutes:g}m-{batch}-{lr:g}-{seed}", "pydoc", data, minutes, seed, extra)
+                         for seed in range(args.repeats)]
+    execute(runs, recipe, args)
+    summary, fits = [], []
+    for minutes in args.minutes_list:
+        grid = sweep_points(args.work, minutes, args.repeats)  # this command's points and earlier ones
+        batches, lrs = sorted({b for b, _ in grid}), sorted({lr for _, lr in grid})
+        print(f"\nreal text (pydoc), {minutes:g} min a run: final val bits per byte by batch tokens (rows) and "
+              f"peak lr (columns), medians of {args.repeats}; tokens trained in brackets\n")
+        print("| batch \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
+        print("|---|" + "---|" * len(lrs))
+        for b in batches:
+            cells = [f"{grid[(b, lr)][0]:.4f} ({grid[(b, lr)][1] / 1e6:.2f}M)" if (b, lr) in grid else "-" for lr in lrs]
+            print(f"| {b:,} | " + " | ".join(cells) + " |")
+        auto = autos[minutes]
+        auto_bpb = statistics.median(json.loads((args.work / "runs" / auto_name(minutes, auto, seed) /
+                                                 "figures.json").read_text())["bpb"] for seed in range(args.repeats))
+        (b, lr), (best, _) = min(grid.items(), key=lambda kv: kv[1][0])
+        compute = chosen[minutes][1]
+        fits.append((b / compute**rules.BATCH_EXP, lr / compute**rules.LR_EXP))
+        summary.append(f"| {minutes:g} | {b:,}, {lr:g} | {best:.4f} | {auto['data.batch_tokens']:,}, "
+                       f"{auto['optim.lr']:.2e} | {auto_bpb:.4f} | {auto_bpb / best - 1:+.1%} |")
+    print("\n| minutes | best sweep point (batch, lr) | its bpb | auto recipe (batch, lr) | its bpb | auto / best - 1 |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(summary))
+    # train.rules' coefficients that put each budget's rule on its best point (exponents kept), and their
+    # geometric mean over the budgets: what rules.BATCH_COEF and LR_COEF are fitted from
+    for name, k in (("BATCH_COEF", 0), ("LR_COEF", 1)):
+        each = [f[k] for f in fits]
+        mean = math.exp(statistics.fmean(math.log(v) for v in each))
+        print(f"fit {name} = {mean:.4g} (per budget: {', '.join(f'{v:.4g}' for v in each)}; now {getattr(rules, name)})")
     print(f"\n    python bench/speedrun.py {' '.join(sys.argv[1:])}\n")
 
 
-def median_bpb(data: Path, recipe: Path, minutes: float, extra: dict[str, object], name: str,
-               args: argparse.Namespace) -> float:
-    from tinylm.evals.perplexity import evaluate
+def auto_name(minutes: float, auto: dict[str, object], seed: int) -> str:
+    return f"auto-{minutes:g}m-{auto['data.batch_tokens']}-{auto['optim.lr']:.3g}-{seed}"
 
-    values = []
-    for seed in range(args.repeats):
-        out = args.work / "runs" / f"{name}-{seed}"
-        train(data, out, recipe, minutes, seed, extra, args)
-        values.append(evaluate(checkpoint.load(out / "final").model, data, split="val")["bits_per_byte"])
-    return statistics.median(values)
+
+def sweep_points(work: Path, minutes: float, repeats: int) -> dict[tuple[int, float], tuple[float, float]]:
+    """(batch, lr) -> (median bpb, median tokens) of every sweep run of this budget under WORK with all
+    `repeats` seeds done, whichever command ran it."""
+    found: dict[tuple[int, float], list[dict[str, Any]]] = {}
+    for done in (work / "runs").glob(f"sweep-{minutes:g}m-*-*-*/figures.json"):
+        batch, lr, seed = done.parent.name.split("-")[2:5]
+        if int(seed) < repeats:
+            found.setdefault((int(batch), float(lr)), []).append(json.loads(done.read_text()))
+    return {k: (statistics.median(r["bpb"] for r in v), statistics.median(r["tokens"] for r in v))
+            for k, v in found.items() if len(v) == repeats}
+
+
+def peak_flops(work: Path) -> float:
+    """The fp32 matmul peak at this process's thread count, measured once per WORK folder and thread count
+    so that the auto recipe of a budget (and its run's name) stays the same when a sweep is resumed."""
+    cache = work / "peak_flops.json"
+    known = json.loads(cache.read_text()) if cache.exists() else {}
+    key = str(torch.get_num_threads())
+    if key not in known:
+        known[key] = measure_peak_flops(torch.device("cpu"))
+        cache.write_text(json.dumps(known))
+    return known[key]
 
 
 def main() -> None:
@@ -284,7 +413,15 @@ def main() -> None:
     ap.add_argument("--minutes-list", type=float, nargs="+", default=[2.0, 5.0, 20.0])
     ap.add_argument("--batch", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="batch tokens")
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="peak lr")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at a time, each pinned to its share of the cores with as many threads")
+    ap.add_argument("--judge-run", type=Path, help=argparse.SUPPRESS)  # a worker: judges one run folder
+    ap.add_argument("--judge-data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.judge_run is not None:
+        figures = judge(args.judge_data, args.judge_run, args.corpus[0], args)
+        (args.judge_run / "figures.json").write_text(json.dumps(figures))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     recipe = args.recipe.resolve()
     if args.sweep:

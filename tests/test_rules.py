@@ -1,5 +1,6 @@
-"""The automatic recipe of train.rules against its written-out formulas (DeepSeek LLM's batch and lr fits,
-Muennighoff et al.'s repeated-data discount), and the properties a budget rule must have."""
+"""The automatic recipe of train.rules against its written-out formulas (DeepSeek LLM's batch and lr power
+laws with the coefficients the speedrun sweep fitted, Muennighoff et al.'s repeated-data discount), and the
+properties a budget rule must have."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ def test_recipe_is_the_documented_formula() -> None:
     d = 3e6  # tokens: three epochs of the data, two of them repeats
     d_eff = 1e6 + 1e6 * 15.4 * (1 - math.exp(-2 / 15.4))
     c = 6e6 * d_eff
-    batch = min(0.2920 * c**0.3271, d / 200)
+    rows = max(1, min(round(0.06708 * c**0.3271 / 256), int(d / 200 // 256)))
     assert r.run_tokens == d and r.effective_tokens == pytest.approx(d_eff) and r.compute == pytest.approx(c)
-    assert r.batch_tokens == int(batch // 256) * 256
-    assert r.lr == pytest.approx(0.3118 * c**-0.125)
+    assert r.batch_tokens == (rows if rows <= 8 else rows - rows % 8) * 256
+    assert r.lr == pytest.approx(0.02978 * c**-0.125)
     assert r.warmup_steps == min(200, max(1, round(0.02 * d / r.batch_tokens)))
     assert r.decay_fraction == 0.2
     print(r)
@@ -46,6 +47,8 @@ def test_longer_budgets_get_lower_lr_bigger_batches_and_enough_steps(seq_len: in
     for r in recipes:
         assert r.run_tokens / r.batch_tokens >= rules.MIN_STEPS or r.batch_tokens == seq_len
         assert 1 <= r.warmup_steps <= rules.WARMUP_MAX
+        rows = r.batch_tokens // seq_len
+        assert rows <= rules.ROW_MULTIPLE or rows % rules.ROW_MULTIPLE == 0  # whole micro-batches, never prime
 
 
 def test_expected_speed_is_the_assumed_share_of_the_peak() -> None:

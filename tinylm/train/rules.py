@@ -1,17 +1,21 @@
 """The automatic recipe for a time budget on a user's own text: batch size, peak lr, warmup and decay.
 
 One function, `auto_recipe`, holds every rule, so that the constants below can be refitted in one place.
-They are NOT fitted to tinylm yet: they are the published fits named beside each, placeholders until the
-speedrun sweep (`bench/speedrun.py --sweep`, BENCHMARKS.md) measures the best batch size and lr of real
-text at 2, 5 and 20 minutes and the constants are fitted to it.
+The forms are published fits (named beside each); the batch and lr coefficients are refitted to tinylm
+by the speedrun sweep (`bench/speedrun.py --sweep`, BENCHMARKS.md "The automatic recipe"): the
+best batch and peak lr of a batch x lr grid on real text (CPython's documentation, 120K tokens, the
+quickstart's 1m model) at 2 and 5 minutes, the exponents kept. DeepSeek LLM's own coefficients, fitted
+at 1e17-3e20 FLOPs, chose 10x the best lr and 2-4x the best batch at this scale (1e12-1e13 FLOPs): 33-50%
+worse bits per byte.
 
 The rules, for a run of D tokens (the budget's seconds times the expected tokens per second) on U tokens
 of data, with a model of M training FLOPs per token:
   1. repeated data is worth less: the effective tokens are D' = D while D <= U, else
      D' = U + U R* (1 - exp(-R / R*)), R = D / U - 1 epochs repeated (Muennighoff et al. 2023, eq. 5);
   2. the compute is C = M D' (DeepSeek LLM's C = M D, Bi et al. 2024, sec. 3.1);
-  3. batch B = 0.292 C^0.3271 tokens and peak lr 0.3118 C^-0.125 (DeepSeek LLM, eq. 1), the batch
-     in whole rows, at least one, and small enough to leave MIN_STEPS optimizer steps;
+  3. batch B = b C^0.3271 tokens and peak lr a C^-0.125 (the exponents of DeepSeek LLM, eq. 1; b and a
+     fitted by the sweep), the batch in whole rows (the nearest count; a multiple of ROW_MULTIPLE rows
+     above it), at least one, and small enough to leave MIN_STEPS optimizer steps;
   4. warmup: WARMUP_FRACTION of the steps (at least 1, at most WARMUP_MAX); decay: the last
      DECAY_FRACTION of the steps (a 20% cool-down matches a cosine run, Hagele et al. 2024, sec. 4).
 The expected tokens per second come from the measured matmul peak: ASSUMED_MFU of it, over M.
@@ -22,11 +26,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-# --- constants awaiting the sweep (see the module docstring for where each comes from) -------------------
+# --- constants (see the module docstring for where each comes from) --------------------------------------
 REPEAT_DECAY = 15.4  # R*, Muennighoff et al. 2023 (Table 2's fit)
-BATCH_COEF, BATCH_EXP = 0.2920, 0.3271  # DeepSeek LLM eq. 1: B_opt = 0.2920 C^0.3271 (tokens)
-LR_COEF, LR_EXP = 0.3118, -0.1250  # DeepSeek LLM eq. 1: lr_opt = 0.3118 C^-0.1250
+# B_opt = BATCH_COEF C^BATCH_EXP tokens, lr_opt = LR_COEF C^LR_EXP: DeepSeek LLM's exponents (eq. 1; its
+# coefficients are 0.2920 and 0.3118); the coefficients are the speedrun sweep's fit, the geometric mean
+# over 2 and 5 minutes of the coefficient that puts each budget on its best grid point (1,024 tokens, 7.5e-4)
+BATCH_COEF, BATCH_EXP = 0.06708, 0.3271
+LR_COEF, LR_EXP = 0.02978, -0.1250
 MIN_STEPS = 200  # the batch shrinks below B_opt so that a short budget still has this many steps
+ROW_MULTIPLE = 8  # above this many rows the batch is a multiple of it (a prime row count would force
+#                   micro-batches of one row: 19 rows ran as 19 one-row passes, several times slower a token)
 WARMUP_FRACTION, WARMUP_MAX = 0.02, 200  # a short warmup (modded-nanogpt's speedruns warm up briefly)
 DECAY_FRACTION = 0.2  # Hagele et al. 2024, sec. 4
 ASSUMED_MFU = 0.5  # the quickstart's 1m model trained at 48-72% of the measured fp32 matmul peak (BENCHMARKS.md)
@@ -82,8 +91,10 @@ def auto_recipe(data_tokens: int, budget_s: float, tokens_per_s: float, flops_pe
     run_tokens = max(budget_s * tokens_per_s, float(seq_len))
     d_eff = effective_tokens(run_tokens, max(data_tokens, 1))
     compute = flops_per_token * d_eff
-    batch = min(BATCH_COEF * compute**BATCH_EXP, run_tokens / MIN_STEPS)
-    batch_tokens = max(1, int(batch // seq_len)) * seq_len
+    rows = max(1, min(round(BATCH_COEF * compute**BATCH_EXP / seq_len), int(run_tokens / MIN_STEPS // seq_len)))
+    if rows > ROW_MULTIPLE:
+        rows -= rows % ROW_MULTIPLE
+    batch_tokens = rows * seq_len
     steps = max(1.0, run_tokens / batch_tokens)
     warmup = min(WARMUP_MAX, max(1, round(WARMUP_FRACTION * steps)))
     return AutoRecipe(batch_tokens, LR_COEF * compute**LR_EXP, warmup, DECAY_FRACTION, run_tokens, d_eff, compute)
