@@ -70,7 +70,7 @@ from tinylm.train import rules  # noqa: E402
 from tinylm.train.config import TrainConfig  # noqa: E402
 from tinylm.train.loop import new_model_config  # noqa: E402
 from tinylm.train.metrics import read_metrics  # noqa: E402
-from tinylm.train.rules import auto_recipe, expected_tokens_per_s  # noqa: E402
+from tinylm.train.rules import auto_recipe, expected_tokens_per_s, micro_batch  # noqa: E402
 
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
@@ -314,8 +314,7 @@ def rule_overrides(data: Path, recipe: Path, minutes: float, peak: float) -> tup
     train_tokens = json.loads((data / "meta.json").read_text())["splits"]["train"]["tokens"]
     rule = auto_recipe(train_tokens, minutes * 60, expected_tokens_per_s(peak, flops), flops, cfg.data.seq_len)
     rows = rule.batch_tokens // cfg.data.seq_len
-    micro = max(m for m in range(1, min(cfg.data.micro_batch, rows) + 1) if rows % m == 0)
-    return {**rule.overrides(), "data.micro_batch": micro}, rule.compute
+    return {**rule.overrides(), "data.micro_batch": micro_batch(rows, cfg.data.micro_batch)}, rule.compute
 
 
 def sweep(args: argparse.Namespace, recipe: Path) -> None:
@@ -331,7 +330,7 @@ def sweep(args: argparse.Namespace, recipe: Path) -> None:
         runs += [Run(auto_name(minutes, auto, seed), "pydoc", data, minutes, seed, auto) for seed in range(args.repeats)]
         for batch in args.batch:
             for lr in args.lr:
-                extra = {"data.batch_tokens": batch, "optim.lr": lr, "data.micro_batch": math.gcd(batch // seq_len, 16)}
+                extra = {"data.batch_tokens": batch, "optim.lr": lr, "data.micro_batch": micro_batch(batch // seq_len, 16)}
                 runs += [Run(f"sweep-{minutes:g}m-{batch}-{lr:g}-{seed}", "pydoc", data, minutes, seed, extra)
                          for seed in range(args.repeats)]
     execute(runs, recipe, args)

@@ -37,7 +37,7 @@ from tinylm.infer.generate import generate
 from tinylm.train.config import TrainConfig
 from tinylm.train.loop import fit, new_model_config, setup
 from tinylm.train.losses import lm_loss_fn
-from tinylm.train.rules import auto_recipe, expected_tokens_per_s
+from tinylm.train.rules import auto_recipe, expected_tokens_per_s, micro_batch
 
 # Package data (pyproject's package-data), found through the import system so that it is the installed
 # package's copy; a wheel installs it as a plain file, so str() of the resource is its path.
@@ -166,7 +166,7 @@ def _own_text_recipe(train_cfg: TrainConfig, data: Path, figures: dict[str, Any]
     d.batch_tokens, train_cfg.optim.lr = rule.batch_tokens, rule.lr
     train_cfg.schedule.warmup_steps, train_cfg.schedule.decay_fraction = rule.warmup_steps, rule.decay_fraction
     rows = rule.batch_tokens // d.seq_len
-    d.micro_batch = max(m for m in range(1, min(d.micro_batch, rows) + 1) if rows % m == 0)
+    d.micro_batch = micro_batch(rows, d.micro_batch)
     figures["recipe"] = {**rule.overrides(), "expected_tokens": rule.run_tokens, "compute_flops": rule.compute}
     _say(f"    recipe for {figures['tokens']['train']:,} tokens and {train_s / 60:.1f} min: batch "
          f"{rule.batch_tokens:,} tokens, lr {rule.lr:.2e}, warmup {rule.warmup_steps} steps, decay "

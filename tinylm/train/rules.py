@@ -98,3 +98,8 @@ def auto_recipe(data_tokens: int, budget_s: float, tokens_per_s: float, flops_pe
     steps = max(1.0, run_tokens / batch_tokens)
     warmup = min(WARMUP_MAX, max(1, round(WARMUP_FRACTION * steps)))
     return AutoRecipe(batch_tokens, LR_COEF * compute**LR_EXP, warmup, DECAY_FRACTION, run_tokens, d_eff, compute)
+
+
+def micro_batch(rows: int, most: int) -> int:
+    """The largest micro-batch of at most `most` rows that divides a batch of `rows` rows evenly."""
+    return max(m for m in range(1, min(most, rows) + 1) if rows % m == 0)
