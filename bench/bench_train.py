@@ -52,7 +52,8 @@ def ours(name: str, data: Path, out: Path, seq_len: int, rows: int, compile_: bo
     cfg = load_config(TrainConfig, None, {
         "model.preset": name, "data.dir": str(data), "data.seq_len": seq_len, "data.batch_tokens": rows * seq_len,
         "data.micro_batch": rows, "schedule.steps": 10**6, "schedule.warmup_steps": 10, "run.out": str(out),
-        "run.compile": compile_, "run.progress": False, "run.device": "cpu", "run.peak_flops": 1.0})
+        "run.compile": compile_, "run.progress": False, "run.device": "cpu", "run.peak_flops": 1.0,
+        "run.dtype": "float32"})  # fp32 as the reference (auto is bf16 on a CPU with AMX: bench_cpu_bf16.py)
     run = setup(cfg)
     return run, lambda: train_step(run, lm_loss)
 

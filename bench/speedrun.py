@@ -8,7 +8,8 @@ Ablations (`--variants`): each trains the quickstart recipe (or --recipe) for --
 (`run.minutes`: the steps planned and re-planned by train.budget) with one option on, against the default:
   default, muon (optim.name muon), adamw (optim.name adamw), qk_norm, untied (model.tie_embeddings false),
   z_loss (optim.z_loss 1e-4), softcap (model.logit_softcap 30), batch_warmup (data.batch_warmup_tokens
-  --ramp-tokens), all (every one but adamw).
+  --ramp-tokens), fp32 (run.dtype float32: on a CPU with AMX, auto trains in bf16), all (every one but
+  adamw and fp32).
 Runs are `tinylm pretrain` subprocesses, --repeats of each (seeds 0, 1, ...), variants interleaved so that a
 shared machine's load falls on all of them; every figure is the median over repeats with its [min, max].
 Figures per run:
@@ -81,6 +82,7 @@ VARIANTS: dict[str, dict[str, object]] = {
     "z_loss": {"optim.z_loss": 1e-4},  # PaLM's coefficient
     "softcap": {"model.logit_softcap": 30.0},  # modded-nanogpt's cap
     "batch_warmup": {},  # data.batch_warmup_tokens: --ramp-tokens
+    "fp32": {"run.dtype": "float32"},  # against auto, bf16 on a CPU with AMX (the default before it)
 }
 
 
@@ -295,7 +297,7 @@ def ablations(args: argparse.Namespace, recipe: Path) -> None:
 
 def overrides(variant: str, args: argparse.Namespace) -> dict[str, object]:
     if variant == "all":
-        return {k: v for name in VARIANTS if name != "adamw" for k, v in overrides(name, args).items()}
+        return {k: v for name in VARIANTS if name not in ("adamw", "fp32") for k, v in overrides(name, args).items()}
     if variant == "batch_warmup":
         return {"data.batch_warmup_tokens": args.ramp_tokens}
     return dict(VARIANTS[variant])

@@ -299,7 +299,9 @@ def test_smollm2_batch_size_1_and_32_agree(smollm2) -> None:
     groups = [g for t in tasks for g in benchmarks.encode_items(t, smollm2.tokenizer, smollm2.config.vocab_size)]
     items = [item for t in tasks for item in t.items]
     runs = {b: loglikelihoods(smollm2.model, groups, batch_size=b) for b in (1, 32)}
-    assert max(abs(a.logprob - b.logprob) for a, b in zip(_flat(runs[1]), _flat(runs[32]))) < 1e-5
+    # one row and 32 rows take different fp32 kernels, which sum in different orders: continuation log-probs
+    # (sums of up to ~40 tokens' log-probs of a 30-layer model) differ by up to 1e-5 on AVX2, 6e-5 on AVX-512
+    assert max(abs(a.logprob - b.logprob) for a, b in zip(_flat(runs[1]), _flat(runs[32]))) < 2e-4
     for metric in benchmarks.METRICS[:3]:
         accuracies = {b: [benchmarks.item_metrics(s, [x for _, x in item.requests], item.gold)[metric]
                           for s, item in zip(runs[b], items)] for b in runs}

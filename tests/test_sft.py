@@ -140,9 +140,9 @@ def test_lora_sft_changes_only_the_adapter_and_peft_loads_it(base: Path, chat: P
         plain = checkpoint.load(base).model.eval()(ids)
         assert not torch.allclose(plain, ours(ids))
     assert cli.main(["merge", str(final), "--adapter", str(final), "--out", str(tmp_path / "merged")]) == 0
-    with torch.no_grad():
+    with torch.no_grad():  # W + s B A rounded once into fp32 against x W + s (x A) B: a few ulps of the logits apart
         torch.testing.assert_close(checkpoint.load(tmp_path / "merged").model.eval()(ids), ours(ids),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-5, atol=5e-5)
 
 
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
@@ -171,9 +171,9 @@ def test_lora_trains_the_rows_of_added_chatml_tokens_and_peft_loads_them(tie: bo
     with torch.no_grad():
         torch.testing.assert_close(ref(ids).logits, ours(ids), rtol=1e-5, atol=1e-5)
     assert cli.main(["merge", str(final), "--adapter", str(final), "--out", str(tmp_path / "merged")]) == 0
-    with torch.no_grad():
+    with torch.no_grad():  # W + s B A rounded once into fp32 against x W + s (x A) B: a few ulps of the logits apart
         torch.testing.assert_close(checkpoint.load(tmp_path / "merged").model.eval()(ids), ours(ids),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=1e-5, atol=5e-5)
     merged, start, original = weights(tmp_path / "merged"), weights(final), weights(plain)
     old = torch.tensor([i for i in range(saved.model.config.vocab_size) if i not in new])
     for key in ["model.embed_tokens.weight"] + ([] if tie else ["lm_head.weight"]):

@@ -125,10 +125,18 @@ class Attention(nn.Module):
             k, v, mask = cache.update(self.layer, k, v)
         if T == 1 and mask is not None:  # one query over a static cache's slots
             y = one_query_attention(q, k, v, mask)
+        elif x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # bf16 training on a CPU: the projections run in bf16 (AMX), attention in fp32, where torch's CPU
+            # flash-attention backward is 2.5x faster than in bf16 (BENCHMARKS.md, "bf16 on a CPU with AMX")
+            with torch.autocast("cpu", enabled=False):
+                y = self._attend(q.float(), k.float(), v.float(), mask).to(q.dtype)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
+            y = self._attend(q, k, v, mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                              enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, hd)
 
 
 class MLP(nn.Module):

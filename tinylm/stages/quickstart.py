@@ -182,8 +182,9 @@ def _train(train_cfg: TrainConfig, train_s: float, figures: dict[str, Any]) -> P
     t_train = time.perf_counter()
     final = fit(run, lm_loss_fn(train_cfg.optim.z_loss))
     seconds = time.perf_counter() - t_train
+    precision = "bf16 autocast" if run.amp_dtype == torch.bfloat16 else "fp32"  # run.dtype auto: README, Set-up
     figures["train"] = {"parameters": run.model.num_params(), "steps": run.step, "tokens": run.tokens(),
-                        "step_s": seconds / max(run.step, 1), "seconds": seconds}
+                        "step_s": seconds / max(run.step, 1), "seconds": seconds, "precision": precision}
     _say(f"    {run.step} steps, {run.tokens():,} tokens in {seconds / 60:.1f} min")
     return final
 
@@ -213,7 +214,7 @@ def write_report(out: Path, f: dict[str, Any], corpus: Path) -> None:
         f"A {tr['parameters']:,}-parameter Llama trained from scratch on {what} ({co['bytes'] / 1e6:.1f} MB) in "
         f"{tr['seconds'] / 60:.1f} minutes; the whole run took {f['total_s'] / 60:.1f} minutes.", "",
         "| figure | value |", "|---|---|",
-        f"| training steps / tokens | {tr['steps']:,} / {tr['tokens']:,} |",
+        f"| training steps / tokens | {tr['steps']:,} / {tr['tokens']:,} ({tr['precision']}) |",
         f"| val loss (nats/token) | {ev['loss']:.4f} |",
         f"| val perplexity | {ev['perplexity']:.3f} |",
         f"| val bits per byte | {ev['bits_per_byte']:.4f} |",
