@@ -108,7 +108,8 @@ def format_result(r: dict[str, Any]) -> str:
     if "tinytales" in r:
         t = r["tinytales"]
         rows += [("TinyTales valid sentences", f"{t['valid_fraction']:.1%} of {t['sentences']}"),
-                 ("TinyTales consistent stories", f"{t['consistent_fraction']:.1%} of {t['stories']}")]
+                 ("TinyTales consistent stories, at least half valid",  # an unparsable story is vacuously consistent
+                  f"{t['consistent_valid_fraction']:.1%} of {t['stories']}")]
     if "judge" in r:
         j = r["judge"]
         rows += [(f"judge {k} (1-10)", f"{j[k]:.2f}") for k in (*CRITERIA["tinystories"], "overall")]
