@@ -162,7 +162,7 @@ def _sync(device: torch.device) -> None:
 
 def cpu_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (Intel AMX with AVX512-BF16, Sapphire Rapids
-    and later), where a bf16 matmul runs 6-10x faster than fp32 (BENCHMARKS.md, "bf16 on a CPU with AMX");
+    and later), where a bf16 matmul runs 4-10x faster than fp32 (BENCHMARKS.md, "bf16 on a CPU with AMX");
     elsewhere torch emulates bf16 matmuls, 20x slower than fp32. torch exposes the check only privately,
     so a torch without it answers False."""
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]

@@ -127,7 +127,7 @@ class Attention(nn.Module):
             y = one_query_attention(q, k, v, mask)
         elif x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             # bf16 training on a CPU: the projections run in bf16 (AMX), attention in fp32, where torch's CPU
-            # flash-attention backward is 2.5x faster than in bf16 (BENCHMARKS.md, "bf16 on a CPU with AMX")
+            # flash attention (forward + backward) is 1.8x faster than in bf16 (BENCHMARKS.md, "bf16 on a CPU with AMX")
             with torch.autocast("cpu", enabled=False):
                 y = self._attend(q.float(), k.float(), v.float(), mask).to(q.dtype)
         else:

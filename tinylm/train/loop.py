@@ -306,8 +306,8 @@ def _amp_dtype(name: str, device: torch.device, params: int) -> torch.dtype | No
     """The autocast dtype of run.dtype; None for plain fp32.
 
     auto is bf16 on CUDA, and on a CPU with bf16 matrix units (core.devices.cpu_bf16_units) for models
-    from BF16_CPU_MIN_PARAMS parameters: a 1M-parameter step there takes 1.4x (eager) to 1.6x (compiled)
-    less time than in fp32, a 5M one 2x less, and a 0.4M one (dim 64) none (BENCHMARKS.md, "bf16 on a CPU
+    from BF16_CPU_MIN_PARAMS parameters: a 1M-parameter step there takes 1.33x (eager) to 1.75x (compiled)
+    less time than in fp32, a 5M one 1.6x to 2x less, and a 0.4M one (dim 64, eager) none (BENCHMARKS.md, "bf16 on a CPU
     with AMX"). The weights, gradients and optimizer state stay fp32.
     """
     if name not in ("auto", "float32", "bfloat16"):
