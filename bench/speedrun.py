@@ -28,7 +28,9 @@ WORK/runs/NAME/figures.json and a rerun of the same command reuses them (an inte
 
 Sweep (`--sweep`, real text): the final val bits per byte of every --batch x --lr x --minutes-list, and
 for each budget the automatic recipe (train.rules.auto_recipe, as `tinylm quickstart --data` uses it)
-against the best point of the sweep: the rule's goal is to be within 2% of it.
+against the best point of the sweep: the rule's goal is to be within 2% of it. With --keep-best every run
+keeps the checkpoint of its lowest val loss (run.keep_best, as `tinylm quickstart --data` does) and is
+scored by that checkpoint, the figure a user of a small text gets.
 
     python bench/speedrun.py --corpus tinytales pydoc --minutes 10 --repeats 3
     python bench/speedrun.py --corpus tinytales --variants default muon --minutes 10 --repeats 5 --target-bpb 0.15
@@ -219,7 +221,10 @@ def judge(data: Path, out: Path, corpus: str, args: argparse.Namespace) -> dict[
     from tinylm.evals.tinytales import sample_tinytales
 
     final = checkpoint.load(out / "final")
-    figures: dict[str, Any] = {"bpb": evaluate(final.model, data, split="val")["bits_per_byte"]}
+    best = out / "best"  # run.keep_best (--keep-best): the model scored is the lowest-val-loss checkpoint
+    scored = checkpoint.load(best) if best.is_dir() else final
+    figures: dict[str, Any] = {"bpb": evaluate(scored.model, data, split="val")["bits_per_byte"],
+                               "scored_tokens": scored.meta["tokens"]}
     scale = bytes_per_token(data) * math.log(2)  # val nats/token -> bits/byte
     curve = [r for r in read_metrics(out / "metrics.jsonl") if r.get("val_loss") is not None]
     hit = next((r for r in curve if r["val_loss"] / scale <= args.target_bpb), None)
@@ -325,14 +330,16 @@ def sweep(args: argparse.Namespace, recipe: Path) -> None:
     _, env = slot_command(0, args)
     torch.set_num_threads(int(env.get("OMP_NUM_THREADS", torch.get_num_threads())))  # the peak one run sees
     chosen = {m: rule_overrides(data, recipe, m, peak_flops(args.work)) for m in args.minutes_list}
-    autos = {m: overrides for m, (overrides, _) in chosen.items()}
+    keep = {"run.keep_best": "true"} if args.keep_best else {}
+    autos = {m: {**overrides, **keep} for m, (overrides, _) in chosen.items()}
     runs = []
     for minutes in args.minutes_list:  # each budget's auto run first: a second command on other cores reuses it
         auto = autos[minutes]
         runs += [Run(auto_name(minutes, auto, seed), "pydoc", data, minutes, seed, auto) for seed in range(args.repeats)]
         for batch in args.batch:
             for lr in args.lr:
-                extra = {"data.batch_tokens": batch, "optim.lr": lr, "data.micro_batch": micro_batch(batch // seq_len, 16)}
+                extra = {"data.batch_tokens": batch, "optim.lr": lr, "data.micro_batch": micro_batch(batch // seq_len, 16),
+                         **keep}
                 runs += [Run(f"sweep-{minutes:g}m-{batch}-{lr:g}-{seed}", "pydoc", data, minutes, seed, extra)
                          for seed in range(args.repeats)]
     execute(runs, recipe, args)
@@ -340,17 +347,18 @@ def sweep(args: argparse.Namespace, recipe: Path) -> None:
     for minutes in args.minutes_list:
         grid = sweep_points(args.work, minutes, args.repeats)  # this command's points and earlier ones
         batches, lrs = sorted({b for b, _ in grid}), sorted({lr for _, lr in grid})
-        print(f"\nreal text (pydoc), {minutes:g} min a run: final val bits per byte by batch tokens (rows) and "
-              f"peak lr (columns), medians of {args.repeats}; tokens trained in brackets\n")
+        print(f"\nreal text (pydoc), {minutes:g} min a run: val bits per byte of the final model (--keep-best: of "
+              f"the lowest-val checkpoint) by batch tokens (rows) and peak lr (columns), medians of {args.repeats}; "
+              f"tokens trained in brackets (--keep-best: and the scored checkpoint's)\n")
         print("| batch \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
         print("|---|" + "---|" * len(lrs))
         for b in batches:
-            cells = [f"{grid[(b, lr)][0]:.4f} ({grid[(b, lr)][1] / 1e6:.2f}M)" if (b, lr) in grid else "-" for lr in lrs]
+            cells = [cell(*grid[(b, lr)]) if (b, lr) in grid else "-" for lr in lrs]
             print(f"| {b:,} | " + " | ".join(cells) + " |")
         auto = autos[minutes]
         auto_bpb = statistics.median(json.loads((args.work / "runs" / auto_name(minutes, auto, seed) /
                                                  "figures.json").read_text())["bpb"] for seed in range(args.repeats))
-        (b, lr), (best, _) = min(grid.items(), key=lambda kv: kv[1][0])
+        (b, lr), (best, *_) = min(grid.items(), key=lambda kv: kv[1][0])
         compute = chosen[minutes][1]
         fits.append((b / compute**rules.BATCH_EXP, lr / compute**rules.LR_EXP))
         summary.append(f"| {minutes:g} | {b:,}, {lr:g} | {best:.4f} | {auto['data.batch_tokens']:,}, "
@@ -371,16 +379,23 @@ def auto_name(minutes: float, auto: dict[str, object], seed: int) -> str:
     return f"auto-{minutes:g}m-{auto['data.batch_tokens']}-{auto['optim.lr']:.3g}-{seed}"
 
 
-def sweep_points(work: Path, minutes: float, repeats: int) -> dict[tuple[int, float], tuple[float, float]]:
-    """(batch, lr) -> (median bpb, median tokens) of every sweep run of this budget under WORK with all
+def sweep_points(work: Path, minutes: float, repeats: int) -> dict[tuple[int, float], tuple[float, float, float]]:
+    """(batch, lr) -> (median bpb, median tokens trained, median tokens of the scored checkpoint) of every sweep run of this budget under WORK with all
     `repeats` seeds done, whichever command ran it."""
     found: dict[tuple[int, float], list[dict[str, Any]]] = {}
     for done in (work / "runs").glob(f"sweep-{minutes:g}m-*-*-*/figures.json"):
         batch, lr, seed = done.parent.name.split("-")[2:5]
         if int(seed) < repeats:
             found.setdefault((int(batch), float(lr)), []).append(json.loads(done.read_text()))
-    return {k: (statistics.median(r["bpb"] for r in v), statistics.median(r["tokens"] for r in v))
+    return {k: (statistics.median(r["bpb"] for r in v), statistics.median(r["tokens"] for r in v),
+                statistics.median(r.get("scored_tokens", r["tokens"]) for r in v))
             for k, v in found.items() if len(v) == repeats}
+
+
+def cell(bpb: float, tokens: float, scored: float) -> str:
+    """A sweep table's cell: bits per byte (tokens trained; the scored checkpoint's when not the last)."""
+    at = f"; best at {scored / 1e6:.2f}M" if scored < tokens else ""
+    return f"{bpb:.4f} ({tokens / 1e6:.2f}M{at})"
 
 
 def peak_flops(work: Path) -> float:
@@ -414,6 +429,9 @@ def main() -> None:
     ap.add_argument("--minutes-list", type=float, nargs="+", default=[2.0, 5.0, 20.0])
     ap.add_argument("--batch", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="batch tokens")
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="peak lr")
+    ap.add_argument("--keep-best", action="store_true",
+                    help="sweep: every run keeps its lowest-val-loss checkpoint (run.keep_best, as `tinylm quickstart "
+                         "--data` does) and is scored by it")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at a time, each pinned to its share of the cores with as many threads")
     ap.add_argument("--judge-run", type=Path, help=argparse.SUPPRESS)  # a worker: judges one run folder

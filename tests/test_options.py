@@ -291,3 +291,18 @@ def test_options_are_off_by_default() -> None:
     cfg = TrainConfig()
     assert (cfg.optim.name, cfg.optim.z_loss, cfg.model.qk_norm, cfg.model.logit_softcap,
             cfg.data.batch_warmup_tokens, cfg.run.minutes) == ("adamw", 0.0, False, None, 0, None)
+
+
+@pytest.mark.slow
+def test_batch_warmup_compiles_once(data: Path, tmp_path: Path) -> None:
+    # the ramp's batches grow (2, 2, 3, 4, 5, 7 rows, then 8); compiled for the first shape only, the second
+    # recompiled the model and the loss: a 35-40 s stall mid-run at 1M parameters
+    extra = {"data.batch_warmup_tokens": 300, "data.batch_warmup_start": 0.25, "data.micro_batch": 8,
+             "run.compile": True}
+    run = setup(load_config(TrainConfig, None, tiny_args(data, tmp_path / "ramp", steps=8, **extra)))
+    assert run.train_model.dynamic_batch and run.ramp.ramp == (2, 2, 3, 4, 5, 7) and run.micro == 8
+    torch._dynamo.reset()  # no compiled code of earlier tests: every compile below is this run's
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        fit(run)
+    plain = setup(load_config(TrainConfig, None, tiny_args(data, tmp_path / "plain", steps=2, **{"run.compile": True})))
+    assert not plain.train_model.dynamic_batch  # without a ramp: compiled for its one shape

@@ -46,13 +46,18 @@ def test_quickstart_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_on_own_text(tmp_path):
+def test_quickstart_on_own_text(tmp_path, monkeypatch):
     from pydoc_data.topics import topics  # real English that ships with CPython
+
+    from tinylm.train import loop
 
     docs = [p for text in topics.values() for p in text.split("\n\n") if len(p) > 200][:400]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     recipe = tmp_path / "tiny.yaml"
-    recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+10"))
+    recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+10")
+                      .replace("eval_every: 0", "eval_every: 4"))
+    validate = loop.validate  # a run that overfits after step 12 (it trains at least 24 steps): the val loss
+    monkeypatch.setattr(loop, "validate", lambda run, fn: {**validate(run, fn), "val_loss": 1 + abs(run.step - 12)})
     out = tmp_path / "qs"
     code = main(["quickstart", "--out", str(out), "--data", str(tmp_path / "docs.jsonl"), "--minutes", "0.5",
                  "--vocab-size", "300", "--samples", "3", "--recipe", str(recipe)])
@@ -62,7 +67,10 @@ def test_quickstart_on_own_text(tmp_path):
     assert 0.8 * len(docs) < report["corpus"]["documents"] <= len(docs)  # less the (near-)duplicates
     assert not (out / "tinytales.txt").exists()
     final = load(Path(report["final"]))
-    assert report["eval"] == evaluate(final.model, out / "data", split="val")
+    assert Path(report["final"]) == out / "train" / "best" and final.meta["step"] == 12  # the lowest val loss
+    assert report["train"]["best"] == {"step": 12, "tokens": final.meta["tokens"], "val_loss": 1.0,
+                                       "final_val_loss": 1.0 + report["train"]["steps"] - 12}
+    assert report["eval"] == evaluate(final.model, out / "data", split="val")  # the report's figures are its
     trained = final.meta["config"]  # the rule's batch, lr, warmup and decay are what trained
     rule = report["recipe"]
     assert trained["data"]["batch_tokens"] == rule["data.batch_tokens"] and trained["optim"]["lr"] == rule["optim.lr"]
@@ -71,6 +79,7 @@ def test_quickstart_on_own_text(tmp_path):
     assert report["train"]["steps"] >= 24
     text = (out / "REPORT.md").read_text()
     assert "Three samples" in text and "validator" not in text and "entropy bound" not in text
+    assert f"lowest validation loss, step 12 of {report['train']['steps']}" in text
 
 
 def test_quickstart_bad_budget_is_one_line_error(tmp_path, capsys):

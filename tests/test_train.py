@@ -3,6 +3,7 @@ DDP against one process, and non-finite losses/gradients stopping the run."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -308,3 +309,34 @@ def test_ddp_two_processes_match_one(data: Path, tmp_path: Path, fsdp: bool) -> 
     for a, b in zip(one, two):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
     assert abs(one[-1]["val_loss"] - two[-1]["val_loss"]) < 1e-4
+
+
+# ----- the checkpoint of lowest validation loss (run.keep_best) ----------------------------------------
+
+def test_keep_best_holds_the_weights_of_the_lowest_val_loss(data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from tinylm.train import loop
+
+    scripted = iter([3.0, 2.0, 2.5, 1.5, 1.8, 1.9])  # the val passes at steps 4, 8, ..., 24: lowest at 16
+    monkeypatch.setattr(loop, "validate", lambda run, loss_fn: {"val_loss": next(scripted)})
+    out = tmp_path / "run"
+    args = tiny_args(data, out, **{"run.eval_every": 4, "run.ckpt_every": 4, "run.keep_last": 100,
+                                   "run.keep_best": True})
+    train(args)
+    best = checkpoint.load(out / "best")
+    assert (best.meta["step"], best.meta["val_loss"]) == (16, 1.5)
+    assert_bitwise(weights(out / "best"), weights(out / "checkpoints" / "step_0000016"))
+    assert not (out / "best" / "train_state").exists()  # weights only: not a checkpoint to resume
+    monkeypatch.undo()
+    train(tiny_args(data, tmp_path / "off", **{"run.eval_every": 4}))
+    assert not (tmp_path / "off" / "best").exists()  # off by default
+
+
+def test_keep_best_needs_a_val_split(tmp_path: Path) -> None:
+    no_val = make_data(tmp_path / "data")
+    meta = json.loads((no_val / "meta.json").read_text())
+    del meta["splits"]["val"]
+    (no_val / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(TinylmError, match="run.keep_best needs validation data"):
+        setup(load_config(TrainConfig, None, tiny_args(no_val, tmp_path / "run", **{"run.keep_best": True})))
+    assert not (tmp_path / "run").exists()

@@ -164,6 +164,9 @@ def _own_text_recipe(train_cfg: TrainConfig, data: Path, figures: dict[str, Any]
     rule = auto_recipe(figures["tokens"]["train"], max(train_s, 1.0), expected_tokens_per_s(peak, flops), flops,
                        d.seq_len)
     d.batch_tokens, train_cfg.optim.lr = rule.batch_tokens, rule.lr
+    # a user's text may be small for the budget (pydoc's 120K tokens overfit after 5-7 of 20 minutes:
+    # BENCHMARKS.md, "The automatic recipe"): the report's model is the checkpoint of lowest val loss
+    train_cfg.run.keep_best = True
     train_cfg.schedule.warmup_steps, train_cfg.schedule.decay_fraction = rule.warmup_steps, rule.decay_fraction
     rows = rule.batch_tokens // d.seq_len
     d.micro_batch = micro_batch(rows, d.micro_batch)
@@ -186,6 +189,15 @@ def _train(train_cfg: TrainConfig, train_s: float, figures: dict[str, Any]) -> P
     figures["train"] = {"parameters": run.model.num_params(), "steps": run.step, "tokens": run.tokens(),
                         "step_s": seconds / max(run.step, 1), "seconds": seconds, "precision": precision}
     _say(f"    {run.step} steps, {run.tokens():,} tokens in {seconds / 60:.1f} min")
+    best = final.parent / "best"
+    if train_cfg.run.keep_best and best.is_dir():
+        meta = load(best).meta
+        figures["train"]["best"] = {"step": meta["step"], "tokens": meta["tokens"], "val_loss": meta["val_loss"],
+                                    "final_val_loss": run.last_val}
+        if meta["step"] < run.step:
+            _say(f"    the lowest val loss was at step {meta['step']} ({meta['val_loss']:.4f} against the final "
+                 f"{run.last_val:.4f}): the report's model is {best}")
+            return best
     return final
 
 
@@ -234,6 +246,11 @@ def write_report(out: Path, f: dict[str, Any], corpus: Path) -> None:
         lines += ["", f"Recipe for this text and budget (tinylm.train.rules): batch {r['data.batch_tokens']:,} "
                   f"tokens, peak lr {r['optim.lr']:.2e}, warmup {r['schedule.warmup_steps']} steps, decay over the "
                   f"last {r['schedule.decay_fraction']:.0%} of the steps."]
+        b = tr.get("best")
+        if b and b["step"] < tr["steps"]:
+            lines += ["", (f"The model is the checkpoint of lowest validation loss, step {b['step']:,} of "
+                           f"{tr['steps']:,} ({b['val_loss']:.4f} nats/token against the last step's "
+                           f"{b['final_val_loss']:.4f}): past it the model memorised its training text.")]
     lines += ["", "![train and val loss, learning rate](train/loss.png)", "",
               "## Three stories" if tiny else "## Three samples", ""]
     for i, text in enumerate((f["stories"]["samples"] if tiny else f["samples"])[:3], 1):

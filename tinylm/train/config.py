@@ -117,6 +117,9 @@ class RunSection:
     eval_tokens: Count = 65536  # validation tokens per pass, in whole windows of data.seq_len (at least one)
     ckpt_every: Interval = 500  # steps between resumable checkpoints (0: only on a signal)
     keep_last: Count = 2  # resumable checkpoints kept
+    # OUT/best: the weights (not resumable) of the lowest validation loss so far, rewritten at each val pass
+    # that lowers it; for a run that may overfit (little data for its budget). Needs a val split
+    keep_best: bool = False
     log_every: Count = 10  # steps between metrics.jsonl lines
     peak_flops: Positive | None = None  # device peak FLOP/s for MFU; None: measured (measure_peak_flops)
     progress: bool = True  # tqdm progress bar

@@ -149,16 +149,20 @@ def start(cfg: Any, model: Llama, batches: BatchSource, d: Dist, device: torch.d
     """
     out = Path(cfg.run.out)
     resume_from, total = _plan_start(cfg, out, batch_ramp(cfg.data, d.world))
+    has_val = val is not None and (not isinstance(val, list) or len(val) > 0)
+    if cfg.run.keep_best and not has_val:
+        raise TinylmError("run.keep_best needs validation data: the data dir has no val split")
     run = _assemble(cfg, model, batches, d, device, total, out)
     run.val, run.tokenizer = val, tokenizer
     if cfg.run.minutes is not None:
-        has_val = val is not None and (not isinstance(val, list) or len(val) > 0)
         run.budget = Budget(cfg.run.minutes * 60, run.ramp, cfg.schedule, None if total == UNBOUNDED else total,
                             end_tokens=cfg.run.eval_tokens / 3 if has_val else 0.0)  # a forward: ~1/3 of a step
     if extra_modules is not None:
         _attach_extra(run, extra_modules(model))
     if resume_from is not None:
         restore(run, resume_from)
+        if cfg.run.keep_best and not (out / "best").is_dir():
+            run.best_val = None  # a branch from another run's checkpoint: its best is that run's
     amp = run.amp_dtype
     run.peak_flops = cfg.run.peak_flops or measure_peak_flops(device, torch.float32 if amp is None else amp)
     return run
@@ -187,12 +191,13 @@ def _assemble(cfg: Any, model: Llama, batches: BatchSource, d: Dist, device: tor
               out: Path) -> Run:
     """The Run record: the model on its device and wrapped, its optimizer, the batch layout."""
     rows, micro, accum = batch_layout(cfg.data, d.world)
+    ramp = batch_ramp(cfg.data, d.world)
     model.to(device)
-    train_model = _wrap(model, cfg.run, d, device)
+    train_model = _wrap(model, cfg.run, d, device, dynamic_batch=bool(ramp.ramp))
     optimizer = make_optimizer(model, cfg.optim, device)
     amp = _amp_dtype(cfg.run.dtype, device, model.num_params())
     return Run(cfg, model, train_model, optimizer, batches, None, None, d, device, amp, total, rows, micro, accum,
-               out, batch_ramp(cfg.data, d.world))
+               out, ramp)
 
 
 def data_tokenizer(data_dir: str) -> Tokenizer | None:
@@ -332,8 +337,15 @@ def use_compile(flag: bool | None, model: Llama, device: torch.device) -> bool:
 COMPILE_MIN_PARAMS = 1_000_000
 
 
-def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device) -> nn.Module:
-    """The module the loss step calls: FSDP2-sharded or DDP-wrapped under torchrun, then compiled."""
+def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device, dynamic_batch: bool = False) -> nn.Module:
+    """The module the loss step calls: FSDP2-sharded or DDP-wrapped under torchrun, then compiled.
+
+    dynamic_batch (batch-size warmup: the rows of a micro-batch change over the ramp): compiled for any
+    batch size from the first step. Compiled for the first shape only, the step of the second shape
+    recompiled the model and the loss for dynamic shapes, a 35-40 s stall mid-run on a 2-core CPU at
+    1M parameters (BENCHMARKS.md, "Batch-size warmup without the recompile"). A micro-batch of one row
+    still compiles once more: dynamo specialises sizes 0 and 1.
+    """
     wrapped: nn.Module = model
     if r.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -353,7 +365,8 @@ def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device) -> nn.Modu
             # compiled run killed and resumed ends bit for bit where the straight run does (test_train).
             # This is process-wide PyTorch state; warn_only keeps ops without a deterministic kernel usable.
             torch.use_deterministic_algorithms(True, warn_only=True)
-        wrapped = torch.compile(wrapped)
+        wrapped = torch.compile(wrapped, dynamic=True if dynamic_batch else None)
+        wrapped.dynamic_batch = dynamic_batch  # read by train.losses._nll_for: the loss is compiled alike
     return wrapped
 
 
@@ -619,7 +632,10 @@ def _fit(run: Run, loss_fn: LossFn, stop_at: int | None) -> Path:
                 vals = validate(run, loss_fn)
                 run.last_val = None if vals is None else vals["val_loss"]
                 if vals is not None:
-                    run.best_val = min(run.best_val or run.last_val, run.last_val)
+                    improved = run.best_val is None or run.last_val < run.best_val
+                    run.best_val = run.last_val if improved else run.best_val
+                    if improved and cfg.keep_best:
+                        save_checkpoint(run, out / "best", resumable=False)
                     record.update(step=run.step, tokens=run.tokens(), time_s=now, **vals)
                     if run.dist.main:
                         bar.write(f"step {run.step}: val loss {run.last_val:.4f}")

@@ -39,7 +39,7 @@ def lm_loss(model: nn.Module, batch: Batch, z_loss: float = 0.0) -> tuple[Tensor
     packed = {} if batch.segments is None else {"segments": batch.input_segments}  # unpacked: the plain call
     logits = model(batch.inputs, **packed).flatten(0, 1)  # (B * T, V)
     counted = None if batch.mask is None else batch.labels.flatten() != IGNORE_INDEX  # (B * T,)
-    nll = _compiled_nll() if hasattr(model, "_orig_mod") else _nll  # a compiled model: a compiled loss too
+    nll = _nll_for(model)
     if counted is None:
         loss = nll(logits, batch.targets.flatten(), "mean")
     else:
@@ -58,12 +58,21 @@ def _nll(logits: Tensor, targets: Tensor, reduction: str) -> Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
+def _nll_for(model: nn.Module) -> Callable[[Tensor, Tensor, str], Tensor]:
+    """`_nll` for the model's loss step: compiled for a compiled model (train.loop._wrap), and for any
+    number of rows when the model is (its dynamic_batch: batch-size warmup)."""
+    if not hasattr(model, "_orig_mod"):
+        return _nll
+    return _compiled_nll(bool(getattr(model, "dynamic_batch", False)))
+
+
 @functools.cache
-def _compiled_nll() -> Callable[[Tensor, Tensor, str], Tensor]:
+def _compiled_nll(dynamic: bool = False) -> Callable[[Tensor, Tensor, str], Tensor]:
     """`_nll` compiled, for compiled models: inductor fuses the fp32 cast, log-softmax and gather that
     eager runs as separate passes over the (tokens x vocab) logits; on a CPU the loss's forward and
-    backward take 4x less time (BENCHMARKS.md, "bf16 on a CPU with AMX")."""
-    return torch.compile(_nll)
+    backward take 4x less time (BENCHMARKS.md, "bf16 on a CPU with AMX"). dynamic: for any number of rows
+    from the first call."""
+    return torch.compile(_nll, dynamic=True if dynamic else None)
 
 
 def lm_loss_fn(z_loss: float = 0.0) -> LossFn:
