@@ -340,11 +340,12 @@ COMPILE_MIN_PARAMS = 1_000_000
 def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device, dynamic_batch: bool = False) -> nn.Module:
     """The module the loss step calls: FSDP2-sharded or DDP-wrapped under torchrun, then compiled.
 
-    dynamic_batch (batch-size warmup: the rows of a micro-batch change over the ramp): compiled for any
-    batch size from the first step. Compiled for the first shape only, the step of the second shape
-    recompiled the model and the loss for dynamic shapes, a 35-40 s stall mid-run on a 2-core CPU at
-    1M parameters (BENCHMARKS.md, "Batch-size warmup without the recompile"). A micro-batch of one row
-    still compiles once more: dynamo specialises sizes 0 and 1.
+    dynamic_batch (batch-size warmup: the rows of a micro-batch change over the ramp): the loss step marks
+    the batch dimension dynamic (train.losses.lm_loss), so the first compile serves every batch size.
+    Compiled for the first shape only, the step of the second shape recompiled the model and the loss, a
+    30-40 s stall mid-run on a 2-core CPU at 1M parameters; compiled with every dimension dynamic
+    (torch.compile(dynamic=True)), a full step took 7% longer (BENCHMARKS.md, "Batch-size warmup at the
+    quickstart's budget"). A micro-batch of one row still compiles once more: dynamo specialises 0 and 1.
     """
     wrapped: nn.Module = model
     if r.fsdp:
@@ -365,8 +366,8 @@ def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device, dynamic_ba
             # compiled run killed and resumed ends bit for bit where the straight run does (test_train).
             # This is process-wide PyTorch state; warn_only keeps ops without a deterministic kernel usable.
             torch.use_deterministic_algorithms(True, warn_only=True)
-        wrapped = torch.compile(wrapped, dynamic=True if dynamic_batch else None)
-        wrapped.dynamic_batch = dynamic_batch  # read by train.losses._nll_for: the loss is compiled alike
+        wrapped = torch.compile(wrapped)
+        wrapped.dynamic_batch = dynamic_batch  # read by train.losses.lm_loss, which marks the rows dynamic
     return wrapped
 
 

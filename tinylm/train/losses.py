@@ -36,15 +36,16 @@ def lm_loss(model: nn.Module, batch: Batch, z_loss: float = 0.0) -> tuple[Tensor
     Returns:
         (the loss, no extra metrics; with z_loss in training, {"z_loss": the mean log(Z)^2}).
     """
-    packed = {} if batch.segments is None else {"segments": batch.input_segments}  # unpacked: the plain call
-    logits = model(batch.inputs, **packed).flatten(0, 1)  # (B * T, V)
+    rows = _varying_rows(model)
+    packed = {} if batch.segments is None else {"segments": rows(batch.input_segments)}  # unpacked: the plain call
+    logits = rows(model(rows(batch.inputs), **packed).flatten(0, 1))  # (B * T, V)
     counted = None if batch.mask is None else batch.labels.flatten() != IGNORE_INDEX  # (B * T,)
-    nll = _nll_for(model)
+    nll = _compiled_nll() if hasattr(model, "_orig_mod") else _nll  # a compiled model: a compiled loss too
     if counted is None:
-        loss = nll(logits, batch.targets.flatten(), "mean")
+        loss = nll(logits, rows(batch.targets.flatten()), "mean")
     else:
         # sum / count rather than reduction="mean": a micro-batch with every target masked gives 0, not NaN
-        loss = nll(logits, batch.labels.flatten(), "sum") / max(batch.weight, 1.0)
+        loss = nll(logits, rows(batch.labels.flatten()), "sum") / max(batch.weight, 1.0)
     if not z_loss or not torch.is_grad_enabled():
         return loss, {}
     logits = logits.float()
@@ -58,21 +59,26 @@ def _nll(logits: Tensor, targets: Tensor, reduction: str) -> Tensor:
     return F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
-def _nll_for(model: nn.Module) -> Callable[[Tensor, Tensor, str], Tensor]:
-    """`_nll` for the model's loss step: compiled for a compiled model (train.loop._wrap), and for any
-    number of rows when the model is (its dynamic_batch: batch-size warmup)."""
-    if not hasattr(model, "_orig_mod"):
-        return _nll
-    return _compiled_nll(bool(getattr(model, "dynamic_batch", False)))
+def _varying_rows(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """For a model compiled with dynamic_batch (batch-size warmup, train.loop._wrap): marks a tensor's first
+    dimension (rows, or rows x positions) dynamic, so that the compiled model and loss serve every batch
+    size of the ramp from their first compile and keep the other dimensions static. Otherwise: the tensor."""
+    if not getattr(model, "dynamic_batch", False):
+        return lambda t: t
+
+    def mark(t: Tensor) -> Tensor:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+        return t
+
+    return mark
 
 
 @functools.cache
-def _compiled_nll(dynamic: bool = False) -> Callable[[Tensor, Tensor, str], Tensor]:
+def _compiled_nll() -> Callable[[Tensor, Tensor, str], Tensor]:
     """`_nll` compiled, for compiled models: inductor fuses the fp32 cast, log-softmax and gather that
     eager runs as separate passes over the (tokens x vocab) logits; on a CPU the loss's forward and
-    backward take 4x less time (BENCHMARKS.md, "bf16 on a CPU with AMX"). dynamic: for any number of rows
-    from the first call."""
-    return torch.compile(_nll, dynamic=True if dynamic else None)
+    backward take 4x less time (BENCHMARKS.md, "bf16 on a CPU with AMX")."""
+    return torch.compile(_nll)
 
 
 def lm_loss_fn(z_loss: float = 0.0) -> LossFn:
