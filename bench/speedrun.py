@@ -30,12 +30,15 @@ Sweep (`--sweep`, real text): the final val bits per byte of every --batch x --l
 for each budget the automatic recipe (train.rules.auto_recipe, as `tinylm quickstart --data` uses it)
 against the best point of the sweep: the rule's goal is to be within 2% of it. With --keep-best every run
 keeps the checkpoint of its lowest val loss (run.keep_best, as `tinylm quickstart --data` does) and is
-scored by that checkpoint, the figure a user of a small text gets.
+scored by that checkpoint, the figure a user of a small text gets. --epochs E1 E2 ... adds a third axis: each
+grid point also runs capped at E epochs of the data (schedule.tokens; its decay ends there), as the rules
+cap a budget that is long for its data (train.rules, rule 5).
 
     python bench/speedrun.py --corpus tinytales pydoc --minutes 10 --repeats 3
     python bench/speedrun.py --corpus tinytales --variants default muon --minutes 10 --repeats 5 --target-bpb 0.15
     python bench/speedrun.py --sweep --minutes-list 2 5 20 --batch 2048 4096 8192 16384 --lr 1e-3 2e-3 4e-3 8e-3
     python bench/speedrun.py --sweep --minutes-list 2 5 --batch 2048 4096 8192 --lr 3e-3 6e-3 1.2e-2 --jobs 2
+    python bench/speedrun.py --sweep --minutes-list 20 --batch 1024 --lr 7.5e-4 1.5e-3 --epochs 8 16.4 33 --keep-best
     python bench/speedrun.py --minutes 0.2 --repeats 1 --stories 600 --vocab-size 300 --samples 2 \\
         --recipe tiny.yaml --variants default muon            # a smoke run
 """
@@ -332,38 +335,47 @@ def sweep(args: argparse.Namespace, recipe: Path) -> None:
     chosen = {m: rule_overrides(data, recipe, m, peak_flops(args.work)) for m in args.minutes_list}
     keep = {"run.keep_best": "true"} if args.keep_best else {}
     autos = {m: {**overrides, **keep} for m, (overrides, _) in chosen.items()}
+    train_tokens = json.loads((data / "meta.json").read_text())["splits"]["train"]["tokens"]
     runs = []
     for minutes in args.minutes_list:  # each budget's auto run first: a second command on other cores reuses it
         auto = autos[minutes]
         runs += [Run(auto_name(minutes, auto, seed), "pydoc", data, minutes, seed, auto) for seed in range(args.repeats)]
-        for batch in args.batch:
-            for lr in args.lr:
-                extra = {"data.batch_tokens": batch, "optim.lr": lr, "data.micro_batch": micro_batch(batch // seq_len, 16),
-                         **keep}
-                runs += [Run(f"sweep-{minutes:g}m-{batch}-{lr:g}-{seed}", "pydoc", data, minutes, seed, extra)
-                         for seed in range(args.repeats)]
+        for epochs in args.epochs or [None]:
+            cap = {} if epochs is None else {"schedule.tokens": math.ceil(epochs * train_tokens)}
+            tag = "" if epochs is None else f"e{epochs:g}-"
+            for batch in args.batch:
+                for lr in args.lr:
+                    extra = {"data.batch_tokens": batch, "optim.lr": lr,
+                             "data.micro_batch": micro_batch(batch // seq_len, 16), **keep, **cap}
+                    runs += [Run(f"sweep-{minutes:g}m-{batch}-{lr:g}-{tag}{seed}", "pydoc", data, minutes, seed, extra)
+                             for seed in range(args.repeats)]
     execute(runs, recipe, args)
     summary, fits = [], []
     for minutes in args.minutes_list:
         grid = sweep_points(args.work, minutes, args.repeats)  # this command's points and earlier ones
-        batches, lrs = sorted({b for b, _ in grid}), sorted({lr for _, lr in grid})
-        print(f"\nreal text (pydoc), {minutes:g} min a run: val bits per byte of the final model (--keep-best: of "
-              f"the lowest-val checkpoint) by batch tokens (rows) and peak lr (columns), medians of {args.repeats}; "
-              f"tokens trained in brackets (--keep-best: and the scored checkpoint's)\n")
-        print("| batch \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
-        print("|---|" + "---|" * len(lrs))
-        for b in batches:
-            cells = [cell(*grid[(b, lr)]) if (b, lr) in grid else "-" for lr in lrs]
-            print(f"| {b:,} | " + " | ".join(cells) + " |")
+        batches, lrs = sorted({b for b, _, _ in grid}), sorted({lr for _, lr, _ in grid})
+        for epochs in sorted({e for _, _, e in grid}, key=lambda e: (e is not None, e or 0.0)):
+            length = "the whole budget" if epochs is None else f"at most {epochs:g} epochs (schedule.tokens)"
+            print(f"\nreal text (pydoc), {minutes:g} min a run, {length}: val bits per byte of the final model "
+                  f"(--keep-best: of the lowest-val checkpoint) by batch tokens (rows) and peak lr (columns), medians "
+                  f"of {args.repeats}; tokens trained in brackets (--keep-best: and the scored checkpoint's)\n")
+            print("| batch \\ lr | " + " | ".join(f"{lr:g}" for lr in lrs) + " |")
+            print("|---|" + "---|" * len(lrs))
+            for b in batches:
+                cells = [cell(*grid[(b, lr, epochs)]) if (b, lr, epochs) in grid else "-" for lr in lrs]
+                print(f"| {b:,} | " + " | ".join(cells) + " |")
         auto = autos[minutes]
         auto_bpb = statistics.median(json.loads((args.work / "runs" / auto_name(minutes, auto, seed) /
                                                  "figures.json").read_text())["bpb"] for seed in range(args.repeats))
-        (b, lr), (best, *_) = min(grid.items(), key=lambda kv: kv[1][0])
+        (b, lr, epochs), (best, *_) = min(grid.items(), key=lambda kv: kv[1][0])
         compute = chosen[minutes][1]
         fits.append((b / compute**rules.BATCH_EXP, lr / compute**rules.LR_EXP))
-        summary.append(f"| {minutes:g} | {b:,}, {lr:g} | {best:.4f} | {auto['data.batch_tokens']:,}, "
-                       f"{auto['optim.lr']:.2e} | {auto_bpb:.4f} | {auto_bpb / best - 1:+.1%} |")
-    print("\n| minutes | best sweep point (batch, lr) | its bpb | auto recipe (batch, lr) | its bpb | auto / best - 1 |")
+        length = "" if epochs is None else f", {epochs:g} epochs"
+        auto_cap = auto.get("schedule.tokens")
+        auto_length = "" if auto_cap is None else f", {auto_cap / train_tokens:.3g} epochs"
+        summary.append(f"| {minutes:g} | {b:,}, {lr:g}{length} | {best:.4f} | {auto['data.batch_tokens']:,}, "
+                       f"{auto['optim.lr']:.2e}{auto_length} | {auto_bpb:.4f} | {auto_bpb / best - 1:+.1%} |")
+    print("\n| minutes | best sweep point (batch, lr[, epochs]) | its bpb | auto recipe | its bpb | auto / best - 1 |")
     print("|---|---|---|---|---|---|")
     print("\n".join(summary))
     # train.rules' coefficients that put each budget's rule on its best point (exponents kept), and their
@@ -376,17 +388,23 @@ def sweep(args: argparse.Namespace, recipe: Path) -> None:
 
 
 def auto_name(minutes: float, auto: dict[str, object], seed: int) -> str:
-    return f"auto-{minutes:g}m-{auto['data.batch_tokens']}-{auto['optim.lr']:.3g}-{seed}"
+    cap = f"-t{auto['schedule.tokens']}" if "schedule.tokens" in auto else ""  # train.rules' epoch cap
+    return f"auto-{minutes:g}m-{auto['data.batch_tokens']}-{auto['optim.lr']:.3g}{cap}-{seed}"
 
 
-def sweep_points(work: Path, minutes: float, repeats: int) -> dict[tuple[int, float], tuple[float, float, float]]:
-    """(batch, lr) -> (median bpb, median tokens trained, median tokens of the scored checkpoint) of every sweep run of this budget under WORK with all
-    `repeats` seeds done, whichever command ran it."""
-    found: dict[tuple[int, float], list[dict[str, Any]]] = {}
+Point = tuple[int, float, "float | None"]  # batch tokens, peak lr, epochs cap (None: the whole budget)
+
+
+def sweep_points(work: Path, minutes: float, repeats: int) -> dict[Point, tuple[float, float, float]]:
+    """(batch, lr, epochs) -> (median bpb, median tokens trained, median tokens of the scored checkpoint) of
+    every sweep run of this budget under WORK with all `repeats` seeds done, whichever command ran it."""
+    found: dict[Point, list[dict[str, Any]]] = {}
     for done in (work / "runs").glob(f"sweep-{minutes:g}m-*-*-*/figures.json"):
-        batch, lr, seed = done.parent.name.split("-")[2:5]
+        parts = done.parent.name.split("-")[2:]
+        batch, lr, seed = parts[0], parts[1], parts[-1]
+        epochs = float(parts[2][1:]) if len(parts) == 4 else None
         if int(seed) < repeats:
-            found.setdefault((int(batch), float(lr)), []).append(json.loads(done.read_text()))
+            found.setdefault((int(batch), float(lr), epochs), []).append(json.loads(done.read_text()))
     return {k: (statistics.median(r["bpb"] for r in v), statistics.median(r["tokens"] for r in v),
                 statistics.median(r.get("scored_tokens", r["tokens"]) for r in v))
             for k, v in found.items() if len(v) == repeats}
@@ -429,6 +447,9 @@ def main() -> None:
     ap.add_argument("--minutes-list", type=float, nargs="+", default=[2.0, 5.0, 20.0])
     ap.add_argument("--batch", type=int, nargs="+", default=[2048, 4096, 8192, 16384], help="batch tokens")
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3, 2e-3, 4e-3, 8e-3], help="peak lr")
+    ap.add_argument("--epochs", type=float, nargs="+",
+                    help="sweep: also cap each grid point's run at these epochs of the data (schedule.tokens; the "
+                         "decay then ends there), a third axis beside batch and lr; default: the whole budget only")
     ap.add_argument("--keep-best", action="store_true",
                     help="sweep: every run keeps its lowest-val-loss checkpoint (run.keep_best, as `tinylm quickstart "
                          "--data` does) and is scored by it")

@@ -80,6 +80,30 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     text = (out / "REPORT.md").read_text()
     assert "Three samples" in text and "validator" not in text and "entropy bound" not in text
     assert f"lowest validation loss, step 12 of {report['train']['steps']}" in text
+    assert "schedule.tokens" not in rule and "capped" not in text  # ~5 epochs in this budget: not capped
+
+
+@pytest.mark.slow
+def test_quickstart_on_little_text_stops_at_the_epoch_cap(tmp_path):
+    from pydoc_data.topics import topics
+
+    from tinylm.train.rules import MAX_EPOCHS
+
+    docs = [p for text in topics.values() for p in text.split("\n\n") if len(p) > 200][:60]
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    recipe = tmp_path / "tiny.yaml"  # a peak that promises far more tokens than 16.4 epochs of this text
+    recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+13"))
+    out = tmp_path / "qs"
+    code = main(["quickstart", "--out", str(out), "--data", str(tmp_path / "docs.jsonl"), "--minutes", "2",
+                 "--vocab-size", "300", "--samples", "1", "--recipe", str(recipe)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    cap = report["recipe"]["schedule.tokens"]
+    assert cap == math.ceil(MAX_EPOCHS * report["tokens"]["train"])
+    trained = load(out / "train" / "final").meta
+    assert trained["config"]["schedule"]["tokens"] == cap
+    assert cap <= report["train"]["tokens"] < cap + trained["config"]["data"]["batch_tokens"]  # stopped at the cap
+    assert f"capped at {cap:,} tokens" in (out / "REPORT.md").read_text()
 
 
 def test_quickstart_bad_budget_is_one_line_error(tmp_path, capsys):

@@ -53,3 +53,15 @@ def test_longer_budgets_get_lower_lr_bigger_batches_and_enough_steps(seq_len: in
 
 def test_expected_speed_is_the_assumed_share_of_the_peak() -> None:
     assert expected_tokens_per_s(1e11, 5e6) == pytest.approx(rules.ASSUMED_MFU * 2e4)
+
+
+def test_a_budget_long_for_its_data_is_capped_at_max_epochs() -> None:
+    # 20 minutes at 10k tokens/s on 120K tokens would read 100 epochs: capped at 1 + R* of them
+    long = auto_recipe(data_tokens=120_000, budget_s=1200, tokens_per_s=10_000, flops_per_token=6e6, seq_len=256)
+    cap = math.ceil((1 + 15.4) * 120_000)
+    assert long.token_cap == cap and long.run_tokens == cap and long.overrides()["schedule.tokens"] == cap
+    assert long.effective_tokens == pytest.approx(120_000 * (1 + 15.4 * (1 - math.exp(-1))))  # R = R* repeats
+    for minutes in (40, 600):  # a longer budget changes nothing once capped
+        assert auto_recipe(120_000, minutes * 60, 10_000, 6e6, 256) == long
+    short = auto_recipe(data_tokens=120_000, budget_s=60, tokens_per_s=10_000, flops_per_token=6e6, seq_len=256)
+    assert short.token_cap is None and "schedule.tokens" not in short.overrides()  # 5 epochs: the whole budget

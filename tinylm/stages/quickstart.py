@@ -37,7 +37,12 @@ from tinylm.infer.generate import generate
 from tinylm.train.config import TrainConfig
 from tinylm.train.loop import fit, new_model_config, setup
 from tinylm.train.losses import lm_loss_fn
-from tinylm.train.rules import auto_recipe, expected_tokens_per_s, micro_batch
+from tinylm.train.rules import (
+    MAX_EPOCHS,
+    auto_recipe,
+    expected_tokens_per_s,
+    micro_batch,
+)
 
 # Package data (pyproject's package-data), found through the import system so that it is the installed
 # package's copy; a wheel installs it as a plain file, so str() of the resource is its path.
@@ -168,12 +173,15 @@ def _own_text_recipe(train_cfg: TrainConfig, data: Path, figures: dict[str, Any]
     # BENCHMARKS.md, "The automatic recipe"): the report's model is the checkpoint of lowest val loss
     train_cfg.run.keep_best = True
     train_cfg.schedule.warmup_steps, train_cfg.schedule.decay_fraction = rule.warmup_steps, rule.decay_fraction
+    train_cfg.schedule.tokens = rule.token_cap  # a budget long for this text: MAX_EPOCHS of it, then stop
     rows = rule.batch_tokens // d.seq_len
     d.micro_batch = micro_batch(rows, d.micro_batch)
     figures["recipe"] = {**rule.overrides(), "expected_tokens": rule.run_tokens, "compute_flops": rule.compute}
+    capped = "" if rule.token_cap is None else (f"; at most {rule.token_cap:,} tokens ({MAX_EPOCHS:.1f} epochs: more "
+                                                 "would memorise the text), so it may end before the budget")
     _say(f"    recipe for {figures['tokens']['train']:,} tokens and {train_s / 60:.1f} min: batch "
          f"{rule.batch_tokens:,} tokens, lr {rule.lr:.2e}, warmup {rule.warmup_steps} steps, decay "
-         f"{rule.decay_fraction:.0%}")
+         f"{rule.decay_fraction:.0%}{capped}")
 
 
 def _train(train_cfg: TrainConfig, train_s: float, figures: dict[str, Any]) -> Path:
@@ -246,6 +254,11 @@ def write_report(out: Path, f: dict[str, Any], corpus: Path) -> None:
         lines += ["", f"Recipe for this text and budget (tinylm.train.rules): batch {r['data.batch_tokens']:,} "
                   f"tokens, peak lr {r['optim.lr']:.2e}, warmup {r['schedule.warmup_steps']} steps, decay over the "
                   f"last {r['schedule.decay_fraction']:.0%} of the steps."]
+        if "schedule.tokens" in r:
+            lines += ["", (f"The budget would have read this text more than {MAX_EPOCHS:.1f} times, where repeats stop "
+                           f"paying (tinylm.train.rules, rule 5): training was capped at {r['schedule.tokens']:,} "
+                           f"tokens and read {tr['tokens']:,}. More text, not more minutes, would make a better "
+                           "model.")]
         b = tr.get("best")
         if b and b["step"] < tr["steps"]:
             lines += ["", (f"The model is the checkpoint of lowest validation loss, step {b['step']:,} of "

@@ -17,7 +17,12 @@ of data, with a model of M training FLOPs per token:
      fitted by the sweep), the batch in whole rows (the nearest count; a multiple of ROW_MULTIPLE rows
      above it), at least one, and small enough to leave MIN_STEPS optimizer steps;
   4. warmup: WARMUP_FRACTION of the steps (at least 1, at most WARMUP_MAX); decay: the last
-     DECAY_FRACTION of the steps (a 20% cool-down matches a cosine run, Hagele et al. 2024, sec. 4).
+     DECAY_FRACTION of the steps (a 20% cool-down matches a cosine run, Hagele et al. 2024, sec. 4);
+  5. the run reads at most MAX_EPOCHS = 1 + R* epochs of the data (a token cap, schedule.tokens, that
+     ends the run and its decay before the budget does): in rule 1's fit, repeats past R* add little
+     (D' reaches 63% of its ceiling U (1 + R*) there), and on a small text they cost: the sweep's 20-minute
+     runs on 120K tokens reached their lowest val loss at 16-20 epochs and rose after, so a budget that
+     is long for its data trains this far, decays, and stops.
 The expected tokens per second come from the measured matmul peak: ASSUMED_MFU of it, over M.
 """
 
@@ -38,6 +43,7 @@ ROW_MULTIPLE = 8  # above this many rows the batch is a multiple of it (a prime 
 #                   micro-batches of one row: 19 rows ran as 19 one-row passes, several times slower a token)
 WARMUP_FRACTION, WARMUP_MAX = 0.02, 200  # a short warmup (modded-nanogpt's speedruns warm up briefly)
 DECAY_FRACTION = 0.2  # Hagele et al. 2024, sec. 4
+MAX_EPOCHS = 1 + REPEAT_DECAY  # rule 5: the epochs of the data a run reads at most
 ASSUMED_MFU = 0.5  # the quickstart's 1m model trained at 48-72% of the measured fp32 matmul peak (BENCHMARKS.md)
 
 
@@ -49,14 +55,16 @@ class AutoRecipe:
     lr: float  # optim.lr
     warmup_steps: int  # schedule.warmup_steps
     decay_fraction: float  # schedule.decay_fraction
-    run_tokens: float  # D: the tokens the budget is expected to train on
+    run_tokens: float  # D: the tokens the budget is expected to train on (at most MAX_EPOCHS of the data)
     effective_tokens: float  # D': those tokens with repeats discounted
     compute: float  # C = M D', FLOPs
+    token_cap: int | None = None  # schedule.tokens: MAX_EPOCHS of the data, when the budget would read more
 
     def overrides(self) -> dict[str, object]:
-        """The recipe keys these set."""
+        """The recipe keys these set (schedule.tokens only when the run is capped)."""
+        cap = {} if self.token_cap is None else {"schedule.tokens": self.token_cap}
         return {"data.batch_tokens": self.batch_tokens, "optim.lr": self.lr,
-                "schedule.warmup_steps": self.warmup_steps, "schedule.decay_fraction": self.decay_fraction}
+                "schedule.warmup_steps": self.warmup_steps, "schedule.decay_fraction": self.decay_fraction, **cap}
 
 
 def expected_tokens_per_s(peak_flops: float, flops_per_token: float) -> float:
@@ -89,6 +97,9 @@ def auto_recipe(data_tokens: int, budget_s: float, tokens_per_s: float, flops_pe
         seq_len: tokens per row (the batch is whole rows).
     """
     run_tokens = max(budget_s * tokens_per_s, float(seq_len))
+    cap = max(math.ceil(MAX_EPOCHS * data_tokens), seq_len)
+    token_cap = cap if run_tokens > cap else None
+    run_tokens = min(run_tokens, float(cap))
     d_eff = effective_tokens(run_tokens, max(data_tokens, 1))
     compute = flops_per_token * d_eff
     rows = max(1, min(round(BATCH_COEF * compute**BATCH_EXP / seq_len), int(run_tokens / MIN_STEPS // seq_len)))
@@ -97,7 +108,8 @@ def auto_recipe(data_tokens: int, budget_s: float, tokens_per_s: float, flops_pe
     batch_tokens = rows * seq_len
     steps = max(1.0, run_tokens / batch_tokens)
     warmup = min(WARMUP_MAX, max(1, round(WARMUP_FRACTION * steps)))
-    return AutoRecipe(batch_tokens, LR_COEF * compute**LR_EXP, warmup, DECAY_FRACTION, run_tokens, d_eff, compute)
+    return AutoRecipe(batch_tokens, LR_COEF * compute**LR_EXP, warmup, DECAY_FRACTION, run_tokens, d_eff, compute,
+                      token_cap)
 
 
 def micro_batch(rows: int, most: int) -> int:
