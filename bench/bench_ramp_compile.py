@@ -2,8 +2,9 @@
 
 Under batch-size warmup (data.batch_warmup_tokens) the rows of a micro-batch change from step to step. A model
 compiled for its first shape recompiles at the second one (dynamo's automatic dynamic shapes), and the
-loss with it: one step stalls for the compile time. `train.loop._wrap(..., dynamic_batch=True)` compiles
-the model and `train.losses` the loss for any batch size from the first step. This times both, and a run
+loss with it: one step stalls for the compile time. With `train.loop._wrap(..., dynamic_batch=True)` the loss
+step marks the batch dimension dynamic (`train.losses.lm_loss`), so the first compile of the model and the
+loss serves every batch size. This times both, and a run
 without the ramp (full batches, compiled for their one shape: the steady step's reference), on the
 quickstart's 1m model (vocabulary 2,048, rows of 256 tokens, bf16 autocast where the CPU has bf16 units as
 `run.dtype auto` chooses) over the quickstart's ramp (2 rows growing to 16 over 500K tokens) and 30 full

@@ -344,8 +344,9 @@ def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device, dynamic_ba
     the batch dimension dynamic (train.losses.lm_loss), so the first compile serves every batch size.
     Compiled for the first shape only, the step of the second shape recompiled the model and the loss, a
     30-40 s stall mid-run on a 2-core CPU at 1M parameters; compiled with every dimension dynamic
-    (torch.compile(dynamic=True)), a full step took 7% longer (BENCHMARKS.md, "Batch-size warmup at the
-    quickstart's budget"). A micro-batch of one row still compiles once more: dynamo specialises 0 and 1.
+    (torch.compile(dynamic=True)), its full steps took 180 ms against 167 without a ramp (BENCHMARKS.md,
+    "Batch-size warmup at the quickstart's budget"). A micro-batch of one row still compiles once more:
+    dynamo specialises 0 and 1.
     """
     wrapped: nn.Module = model
     if r.fsdp:
