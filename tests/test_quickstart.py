@@ -91,10 +91,13 @@ def test_quickstart_on_little_text_stops_at_the_epoch_cap(tmp_path):
 
     docs = [p for text in topics.values() for p in text.split("\n\n") if len(p) > 200][:60]
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    recipe = tmp_path / "tiny.yaml"  # a peak that promises far more tokens than 16.4 epochs of this text
-    recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+13"))
+    # a peak that promises far more tokens than 16.4 epochs of this text, and a budget 4x what the capped run
+    # takes here (~1 min), so that the cap and not the clock ends it; 64-token windows fit its small val split
+    recipe = tmp_path / "tiny.yaml"
+    recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+13")
+                      .replace("n_kv_heads: 2}", "n_kv_heads: 2, max_seq_len: 64}"))
     out = tmp_path / "qs"
-    code = main(["quickstart", "--out", str(out), "--data", str(tmp_path / "docs.jsonl"), "--minutes", "2",
+    code = main(["quickstart", "--out", str(out), "--data", str(tmp_path / "docs.jsonl"), "--minutes", "5",
                  "--vocab-size", "300", "--samples", "1", "--recipe", str(recipe)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
