@@ -265,12 +265,9 @@ def test_32_concurrent_requests_equal_their_single_stream_output(client, ref):
 def test_metrics_count_tokens_and_time_requests(client, url):
     before = metric(url, "tinylm_generated_tokens_total")
     reply = client.completions.create(model="tiny", prompt="the cat", max_tokens=5, temperature=0)
-    # the engine thread counts a step's tokens just after the step's callbacks hand them to the request, so
-    # the reply can arrive a moment before the count (CI saw 682 for 683 once): wait up to 5 s for it
-    want, deadline = before + reply.usage.completion_tokens, time.monotonic() + 5
-    while metric(url, "tinylm_generated_tokens_total") < want and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert metric(url, "tinylm_generated_tokens_total") == want
+    # exact at once: the engine thread counts each token before its callback hands it to the reply (it used to
+    # count a step's tokens after the callbacks, and CI once read 682 for 683)
+    assert metric(url, "tinylm_generated_tokens_total") == before + reply.usage.completion_tokens
     assert metric(url, "tinylm_request_latency_seconds_count") >= 1
     assert metric(url, "tinylm_time_to_first_token_seconds_count") >= 1
     assert metric(url, 'tinylm_http_requests_total{endpoint="/v1/completions",status="200"}') >= 1

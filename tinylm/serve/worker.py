@@ -46,7 +46,7 @@ class EngineWorker:
 
     Args:
         engine: the engine (used by this thread only from `start` on).
-        metrics: updated after every step (queue depth, running requests, tokens, finish reasons).
+        metrics: tokens counted as they are generated; the gauges and finish reasons updated after every step.
     """
 
     def __init__(self, engine: Engine, metrics: Metrics) -> None:
@@ -107,13 +107,23 @@ class EngineWorker:
         return True
 
     def _submit(self, ticket: Ticket) -> None:
+        # each token is counted before its callback hands it on, so that a client holding its reply finds
+        # every token of it counted (counted after the step, a reply could arrive a moment before its count)
+        request = dataclasses.replace(ticket.request, on_token=self._counted(ticket.request.on_token))
         try:
-            ticket.rid = self.engine.submit(ticket.request)
+            ticket.rid = self.engine.submit(request)
         except TinylmError as e:
             ticket.on_error(e)
             return
         self.tickets[ticket.rid] = ticket
         self.metrics.prompt_tokens.inc(len(ticket.request.prompt_ids))
+
+    def _counted(self, on_token: Callable[[TokenEvent], object] | None) -> Callable[[TokenEvent], object]:
+        def count_then_call(event: TokenEvent) -> None:
+            self.metrics.generated(1)
+            if on_token is not None:
+                on_token(event)
+        return count_then_call
 
     def _cancel(self, ticket: Ticket) -> None:
         if ticket.rid is not None:
@@ -129,12 +139,10 @@ class EngineWorker:
 
     def _step(self) -> None:
         try:
-            events = self.engine.step()
+            self.engine.step()
         except Exception as e:  # noqa: BLE001 - a bug or out of memory: fail the live requests, keep serving
             traceback.print_exc()
             self._fail_all(e)
-            return
-        self.metrics.generated(len(events))
 
     def _fail_all(self, error: Exception) -> None:
         """Hand `error` to every live request and start over with a fresh engine (the old one's state is
