@@ -12,6 +12,7 @@ from tinylm.cli import main
 from tinylm.data.tinytales import corpus_stats
 from tinylm.evals.perplexity import evaluate
 from tinylm.formats.checkpoint import load
+from tinylm.stages import quickstart
 
 TINY_RECIPE = """
 model: {preset: 260k, dim: 32, n_layers: 2, n_heads: 4, n_kv_heads: 2}
@@ -22,13 +23,32 @@ run: {eval_every: 0, eval_tokens: 2048, ckpt_every: 0, compile: false, progress:
 """
 
 
-def test_quickstart_end_to_end(tmp_path):
+def _fewer(monkeypatch, name: str, key: str, asked: list[int]) -> None:
+    """quickstart.`name` records the number of samples it is asked for (`key`) and draws 3 (a fast test)."""
+    real = getattr(quickstart, name)
+
+    def three(*args, **kwargs):
+        if key in kwargs:
+            asked.append(kwargs[key])
+            kwargs[key] = 3
+        else:  # sample_tinytales(model, tokenizer, n, ...)
+            asked.append(args[2])
+            args = (*args[:2], 3, *args[3:])
+        return real(*args, **kwargs)
+    monkeypatch.setattr(quickstart, name, three)
+
+
+def test_quickstart_end_to_end(tmp_path, monkeypatch):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE)
     out = tmp_path / "qs"
-    code = main(["quickstart", "--out", str(out), "--minutes", "0.5", "--stories", "300", "--vocab-size", "300",
-                 "--samples", "3", "--recipe", str(recipe)])
+    asked: list[int] = []
+    _fewer(monkeypatch, "sample_tinytales", "n", asked)
+    # a budget the reserve for evaluation uses up: the run trains its minimum steps (fast, on any machine)
+    code = main(["quickstart", "--out", str(out), "--minutes", "0.5", "--reserve-s", "60", "--stories", "300",
+                 "--vocab-size", "300", "--recipe", str(recipe)])
     assert code == 0
+    assert asked == [200]  # the default --samples for TinyTales: 200 stories scored
     report = json.loads((out / "report.json").read_text())
     corpus = corpus_stats(300, seed=0)  # the default seed's corpus, generated again in memory
     assert report["corpus"] == {k: corpus[k] for k in ("stories", "bytes", "distinct_words", "bits_per_byte")}
@@ -59,9 +79,12 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     validate = loop.validate  # a run that overfits after step 12 (it trains at least 24 steps): the val loss
     monkeypatch.setattr(loop, "validate", lambda run, fn: {**validate(run, fn), "val_loss": 1 + abs(run.step - 12)})
     out = tmp_path / "qs"
+    asked: list[int] = []
+    _fewer(monkeypatch, "generate", "n", asked)
     code = main(["quickstart", "--out", str(out), "--data", str(tmp_path / "docs.jsonl"), "--minutes", "0.5",
-                 "--vocab-size", "300", "--samples", "3", "--recipe", str(recipe)])
+                 "--reserve-s", "60", "--vocab-size", "300", "--recipe", str(recipe)])
     assert code == 0
+    assert asked == [20]  # the default --samples for a user's text
     report = json.loads((out / "report.json").read_text())
     assert "stories" not in report and len(report["samples"]) == 3
     assert 0.8 * len(docs) < report["corpus"]["documents"] <= len(docs)  # less the (near-)duplicates

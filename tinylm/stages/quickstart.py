@@ -53,6 +53,9 @@ OUTPUTS = {"tinytales.txt": "file", "tokenizer": "dir", "data": "dir", "train": 
            "report.json": "file"}
 
 MIN_TRAIN_STEPS = 24  # however short the budget, the report's model trains this many steps (a probe + 20)
+# the default --samples: 200 TinyTales stories (20 left the share of consistent stories up to 16 points off that
+# of 200 from the same model: BENCHMARKS.md, "The quickstart's reserve and samples"), 20 samples of your text
+TINYTALES_SAMPLES, OWN_TEXT_SAMPLES = 200, 20
 OWN_VAL_FRACTION = 0.05  # of the documents of the user's text held out (TinyTales: 1% of 30,000 stories)
 
 
@@ -66,10 +69,12 @@ class QuickstartConfig:
     minutes: Positive = 9.0  # wall-clock budget of the whole pipeline
     stories: Annotated[int, Check(ge=100)] = 30000  # TinyTales stories in the corpus
     vocab_size: Count = 2048  # BPE vocabulary of the tokenizer trained on the corpus
-    samples: Count = 20  # samples drawn from the trained model (TinyTales: scored by its validator)
+    samples: Count | None = None  # samples drawn; none: 200 TinyTales stories scored, or 20 of your text
     seed: Seed = 0  # corpus, split and initialisation seed
     recipe: str | None = None  # the training recipe (YAML); none: recipes/quickstart.yaml
-    reserve_s: NonNegative = 60.0  # seconds kept for evaluation, sampling and the report after training
+    # seconds kept for evaluation, sampling and the report after training: they took 4.4-5.3 s for TinyTales on
+    # 2 cores (BENCHMARKS.md, "The quickstart's reserve and samples"); more for a large val split of your own text
+    reserve_s: NonNegative = 20.0
     overwrite: bool = False  # replace the outputs of an earlier quickstart in out
 
 
@@ -215,11 +220,12 @@ def _evaluate(cfg: QuickstartConfig, final: Path, out: Path, figures: dict[str, 
     figures["eval"] = evaluate(loaded.model, out / "data", split="val")
     torch.manual_seed(cfg.seed)
     if cfg.data is None:
-        figures["stories"] = sample_tinytales(loaded.model, loaded.tokenizer, cfg.samples, seed=cfg.seed)
+        figures["stories"] = sample_tinytales(loaded.model, loaded.tokenizer, cfg.samples or TINYTALES_SAMPLES,
+                                              seed=cfg.seed)
     else:  # from the start of a document, as the data dir stores each one (BOS + text + EOS)
         with_bos = loaded.tokenizer.bos_id is not None
         texts = generate(loaded.model, loaded.tokenizer, "", max_new_tokens=128, temperature=0.8, seed=cfg.seed,
-                         n=cfg.samples, add_bos=with_bos)
+                         n=cfg.samples or OWN_TEXT_SAMPLES, add_bos=with_bos)
         figures["samples"] = [texts] if isinstance(texts, str) else texts
     figures["final"] = str(final)
 
