@@ -72,8 +72,9 @@ class QuickstartConfig:
     samples: Count | None = None  # samples drawn; none: 200 TinyTales stories scored, or 20 of your text
     seed: Seed = 0  # corpus, split and initialisation seed
     recipe: str | None = None  # the training recipe (YAML); none: recipes/quickstart.yaml
-    # seconds kept for evaluation, sampling and the report after training: they took 4.4-5.3 s for TinyTales on
-    # 2 cores (BENCHMARKS.md, "The quickstart's reserve and samples"); more for a large val split of your own text
+    # seconds kept for evaluation, sampling and the report after training: for TinyTales on 2 cores they took
+    # 3.9-5.3 s with 20 stories, 12.1 s with 200 (BENCHMARKS.md, "The quickstart's reserve and samples"); more for
+    # a large val split of your own text
     reserve_s: NonNegative = 20.0
     overwrite: bool = False  # replace the outputs of an earlier quickstart in out
 
