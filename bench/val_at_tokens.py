@@ -27,7 +27,8 @@ def metrics_of(run: Path) -> list[dict]:
     for path in (run / "metrics.jsonl", run / "train" / "metrics.jsonl"):
         if path.is_file():
             return read_metrics(path)
-    raise SystemExit(f"error: no metrics.jsonl in {run} or {run / 'train'}")
+    print(f"error: no metrics.jsonl in {run} or {run / 'train'}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def val_at(rows: list[dict], tokens: float) -> float | None:
@@ -54,10 +55,10 @@ def main() -> None:
     ap.add_argument("--to-loss", type=float, nargs="+", help="the tokens to each of these val losses instead")
     args = ap.parse_args()
     heads = ([f"tokens to {x:g}" for x in args.to_loss] if args.to_loss else [f"{t / 1e6:g}M" for t in args.tokens])
+    runs = {run: [r for r in metrics_of(run) if "tokens" in r] for run in args.runs}  # every run read first
     print(f"| run | tokens trained | tokens/s after {args.after / 1e6:g}M | {' | '.join(heads)} |")
     print("|---" * (len(heads) + 3) + "|")
-    for run in args.runs:
-        rows = [r for r in metrics_of(run) if "tokens" in r]
+    for run, rows in runs.items():
         speed = speed_after(rows, args.after)
         if args.to_loss:
             cells = [f"{n:,}" if (n := tokens_to(rows, x)) is not None else "" for x in args.to_loss]
