@@ -56,6 +56,8 @@ def main() -> None:
     args = ap.parse_args()
     heads = ([f"tokens to {x:g}" for x in args.to_loss] if args.to_loss else [f"{t / 1e6:g}M" for t in args.tokens])
     runs = {run: [r for r in metrics_of(run) if "tokens" in r] for run in args.runs}  # every run read first
+    names = [run.name for run in runs]  # a folder's name, or its last two parts where names repeat
+    label = {run: run.name if names.count(run.name) == 1 else "/".join(run.parts[-2:]) for run in runs}
     print(f"| run | tokens trained | tokens/s after {args.after / 1e6:g}M | {' | '.join(heads)} |")
     print("|---" * (len(heads) + 3) + "|")
     for run, rows in runs.items():
@@ -65,7 +67,7 @@ def main() -> None:
         else:
             cells = [f"{v:.3f}" if (v := val_at(rows, t)) is not None else "" for t in args.tokens]
         trained = f"{rows[-1]['tokens']:,}" if rows else ""
-        print(f"| {run.name} | {trained} | {f'{speed:,.0f}' if speed else ''} | {' | '.join(cells)} |")
+        print(f"| {label[run]} | {trained} | {f'{speed:,.0f}' if speed else ''} | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":
