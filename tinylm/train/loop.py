@@ -345,8 +345,9 @@ def _wrap(model: Llama, r: RunSection, d: Dist, device: torch.device, dynamic_ba
     Compiled for the first shape only, the step of the second shape recompiled the model and the loss, a
     30-40 s stall mid-run on a 2-core CPU at 1M parameters; compiled with every dimension dynamic
     (torch.compile(dynamic=True)), its full steps took 180 ms against 167 without a ramp (BENCHMARKS.md,
-    "Batch-size warmup at the quickstart's budget"). A micro-batch of one row still compiles once more:
-    dynamo specialises 0 and 1.
+    "Batch-size warmup at the quickstart's budget"); with only the rows dynamic, a full step takes as long as
+    one compiled for the full batch alone (bench/bench_dynamic_batch.py). A micro-batch of one row still
+    compiles once more: dynamo specialises 0 and 1.
     """
     wrapped: nn.Module = model
     if r.fsdp:
