@@ -25,6 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_ramp_compile import spread  # noqa: E402  (bench/ is the script's folder, first on sys.path)
+
 from tinylm.core.devices import Dist, _autocast  # noqa: E402
 from tinylm.data.tokens import Batch  # noqa: E402
 from tinylm.model.config import preset  # noqa: E402
@@ -74,7 +76,6 @@ def main() -> None:
             print(f"round {r} {'dynamic' if dynamic else 'static'}: {ms[dynamic][-1]:.1f} ms", file=sys.stderr,
                   flush=True)
     ratios = [d / s for s, d in zip(ms[False], ms[True])]
-    fmt = lambda v: f"{statistics.median(v):.1f} [{min(v):.1f}, {max(v):.1f}]"  # noqa: E731
     print(f"\n1m model, {'bf16' if amp == torch.bfloat16 else 'fp32'}, {torch.get_num_threads()} threads, "
           f"{ROWS} x {SEQ} tokens a step; medians of {args.rounds} rounds [min, max]\n")
     q = lambda v: statistics.quantiles(v, n=10)  # noqa: E731
@@ -82,7 +83,7 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for dynamic, label in ((False, "one batch size (no ramp)"), (True, "any batch size (dynamic_batch, as under a ramp)")):
         p = q(every[dynamic])
-        print(f"| {label} | {fmt(ms[dynamic])} | {p[0]:.1f} | {statistics.median(every[dynamic]):.1f} | {p[-1]:.1f} |")
+        print(f"| {label} | {spread(ms[dynamic])} | {p[0]:.1f} | {statistics.median(every[dynamic]):.1f} | {p[-1]:.1f} |")
     print(f"\ndynamic / static, per round: {statistics.median(ratios):.3f} "
           f"[{min(ratios):.3f}, {max(ratios):.3f}]\n\n    python bench/bench_dynamic_batch.py --rounds {args.rounds} --steps {args.steps}\n")
 

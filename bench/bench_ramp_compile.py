@@ -68,6 +68,11 @@ def worker(mode: str) -> dict[str, float]:
             "precision": "bf16" if amp == torch.bfloat16 else "fp32"}
 
 
+def spread(values: list[float], fmt: str = "{:.1f}") -> str:
+    """`median [min, max]` of a measurement's repeats, each formatted with fmt."""
+    return f"{fmt.format(statistics.median(values))} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
@@ -95,10 +100,7 @@ def main() -> None:
     print("|---|" + "---|" * len(cols))
     for mode, label in (("static", "ramp; the first shape (then dynamo recompiles)"),
                         ("dynamic", "ramp; any batch size (dynamic_batch)"), ("none", "no ramp; its one shape")):
-        cells = []
-        for _, key, fmt in cols:
-            v = [x[key] for x in runs[mode]]
-            cells.append(f"{fmt.format(statistics.median(v))} [{fmt.format(min(v))}, {fmt.format(max(v))}]")
+        cells = [spread([x[key] for x in runs[mode]], fmt) for _, key, fmt in cols]
         print(f"| {label} | " + " | ".join(cells) + " |")
     print(f"\n    python bench/bench_ramp_compile.py {' '.join(sys.argv[1:])}\n")
 
