@@ -55,9 +55,12 @@ def val_cost(rows: list[dict], tokens: float) -> tuple[float, int] | None:
     """(seconds a val pass adds to its logged window, val passes in the run), from the windows between logged
     rows at or past `tokens` of one length in steps; None without both kinds of window."""
     logged = [r for r in rows if "time_s" in r and "step" in r]
+    if len(logged) < 2:
+        return None
+    every = logged[1]["step"] - logged[0]["step"]  # the log's window, in steps
     after_val, plain = [], []
     for a, b in zip(logged, logged[1:]):
-        if a["tokens"] >= tokens and b["step"] - a["step"] == logged[1]["step"] - logged[0]["step"]:
+        if a["tokens"] >= tokens and b["step"] - a["step"] == every:
             (after_val if a.get("val_loss") is not None else plain).append(b["time_s"] - a["time_s"])
     if not after_val or not plain:
         return None
@@ -72,17 +75,16 @@ def main() -> None:
     ap.add_argument("--to-loss", type=float, nargs="+", help="the tokens to each of these val losses instead")
     ap.add_argument("--val-cost", action="store_true", help="what the val passes cost each run's training time")
     args = ap.parse_args()
+    runs = {run: [r for r in metrics_of(run) if "tokens" in r] for run in args.runs}  # every run read first
     if args.val_cost:
         print(f"| run | val passes | s a pass adds to its window (after {args.after / 1e6:g}M tokens) | their total s "
               "| training s |\n|---|---|---|---|---|")
-        for run in args.runs:
-            rows = metrics_of(run)
+        for run, rows in runs.items():
             cost = val_cost(rows, args.after)
             cells = [f"{cost[1]}", f"{cost[0]:.3f}", f"{cost[0] * cost[1]:.1f}"] if cost else ["", "", ""]
-            print(f"| {run} | {' | '.join(cells)} | {rows[-1].get('time_s', 0):.0f} |")
+            print(f"| {run} | {' | '.join(cells)} | {rows[-1].get('time_s', 0) if rows else 0:.0f} |")
         return
     heads = ([f"tokens to {x:g}" for x in args.to_loss] if args.to_loss else [f"{t / 1e6:g}M" for t in args.tokens])
-    runs = {run: [r for r in metrics_of(run) if "tokens" in r] for run in args.runs}  # every run read first
     names = [run.name for run in runs]  # a folder's name, or its last two parts where names repeat
     label = {run: run.name if names.count(run.name) == 1 else "/".join(run.parts[-2:]) for run in runs}
     print(f"| run | tokens trained | tokens/s after {args.after / 1e6:g}M | {' | '.join(heads)} |")
