@@ -75,7 +75,8 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+10")
-                      .replace("eval_every: 0", "eval_every: 4"))
+                      .replace("eval_every: 0", "eval_every: 4")
+                      .replace("micro_batch: 16}", "micro_batch: 16, batch_warmup_tokens: 8192}"))  # as quickstart.yaml
     validate = loop.validate  # a run that overfits after step 12 (it trains at least 24 steps): the val loss
     monkeypatch.setattr(loop, "validate", lambda run, fn: {**validate(run, fn), "val_loss": 1 + abs(run.step - 12)})
     out = tmp_path / "qs"
@@ -98,6 +99,7 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     rule = report["recipe"]
     assert trained["data"]["batch_tokens"] == rule["data.batch_tokens"] and trained["optim"]["lr"] == rule["optim.lr"]
     assert trained["schedule"]["warmup_steps"] == rule["schedule.warmup_steps"]
+    assert trained["data"]["batch_warmup_tokens"] == 0  # the rule's batch from the first step: the ramp is TinyTales'
     assert rule["data.batch_tokens"] % 64 == 0 and (rule["data.batch_tokens"] // 64) % trained["data"]["micro_batch"] == 0
     assert report["train"]["steps"] >= 24
     text = (out / "REPORT.md").read_text()
