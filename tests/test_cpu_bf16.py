@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_model
 
+import tinylm.core.devices as devices
 import tinylm.train.loop as loop
 from tinylm.data.tokens import IGNORE_INDEX
 from tinylm.model.llama import Attention
@@ -25,6 +26,18 @@ def test_auto_dtype_is_bf16_exactly_where_the_cpu_has_bf16_units(monkeypatch: py
     assert loop._amp_dtype("auto", CPU, small) is None  # too small to gain from bf16
     assert loop._amp_dtype("float32", CPU, big) is None  # an explicit choice is kept either way
     assert loop._amp_dtype("bfloat16", CPU, small) == torch.bfloat16
+
+
+@pytest.mark.parametrize("amx", [False, True])
+@pytest.mark.parametrize("avx512_bf16", [False, True])
+def test_bf16_units_are_avx512_bf16_with_or_without_amx(monkeypatch: pytest.MonkeyPatch, amx: bool,
+                                                       avx512_bf16: bool) -> None:
+    """An AMD EPYC with AVX512-BF16 and no AMX steps 1.99x faster in bf16 (BENCHMARKS.md): auto picks it there."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert devices.cpu_bf16_units() is avx512_bf16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    assert devices.cpu_bf16_units() is False  # a torch without the check
 
 
 def test_cpu_autocast_attends_in_fp32_and_matches_fp32_logits(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -110,7 +110,7 @@ class RunSection:
     decay_from: str | None = None  # wsd: a stable-phase checkpoint; run only the decay from it
     seed: Seed = 0  # model initialisation seed
     device: str = "auto"  # auto (cuda if available, else cpu) | cpu | cuda
-    dtype: one_of("auto", "float32", "bfloat16") = "auto"  # autocast dtype: auto (bfloat16 on cuda, and on a cpu with AMX bf16 units from 1M parameters; else float32) | float32 | bfloat16
+    dtype: one_of("auto", "float32", "bfloat16") = "auto"  # autocast dtype: auto (bfloat16 on cuda, and on a cpu with bf16 units (AVX512-BF16, AMX) from 1M parameters; else float32) | float32 | bfloat16
     compile: bool | None = None  # torch.compile; None: on for cuda, and on cpu from 1M parameters (use_compile)
     fsdp: bool = False  # shard parameters with FSDP2 fully_shard (models that do not fit one device)
     eval_every: Interval = 200  # steps between validation passes (0: only at the end)

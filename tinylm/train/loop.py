@@ -314,9 +314,10 @@ def _amp_dtype(name: str, device: torch.device, params: int) -> torch.dtype | No
     """The autocast dtype of run.dtype; None for plain fp32.
 
     auto is bf16 on CUDA, and on a CPU with bf16 matrix units (core.devices.cpu_bf16_units) for models
-    from BF16_CPU_MIN_PARAMS parameters: a 1M-parameter step there takes 1.33x (eager) to 1.75x (compiled)
-    less time than in fp32, a 5M one 1.6x to 2x less, and a 0.4M one (dim 64, eager) none (BENCHMARKS.md, "bf16 on a CPU
-    with AMX"). The weights, gradients and optimizer state stay fp32.
+    from BF16_CPU_MIN_PARAMS parameters: with AMX a 1M-parameter step takes 1.33x (eager) to 1.75x (compiled)
+    less time than in fp32, a 5M one 1.6x to 2x less, and a 0.4M one (dim 64, eager) none (BENCHMARKS.md, "bf16 on a
+    CPU with AMX"); with AVX512-BF16 alone 1.55x to 1.99x, 2.1x to 2.43x, and 1.06x to 1.23x ("bf16 on an
+    AVX512-BF16 CPU without AMX"). The weights, gradients and optimizer state stay fp32.
     """
     if name not in ("auto", "float32", "bfloat16"):
         raise TinylmError(f"run.dtype must be auto, float32 or bfloat16, got {name!r}")
