@@ -3,10 +3,11 @@
 Each round starts two fresh processes in turn, A (the training setup's mallopt calls, as tinylm makes
 them) and B (glibc's defaults: the call replaced by a no-op), the order
 alternating round by round; each builds the quickstart's shape (`bench_train.ours`: 1m preset, vocab 2,048,
-16 x 256 tokens, compiled, fp32), takes 8 warm-up steps, then times 40 and counts the system time and minor page
+16 x 256 tokens, compiled, run.dtype --dtype: fp32 unless told), takes 8 warm-up steps, then times 40 and counts the system time and minor page
 faults they cost (`getrusage`). Prints per-round figures, the medians and the A/B step-time ratios pair by pair.
 
     python bench/bench_cpu_malloc.py --rounds 7
+    python bench/bench_cpu_malloc.py --rounds 5 --dtype bfloat16      # bf16 autocast, as on a CPU with bf16 units
     python bench/bench_cpu_malloc.py --quickstart W --rounds 1      # whole quickstarts instead (seed = round)
 
 With --quickstart, each process is `tinylm quickstart --out W/{keep,default}-R --seed R` (R the round) and the
@@ -29,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def child(keep: bool, steps: int) -> None:
+def child(keep: bool, steps: int, dtype: str) -> None:
     from bench_train import make_data, ours
 
     import tinylm.train.loop as loop
@@ -37,7 +38,8 @@ def child(keep: bool, steps: int) -> None:
     if not keep:  # glibc's defaults, as before: the training setup (ours -> setup) calls it on CPU
         loop.keep_freed_cpu_memory = lambda: False
     with tempfile.TemporaryDirectory() as tmp:
-        run, step = ours("1m", make_data(Path(tmp) / "data", 2048), Path(tmp) / "out", 256, 16, compile_=True)
+        run, step = ours("1m", make_data(Path(tmp) / "data", 2048), Path(tmp) / "out", 256, 16, compile_=True,
+                         dtype=dtype)
         for _ in range(8):
             step()
         r0, t = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -67,6 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="run.dtype of the steps")
     ap.add_argument("--quickstart", metavar="W", help="whole quickstarts, written under W")
     ap.add_argument("--child", choices=["keep", "default"], help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -75,7 +78,7 @@ def main() -> None:
         quickstart_child(args.child == "keep", f"{args.quickstart}/{args.child}-{args.seed}", args.seed)
         return
     if args.child:
-        child(args.child == "keep", args.steps)
+        child(args.child == "keep", args.steps, args.dtype)
         return
     if args.quickstart:
         for r in range(args.rounds):
@@ -87,7 +90,8 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"keep": [], "default": []}
     for r in range(args.rounds):
         for side in (("keep", "default") if r % 2 == 0 else ("default", "keep")):
-            out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps)],
+            out = subprocess.run([sys.executable, __file__, "--child", side, "--steps", str(args.steps),
+                                  "--dtype", args.dtype],
                                  capture_output=True, text=True, check=True).stdout
             runs[side].append(json.loads(out.strip().splitlines()[-1]))
             print(f"round {r} {side}: {runs[side][-1]}", flush=True)

@@ -47,13 +47,13 @@ def make_data(directory: Path, vocab: int, n_tokens: int = 1 << 20) -> Path:
     return directory
 
 
-def ours(name: str, data: Path, out: Path, seq_len: int, rows: int, compile_: bool):
-    """A tinylm Run and a function doing one optimizer step of it."""
+def ours(name: str, data: Path, out: Path, seq_len: int, rows: int, compile_: bool, dtype: str = "float32"):
+    """A tinylm Run and a function doing one optimizer step of it (run.dtype `dtype`)."""
     cfg = load_config(TrainConfig, None, {
         "model.preset": name, "data.dir": str(data), "data.seq_len": seq_len, "data.batch_tokens": rows * seq_len,
         "data.micro_batch": rows, "schedule.steps": 10**6, "schedule.warmup_steps": 10, "run.out": str(out),
         "run.compile": compile_, "run.progress": False, "run.device": "cpu", "run.peak_flops": 1.0,
-        "run.dtype": "float32"})  # fp32 as the reference (auto is bf16 on a CPU with AMX: bench_cpu_bf16.py)
+        "run.dtype": dtype})  # fp32 the reference by default (auto is bf16 on a CPU with bf16 units: bench_cpu_bf16.py)
     run = setup(cfg)
     return run, lambda: train_step(run, lm_loss)
 
