@@ -175,8 +175,8 @@ def cpu_bf16_units() -> bool:
 # glibc's malloc serves a block above its mmap threshold (128 KiB, adapting up to 32 MiB) from a fresh mapping and
 # unmaps it when freed. PyTorch's CPU allocator does not cache, so a training step, which allocates and frees the
 # same activations every step, faulted ~29K pages back in each step: 84 ms of system time in a 511 ms step of the
-# quickstart's model on 2 AVX2 cores, and steps 11-13% faster without (BENCHMARKS.md, "The quickstart on an AVX2-only
-# CPU"). jemalloc or tcmalloc through LD_PRELOAD are the usual cure but must be there before the process starts;
+# quickstart's model on 2 AVX2 cores, and fixed-batch steps 8-13% faster without (BENCHMARKS.md, "The quickstart on an
+# AVX2-only CPU"; the quickstart's own recipe faults far less and gained no tokens, "bf16 on an AVX512-BF16 CPU"). jemalloc or tcmalloc through LD_PRELOAD are the usual cure but must be there before the process starts;
 # glibc's mallopt does the same at run time, so it is called here by hand (two ctypes calls, no library does it).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
 HEAP_BLOCK = 1 << 27  # blocks up to 128 MiB are kept for reuse: a 1m model's logits are 32 MiB, a 135M model's 400+
