@@ -344,7 +344,8 @@ def test_keep_best_needs_a_val_split(tmp_path: Path) -> None:
 
 def test_cpu_training_reuses_freed_memory(data: Path, tmp_path: Path) -> None:
     """A CPU run's setup makes glibc's malloc keep freed blocks (`core.devices.keep_freed_cpu_memory`): a 48 MiB
-    tensor allocated and freed again faults its pages in once, not every time (steps 11-13% faster: BENCHMARKS.md)."""
+    tensor allocated and freed again faults its pages in once, not every time (fixed-batch steps 8-13% faster:
+    BENCHMARKS.md)."""
     import platform
 
     if platform.libc_ver()[0] != "glibc":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
 import time
@@ -175,27 +176,27 @@ def cpu_bf16_units() -> bool:
 # glibc's malloc serves a block above its mmap threshold (128 KiB, adapting up to 32 MiB) from a fresh mapping and
 # unmaps it when freed. PyTorch's CPU allocator does not cache, so a training step, which allocates and frees the
 # same activations every step, faulted ~29K pages back in each step: 84 ms of system time in a 511 ms step of the
-# quickstart's model on 2 AVX2 cores, and fixed-batch steps 8-13% faster without (BENCHMARKS.md, "The quickstart on an
-# AVX2-only CPU"; the quickstart's own recipe faults far less and gained no tokens, "bf16 on an AVX512-BF16 CPU"). jemalloc or tcmalloc through LD_PRELOAD are the usual cure but must be there before the process starts;
+# quickstart's model on 2 AVX2 cores, and fixed-batch steps 8-13% faster without (BENCHMARKS.md, "The quickstart on
+# an AVX2-only CPU"; the quickstart's own recipe faults far less and gained no tokens, "bf16 on an AVX512-BF16
+# CPU"). jemalloc or tcmalloc through LD_PRELOAD are the usual cure but must be there before the process starts;
 # glibc's mallopt does the same at run time, so it is called here by hand (two ctypes calls, no library does it).
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
 HEAP_BLOCK = 1 << 27  # blocks up to 128 MiB are kept for reuse: a 1m model's logits are 32 MiB, a 135M model's 400+
 HEAP_TRIM = 1 << 30  # free memory at the heap's top is returned to the kernel only past 1 GiB
 
 
+@functools.cache  # the thresholds hold for the whole process: every later training setup finds them set
 def keep_freed_cpu_memory() -> bool:
     """Make glibc's malloc keep freed blocks up to HEAP_BLOCK for reuse instead of unmapping them, for the
-    rest of the process; the peak memory is about the same (+3% measured), page faults stop. Returns whether
+    rest of the process; the peak memory is about the same (+1-3% measured), page faults stop. Returns whether
     it applied: False off Linux and glibc (musl, macOS), where nothing changes."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc
         return False
-    mallopt = getattr(libc, "mallopt", None)
-    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK)) and bool(mallopt(M_TRIM_THRESHOLD,
-                                                                                               HEAP_TRIM))
+    return bool(mallopt(M_MMAP_THRESHOLD, HEAP_BLOCK)) and bool(mallopt(M_TRIM_THRESHOLD, HEAP_TRIM))
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -267,8 +267,8 @@ def write_report(out: Path, f: dict[str, Any], corpus: Path) -> None:
             "the corpus entropy); val bits per byte above it is what the model has yet to learn."]
         minutes = longer_budget(f)
         if minutes is not None:
-            lines += ["", (f"Its characters change names from sentence to sentence: with this recipe stories keep their "
-                           f"names after about {NAMED_TOKENS / 1e6:.1f}M tokens, and this machine trained "
+            lines += ["", (f"Its characters change names from sentence to sentence: with this recipe stories keep "
+                           f"their names after about {NAMED_TOKENS / 1e6:.1f}M tokens, and this machine trained "
                            f"{tr['tokens'] / 1e6:.1f}M at {tr['tokens'] / tr['seconds']:,.0f} tokens/s. "
                            f"`tinylm quickstart --minutes {minutes}` would train about that many here.")]
             _say(f"stories keep their names after about {NAMED_TOKENS / 1e6:.1f}M tokens; this machine trained "
