@@ -47,9 +47,11 @@ def make_data(directory: Path, vocab: int, n_tokens: int = 1 << 20) -> Path:
     return directory
 
 
-def ours(name: str, data: Path, out: Path, seq_len: int, rows: int, compile_: bool, dtype: str = "float32"):
-    """A tinylm Run and a function doing one optimizer step of it (run.dtype `dtype`)."""
-    cfg = load_config(TrainConfig, None, {
+def ours(name: str, data: Path, out: Path, seq_len: int, rows: int, compile_: bool, dtype: str = "float32",
+         extra: dict[str, object] | None = None):
+    """A tinylm Run and a function doing one optimizer step of it (run.dtype `dtype`; `extra`: more recipe
+    overrides, e.g. {"optim.name": "muon"})."""
+    cfg = load_config(TrainConfig, None, {**(extra or {}), 
         "model.preset": name, "data.dir": str(data), "data.seq_len": seq_len, "data.batch_tokens": rows * seq_len,
         "data.micro_batch": rows, "schedule.steps": 10**6, "schedule.warmup_steps": 10, "run.out": str(out),
         "run.compile": compile_, "run.progress": False, "run.device": "cpu", "run.peak_flops": 1.0,

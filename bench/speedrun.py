@@ -10,6 +10,9 @@ Ablations (`--variants`): each trains the quickstart recipe (or --recipe) for --
   z_loss (optim.z_loss 1e-4), softcap (model.logit_softcap 30), batch_warmup (data.batch_warmup_tokens
   --ramp-tokens), fp32 (run.dtype float32: on a CPU with AMX, auto trains in bf16), all (every one but
   adamw and fp32).
+`--define NAME KEY=VALUE ...` adds a variant of your own (e.g. `--define lr4 optim.lr=4e-3`). `--tokens T` gives
+every run T tokens instead of --minutes (schedule.tokens; the decay ends there): what each variant learns per
+token, apart from its speed.
 Runs are `tinylm pretrain` subprocesses, --repeats of each (seeds 0, 1, ...), variants interleaved so that a
 shared machine's load falls on all of them; every figure is the median over repeats with its [min, max].
 Figures per run:
@@ -39,6 +42,8 @@ cap a budget that is long for its data (train.rules, rule 5).
     python bench/speedrun.py --sweep --minutes-list 2 5 20 --batch 2048 4096 8192 16384 --lr 1e-3 2e-3 4e-3 8e-3
     python bench/speedrun.py --sweep --minutes-list 2 5 --batch 2048 4096 8192 --lr 3e-3 6e-3 1.2e-2 --jobs 2
     python bench/speedrun.py --sweep --minutes-list 20 --batch 1024 --lr 7.5e-4 1.5e-3 --epochs 8 16.4 33 --keep-best
+    python bench/speedrun.py --corpus tinytales --tokens 4500000 --define lr4 optim.lr=4e-3 --variants default lr4 \\
+        --repeats 3 --samples 100 --ckpt-every 200
     python bench/speedrun.py --minutes 0.2 --repeats 1 --stories 600 --vocab-size 300 --samples 2 \\
         --recipe tiny.yaml --variants default muon            # a smoke run
 """
@@ -132,9 +137,10 @@ class Run:
     name: str  # its folder under WORK/runs: every setting that changes it is in the name
     corpus: str
     data: Path
-    minutes: float
+    minutes: float | None  # a wall-clock budget, or None: train `tokens`
     seed: int
     overrides: dict[str, object] = field(default_factory=dict)
+    tokens: int | None = None  # --tokens: a token budget (schedule.tokens; its decay ends there)
 
 
 def slot_command(slot: int, args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
@@ -167,7 +173,7 @@ def execute(runs: list[Run], recipe: Path, args: argparse.Namespace) -> dict[str
             slot = slots.get()
             try:
                 prefix, env = slot_command(slot, args)
-                train(run.data, out, recipe, run.minutes, run.seed, run.overrides, args, prefix, env)
+                train(run.data, out, recipe, run.minutes, run.seed, run.overrides, args, prefix, env, run.tokens)
                 subprocess.run([*prefix, sys.executable, __file__, "--judge-run", str(out), "--judge-data",
                                 str(run.data), "--corpus", run.corpus, "--samples", str(args.samples),
                                 "--target-bpb", str(args.target_bpb)], check=True, env=env)
@@ -202,13 +208,15 @@ def take(lock: Path) -> bool:
     return True
 
 
-def train(data: Path, out: Path, recipe: Path, minutes: float, seed: int, overrides: dict[str, object],
-          args: argparse.Namespace, prefix: list[str], env: dict[str, str]) -> float:
-    """`tinylm pretrain` for `minutes` in a subprocess; returns its wall-clock seconds."""
+def train(data: Path, out: Path, recipe: Path, minutes: float | None, seed: int, overrides: dict[str, object],
+          args: argparse.Namespace, prefix: list[str], env: dict[str, str], tokens: int | None = None) -> float:
+    """`tinylm pretrain` for `minutes` (or, minutes None, for `tokens`) in a subprocess; returns its wall-clock
+    seconds."""
     shutil.rmtree(out, ignore_errors=True)
     words = [*prefix, sys.executable, "-m", "tinylm", "pretrain", "--config", str(recipe), "--data.dir", str(data),
-             "--run.out", str(out), "--run.minutes", str(minutes), "--schedule.steps", "none",
-             "--schedule.tokens", "none", "--run.seed", str(seed), "--data.seed", str(seed), "--run.resume", "never",
+             "--run.out", str(out), "--run.minutes", str(minutes).lower(), "--schedule.steps", "none",
+             "--schedule.tokens", str(tokens).lower(), "--run.seed", str(seed), "--data.seed", str(seed),
+             "--run.resume", "never",
              "--run.eval_every", str(args.eval_every), "--run.ckpt_every", str(args.ckpt_every),
              "--run.keep_last", "100000", "--run.progress", "false"]
     for key, value in overrides.items():
@@ -276,7 +284,8 @@ def ablation_table(corpus: str, results: dict[str, list[dict[str, Any]]], args: 
             "tokens trained"]
     if tiny:
         head += ["valid sentences", "consistent stories", "consistent, parsed", "tokens to 50% consistent, parsed"]
-    print(f"\n{corpus}, {args.minutes} min a run (medians [min, max] over repeats)\n")
+    budget = f"{args.minutes} min" if args.tokens is None else f"{args.tokens:,} tokens"
+    print(f"\n{corpus}, {budget} a run (medians [min, max] over repeats)\n")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for name, runs in results.items():
@@ -293,11 +302,13 @@ def ablation_table(corpus: str, results: dict[str, list[dict[str, Any]]], args: 
 def ablations(args: argparse.Namespace, recipe: Path) -> None:
     for corpus in args.corpus:
         data = prepare_corpus(corpus, args.work, args.stories, args.vocab_size)
-        runs = [Run(f"{corpus}-{variant}-{args.minutes:g}m-{seed}", corpus, data, args.minutes, seed,
-                    overrides(variant, args))
+        budget = f"{args.minutes:g}m" if args.tokens is None else f"{args.tokens / 1e6:g}Mt"
+        minutes = args.minutes if args.tokens is None else None
+        runs = [Run(f"{corpus}-{variant}-{budget}-{seed}", corpus, data, minutes, seed, overrides(variant, args),
+                    args.tokens)
                 for seed in range(args.repeats) for variant in args.variants]  # interleaved: load falls on all
         figures = execute(runs, recipe, args)
-        results = {v: [figures[f"{corpus}-{v}-{args.minutes:g}m-{seed}"] for seed in range(args.repeats)]
+        results = {v: [figures[f"{corpus}-{v}-{budget}-{seed}"] for seed in range(args.repeats)]
                    for v in args.variants}
         ablation_table(corpus, results, args)
     print(f"\n    python bench/speedrun.py {' '.join(sys.argv[1:])}\n")
@@ -308,6 +319,8 @@ def overrides(variant: str, args: argparse.Namespace) -> dict[str, object]:
         return {k: v for name in VARIANTS if name not in ("adamw", "fp32") for k, v in overrides(name, args).items()}
     if variant == "batch_warmup":
         return {"data.batch_warmup_tokens": args.ramp_tokens}
+    if variant in args.defined:
+        return dict(args.defined[variant])
     return dict(VARIANTS[variant])
 
 
@@ -432,8 +445,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--work", type=Path, default=Path("runs/speedrun"), help="corpora and runs")
     ap.add_argument("--corpus", nargs="+", default=["tinytales", "pydoc"], choices=["tinytales", "pydoc"])
-    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, "all"], choices=[*VARIANTS, "all"])
+    ap.add_argument("--variants", nargs="+", default=[*VARIANTS, "all"],
+                    help=f"of {', '.join([*VARIANTS, 'all'])} and the --define names")
+    ap.add_argument("--define", nargs="+", action="append", default=[], metavar=("NAME", "KEY=VALUE"),
+                    help="a variant of your own: its name and the recipe overrides it sets (repeatable)")
     ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of each training run")
+    ap.add_argument("--tokens", type=int,
+                    help="a token budget for each run instead of --minutes (schedule.tokens: the decay ends there), "
+                         "to compare what options learn per token")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each variant (seeds 0, 1, ...)")
     ap.add_argument("--recipe", type=Path, default=Path(str(RECIPE)), help="the default recipe (the quickstart's)")
     ap.add_argument("--stories", type=int, default=30_000, help="TinyTales stories (the quickstart's default)")
@@ -458,6 +477,14 @@ def main() -> None:
     ap.add_argument("--judge-run", type=Path, help=argparse.SUPPRESS)  # a worker: judges one run folder
     ap.add_argument("--judge-data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    args.defined = {}
+    for name, *pairs in args.define:
+        if not pairs or any("=" not in p for p in pairs) or name in VARIANTS:
+            ap.error(f"--define {name}: a new variant name and KEY=VALUE overrides")
+        args.defined[name] = dict(p.split("=", 1) for p in pairs)
+    unknown = sorted(set(args.variants) - {*VARIANTS, "all", *args.defined})
+    if unknown:
+        ap.error(f"--variants: unknown {', '.join(unknown)}")
     if args.judge_run is not None:
         figures = judge(args.judge_data, args.judge_run, args.corpus[0], args)
         (args.judge_run / "figures.json").write_text(json.dumps(figures))
