@@ -76,7 +76,8 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+10")
                       .replace("eval_every: 0", "eval_every: 4")
-                      .replace("micro_batch: 16}", "micro_batch: 16, batch_warmup_tokens: 8192}"))  # as quickstart.yaml
+                      .replace("micro_batch: 16}", "micro_batch: 16, batch_warmup_tokens: 8192}")  # as quickstart.yaml
+                      .replace("optim: {", "optim: {name: muon, "))
     validate = loop.validate  # a run that overfits after step 12 (it trains at least 24 steps): the val loss
     monkeypatch.setattr(loop, "validate", lambda run, fn: {**validate(run, fn), "val_loss": 1 + abs(run.step - 12)})
     out = tmp_path / "qs"
@@ -100,6 +101,7 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     assert trained["data"]["batch_tokens"] == rule["data.batch_tokens"] and trained["optim"]["lr"] == rule["optim.lr"]
     assert trained["schedule"]["warmup_steps"] == rule["schedule.warmup_steps"]
     assert trained["data"]["batch_warmup_tokens"] == 0  # the rule's batch from the first step: the ramp is TinyTales'
+    assert trained["optim"]["name"] == "adamw"  # the rule's optimizer: Muon is TinyTales'
     assert rule["data.batch_tokens"] % 64 == 0 and (rule["data.batch_tokens"] // 64) % trained["data"]["micro_batch"] == 0
     assert report["train"]["steps"] >= 24
     text = (out / "REPORT.md").read_text()
@@ -163,10 +165,10 @@ def _figures(consistent: float, builtin: bool) -> dict:
 
 def test_report_names_the_budget_a_short_run_lacked(tmp_path, capsys):
     quickstart.write_report(tmp_path, _figures(0.0, builtin=True), tmp_path / "tinytales.txt")
-    # 10.5M tokens at this run's 8,000 tokens/s take 1,312.5 s, plus the 40 s outside training: 22.5 -> 23 min
-    assert quickstart.NAMED_TOKENS == 10_500_000
-    assert "`tinylm quickstart --minutes 23`" in (tmp_path / "REPORT.md").read_text()
-    assert "try --minutes 23" in capsys.readouterr().out
+    # 6.0M tokens at this run's 8,000 tokens/s take 750 s, plus the 40 s outside training: 13.2 -> 14 min
+    assert quickstart.NAMED_TOKENS == 6_000_000
+    assert "`tinylm quickstart --minutes 14`" in (tmp_path / "REPORT.md").read_text()
+    assert "try --minutes 14" in capsys.readouterr().out
     for consistent, builtin in ((0.85, True), (0.0, False)):  # goal met; a recipe of the user's own
         quickstart.write_report(tmp_path, _figures(consistent, builtin), tmp_path / "tinytales.txt")
         assert "--minutes" not in (tmp_path / "REPORT.md").read_text()
