@@ -57,6 +57,7 @@ def child(keep: bool, steps: int, dtype: str) -> None:
 def quickstart_child(keep: bool, out: str, seed: int) -> None:
     import tinylm.train.loop as loop
     from tinylm.cli import main as tinylm
+    from tinylm.train.metrics import read_metrics
 
     if not keep:
         loop.keep_freed_cpu_memory = lambda: False
@@ -64,8 +65,7 @@ def quickstart_child(keep: bool, out: str, seed: int) -> None:
     assert tinylm(["quickstart", "--out", out, "--seed", str(seed)]) == 0
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     rep = json.loads((Path(out) / "report.json").read_text())
-    logged = [json.loads(line) for line in (Path(out) / "train" / "metrics.jsonl").read_text().splitlines()
-              if '"tokens_per_s"' in line]
+    logged = [r for r in read_metrics(Path(out) / "train" / "metrics.jsonl") if "tokens_per_s" in r]
     tok_s = statistics.median(r["tokens_per_s"] for r in logged if r["step"] > 300)  # past the ramp and compiles
     print(json.dumps({"tokens": rep["train"]["tokens"], "bpb": rep["eval"]["bits_per_byte"],
                       "valid": rep["stories"]["valid_fraction"],
@@ -77,6 +77,7 @@ def quickstart_child(keep: bool, out: str, seed: int) -> None:
 def pretrain_child(keep: bool, shards: str, sets: list[str]) -> None:
     import tinylm.train.loop as loop
     from tinylm.cli import main as tinylm
+    from tinylm.train.metrics import read_metrics
 
     if not keep:
         loop.keep_freed_cpu_memory = lambda: False
@@ -87,8 +88,7 @@ def pretrain_child(keep: bool, shards: str, sets: list[str]) -> None:
         assert tinylm(["pretrain", "--config", str(recipe), "--data.dir", shards, "--run.out", tmp,
                        "--run.progress", "false", *overrides]) == 0
         r1 = resource.getrusage(resource.RUSAGE_SELF)
-        last = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()
-                if '"tokens_per_s"' in line][-1]
+        last = [r for r in read_metrics(Path(tmp) / "metrics.jsonl") if "tokens_per_s" in r][-1]
     faults = r1.ru_minflt - r0.ru_minflt
     print(json.dumps({"steps": last["step"], "tokens": last["tokens"], "sys_s": round(r1.ru_stime - r0.ru_stime, 2),
                       "faults_per_step": round(faults / last["step"]),

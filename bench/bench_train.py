@@ -51,11 +51,12 @@ def ours(name: str, data: Path, out: Path, seq_len: int, rows: int, compile_: bo
          extra: dict[str, object] | None = None):
     """A tinylm Run and a function doing one optimizer step of it (run.dtype `dtype`; `extra`: more recipe
     overrides, e.g. {"optim.name": "muon"})."""
-    cfg = load_config(TrainConfig, None, {**(extra or {}), 
+    cfg = load_config(TrainConfig, None, {
         "model.preset": name, "data.dir": str(data), "data.seq_len": seq_len, "data.batch_tokens": rows * seq_len,
         "data.micro_batch": rows, "schedule.steps": 10**6, "schedule.warmup_steps": 10, "run.out": str(out),
         "run.compile": compile_, "run.progress": False, "run.device": "cpu", "run.peak_flops": 1.0,
-        "run.dtype": dtype})  # fp32 the reference by default (auto is bf16 on a CPU with bf16 units: bench_cpu_bf16.py)
+        "run.dtype": dtype,  # fp32 the reference by default (auto is bf16 on a CPU with bf16 units: bench_cpu_bf16.py)
+        **(extra or {})})
     run = setup(cfg)
     return run, lambda: train_step(run, lm_loss)
 
