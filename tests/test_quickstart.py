@@ -153,10 +153,10 @@ def test_quickstart_bad_recipe_fails_before_writing(tmp_path, capsys):
 
 
 def _figures(consistent: float, builtin: bool) -> dict:
-    """What quickstart() hands write_report: a 4M-token run of 500 s in a 540 s pipeline."""
+    """What quickstart() hands write_report: a 2M-token run of 500 s in a 540 s pipeline."""
     return {"builtin_recipe": builtin, "total_s": 540.0, "final": "runs/q/train/final",
             "eval": {"loss": 0.61, "perplexity": 1.84, "bits_per_byte": 0.22},
-            "train": {"parameters": 1_066_112, "steps": 1000, "tokens": 4_000_000, "seconds": 500.0,
+            "train": {"parameters": 1_066_112, "steps": 500, "tokens": 2_000_000, "seconds": 500.0,
                       "precision": "fp32"},
             "corpus": {"stories": 30000, "bytes": 16_600_000, "bits_per_byte": 0.114},
             "stories": {"valid_fraction": 0.97, "sentences": 3000, "consistent_valid_fraction": consistent,
@@ -165,10 +165,10 @@ def _figures(consistent: float, builtin: bool) -> dict:
 
 def test_report_names_the_budget_a_short_run_lacked(tmp_path, capsys):
     quickstart.write_report(tmp_path, _figures(0.0, builtin=True), tmp_path / "tinytales.txt")
-    # 6.0M tokens at this run's 8,000 tokens/s take 750 s, plus the 40 s outside training: 13.2 -> 14 min
-    assert quickstart.NAMED_TOKENS == 6_000_000
-    assert "`tinylm quickstart --minutes 14`" in (tmp_path / "REPORT.md").read_text()
-    assert "try --minutes 14" in capsys.readouterr().out
+    # 4.0M tokens at this run's 4,000 tokens/s take 1,000 s, plus the 40 s outside training: 17.3 -> 18 min
+    assert quickstart.NAMED_TOKENS == 4_000_000
+    assert "`tinylm quickstart --minutes 18`" in (tmp_path / "REPORT.md").read_text()
+    assert "try --minutes 18" in capsys.readouterr().out
     for consistent, builtin in ((0.85, True), (0.0, False)):  # goal met; a recipe of the user's own
         quickstart.write_report(tmp_path, _figures(consistent, builtin), tmp_path / "tinytales.txt")
         assert "--minutes" not in (tmp_path / "REPORT.md").read_text()
