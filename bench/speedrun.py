@@ -6,10 +6,10 @@ documents as bench_distill does; 5% held out).
 
 Ablations (`--variants`): each trains the quickstart recipe (or --recipe) for --minutes of wall-clock
 (`run.minutes`: the steps planned and re-planned by train.budget) with one option on, against the default:
-  default, muon (optim.name muon), adamw (optim.name adamw), qk_norm, untied (model.tie_embeddings false),
-  z_loss (optim.z_loss 1e-4), softcap (model.logit_softcap 30), batch_warmup (data.batch_warmup_tokens
-  --ramp-tokens), fp32 (run.dtype float32: on a CPU with AMX, auto trains in bf16), all (every one but
-  adamw and fp32).
+  default, muon (optim.name muon), adamw (optim.name adamw, lr 2e-3, decay 0.2: the recipe before Muon), qk_norm,
+  untied (model.tie_embeddings false), z_loss (optim.z_loss 1e-4), softcap (model.logit_softcap 30),
+  batch_warmup (data.batch_warmup_tokens --ramp-tokens), fp32 (run.dtype float32: on a CPU with AMX, auto trains
+  in bf16), all (every one but adamw and fp32).
 `--define NAME KEY=VALUE ...` adds a variant of your own (e.g. `--define lr4 optim.lr=4e-3`). `--tokens T` gives
 every run T tokens instead of --minutes (schedule.tokens; the decay ends there): what each variant learns per
 token, apart from its speed.
@@ -86,7 +86,9 @@ from tinylm.train.rules import auto_recipe, expected_tokens_per_s, micro_batch  
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "muon": {"optim.name": "muon"},
-    "adamw": {"optim.name": "adamw"},  # against a --recipe whose default is Muon
+    # the quickstart recipe as it was with AdamW: its lr 1.6e-2 is Muon's recipe's for the embedding alone, and 4e-3
+    # for every matrix already lost (BENCHMARKS.md, "Muon at a token budget", "Muon's AdamW lr")
+    "adamw": {"optim.name": "adamw", "optim.lr": 2e-3, "schedule.decay_fraction": 0.2},
     "qk_norm": {"model.qk_norm": "true"},
     "untied": {"model.tie_embeddings": "false"},
     "z_loss": {"optim.z_loss": 1e-4},  # PaLM's coefficient

@@ -60,9 +60,9 @@ TINYTALES_SAMPLES, OWN_TEXT_SAMPLES = 200, 20
 OWN_VAL_FRACTION = 0.05  # of the documents of the user's text held out (TinyTales: 1% of 30,000 stories)
 # Tokens of the built-in recipe after which its stories keep their names: with Muon and AdamW's lr 1.6e-2 for the
 # embedding (the recipe since 2026-12-02) 92-93% of 100 stories in runs whose decay ends at 4.0M tokens and 89-93%
-# at 3.7M (2 seeds each, the 0.2 decay; 91% and 93% with the recipe's 0.4; half of them already by 1.3-2.9M). With the embedding's lr at 2e-3 it was ~6.0M, with
-# AdamW ~10.5M (BENCHMARKS.md, "Muon's AdamW lr", "Muon at a token budget", "The quickstart on an AVX2-only CPU").
-# A report short of them says how many minutes would do.
+# at 3.7M (2 seeds each, the 0.2 decay; 91% and 93% with the recipe's 0.4; half of them already by 1.3-2.9M). With
+# the embedding's lr at 2e-3 it was ~6.0M, with AdamW ~10.5M (BENCHMARKS.md, "Muon's AdamW lr", "Muon at a token
+# budget", "The quickstart on an AVX2-only CPU"). A report short of them says how many minutes would do.
 NAMED_TOKENS = 4_000_000
 CONSISTENT_GOAL = 0.8  # the share of stories keeping their names that issue 17 asks of the quickstart
 
