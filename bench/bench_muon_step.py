@@ -42,8 +42,10 @@ def main() -> None:
                          "AdamW and Muon at 16 rows)")
     args = ap.parse_args()
     spec = args.side or DEFAULT_SIDES
-    if len(spec) != 2 or any(len(s) < 2 or not s[1].isdigit() for s in spec):
-        ap.error("give --side NAME ROWS [KEY=VALUE ...] twice")
+    if (len(spec) != 2 or spec[0][0] == spec[1][0]
+            or any(len(s) < 2 or not s[1].isdigit() or int(s[1]) < 1 or any("=" not in kv for kv in s[2:])
+                   for s in spec)):
+        ap.error("give --side NAME ROWS [KEY=VALUE ...] twice, two names, ROWS at least 1")
     rows = {s[0]: int(s[1]) for s in spec}
     extra = {s[0]: dict(kv.split("=", 1) for kv in s[2:]) for s in spec}
     with tempfile.TemporaryDirectory() as tmp:
