@@ -10,7 +10,8 @@ Ablations (`--variants`): each trains the quickstart recipe (or --recipe) for --
   untied (model.tie_embeddings false), z_loss (optim.z_loss 1e-4), softcap (model.logit_softcap 30),
   batch_warmup (data.batch_warmup_tokens --ramp-tokens), fp32 (run.dtype float32: on a CPU with AMX, auto trains
   in bf16), all (every one but adamw and fp32).
-`--define NAME KEY=VALUE ...` adds a variant of your own (e.g. `--define lr4 optim.lr=4e-3`). `--tokens T` gives
+`--seeds S ...` runs those seeds of each variant instead of --repeats' 0, 1, ... (e.g. the seeds a change is meant
+to mend first). `--define NAME KEY=VALUE ...` adds a variant of your own (e.g. `--define lr4 optim.lr=4e-3`). `--tokens T` gives
 every run T tokens instead of --minutes (schedule.tokens; the decay ends there): what each variant learns per
 token, apart from its speed.
 Runs are `tinylm pretrain` subprocesses, --repeats of each (seeds 0, 1, ...), variants interleaved so that a
@@ -308,9 +309,9 @@ def ablations(args: argparse.Namespace, recipe: Path) -> None:
         minutes = args.minutes if args.tokens is None else None
         runs = [Run(f"{corpus}-{variant}-{budget}-{seed}", corpus, data, minutes, seed, overrides(variant, args),
                     args.tokens)
-                for seed in range(args.repeats) for variant in args.variants]  # interleaved: load falls on all
+                for seed in args.seeds for variant in args.variants]  # interleaved: load falls on all
         figures = execute(runs, recipe, args)
-        results = {v: [figures[f"{corpus}-{v}-{budget}-{seed}"] for seed in range(args.repeats)]
+        results = {v: [figures[f"{corpus}-{v}-{budget}-{seed}"] for seed in args.seeds]
                    for v in args.variants}
         ablation_table(corpus, results, args)
     print(f"\n    python bench/speedrun.py {' '.join(sys.argv[1:])}\n")
@@ -456,6 +457,8 @@ def main() -> None:
                     help="a token budget for each run instead of --minutes (schedule.tokens: the decay ends there), "
                          "to compare what options learn per token")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each variant (seeds 0, 1, ...)")
+    ap.add_argument("--seeds", type=int, nargs="+",
+                    help="these seeds of each variant instead of --repeats' 0, 1, ... (not with --sweep)")
     ap.add_argument("--recipe", type=Path, default=Path(str(RECIPE)), help="the default recipe (the quickstart's)")
     ap.add_argument("--stories", type=int, default=30_000, help="TinyTales stories (the quickstart's default)")
     ap.add_argument("--vocab-size", type=int, default=2048, help="BPE vocabulary of each corpus")
@@ -487,6 +490,9 @@ def main() -> None:
     unknown = sorted(set(args.variants) - {*VARIANTS, "all", *args.defined})
     if unknown:
         ap.error(f"--variants: unknown {', '.join(unknown)}")
+    if args.seeds is not None and (args.sweep or min(args.seeds) < 0 or len(set(args.seeds)) < len(args.seeds)):
+        ap.error("--seeds: distinct seeds >= 0, and not with --sweep (its points are seeds 0 to --repeats - 1)")
+    args.seeds = args.seeds if args.seeds is not None else list(range(args.repeats))
     if args.judge_run is not None:
         figures = judge(args.judge_data, args.judge_run, args.corpus[0], args)
         (args.judge_run / "figures.json").write_text(json.dumps(figures))

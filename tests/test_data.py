@@ -73,6 +73,47 @@ def test_sequential_windows(stream_dir):
             np.testing.assert_array_equal(w[i], stream[o:o + 9])
 
 
+def _write_documents(d: Path, lengths: list[int], shard_at: int) -> np.ndarray:
+    """A data dir of documents BOS (id 1), then ids 10.. of its own; the stream cut into two shards at shard_at."""
+    stream = np.concatenate([np.r_[1, 10 + np.arange(n - 1) % 50000] for n in lengths])
+    _write_stream(d, [shard_at, len(stream) - shard_at])
+    for k, (a, b) in enumerate([(0, shard_at), (shard_at, len(stream))]):
+        stream[a:b].astype("uint16").tofile(d / f"train_{k:04d}.bin")
+    meta = json.loads((d / "meta.json").read_text())
+    meta["bos_id"] = 1
+    (d / "meta.json").write_text(json.dumps(meta))
+    return stream
+
+
+def test_document_rows_start_rows_at_documents(tmp_path):
+    lengths = [int(n) for n in np.random.default_rng(0).integers(5, 40, 300)]
+    stream = _write_documents(tmp_path / "docs", lengths, shard_at=1234)
+    data = TokenData.open(tmp_path / "docs")
+    starts = np.flatnonzero(stream == 1)
+    np.testing.assert_array_equal(data.document_starts(16), starts[starts < len(stream) - 17])
+    # 0: exactly the windows the loader has always read (the same draws: a resumed run reads its batches)
+    offs = np.random.default_rng([3, 9]).integers(0, len(stream) - 17, 64)
+    np.testing.assert_array_equal(data.windows(9, 3, 64, 16, documents=0.0).numpy(),
+                                  np.stack([stream[o:o + 17] for o in offs]))
+    # 1: every row starts at a document's BOS and reads on through the stream (across the shard cut)
+    w = data.windows(9, 3, 64, 16, documents=1.0).numpy()
+    assert (w[:, 0] == 1).all()
+    assert all(any(np.array_equal(stream[o:o + 17], row) for o in starts) for row in w)
+    # a share: about that many rows, each drawn on its own; slices of the batch are the batch's slices
+    big = data.windows(2, 0, 2000, 16, documents=0.5)
+    share = (big[:, 0] == 1).float().mean().item()
+    assert 0.5 <= share < 0.5 + 0.04 + 0.05  # plus the random rows that happen to start at a BOS (~3.4%)
+    assert torch.equal(torch.cat([data.windows(2, 0, 2000, 16, 0, 700, documents=0.5),
+                                  data.windows(2, 0, 2000, 16, 700, documents=0.5)]), big)
+
+
+def test_document_rows_need_documents(stream_dir):
+    d, _ = stream_dir  # no BOS id in its meta
+    with pytest.raises(TinylmError, match="document_rows"):
+        TokenData.open(d).windows(0, 0, 4, 8, documents=0.5)
+    assert TokenData.open(d).windows(0, 0, 4, 8, documents=0.0).shape == (4, 9)
+
+
 def test_eval_windows_cover_stream_once(stream_dir):
     d, stream = stream_dir
     ws = list(TokenData.open(d).eval_windows(100))

@@ -7,15 +7,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_bitwise, make_data, tiny_model, tiny_train_args, weights
 
 from tinylm.cli import main
+from tinylm.core.errors import TinylmError
 from tinylm.core.recipe import load_config
 from tinylm.data.tokenizer import train_tokenizer
-from tinylm.data.tokens import Batch
+from tinylm.data.tokens import Batch, TokenData
 from tinylm.formats import checkpoint
 from tinylm.train.config import OptimSection, ScheduleSection, TrainConfig
 from tinylm.train.loop import fit, setup
@@ -287,10 +289,38 @@ def test_batch_warmup_run_resumes_bitwise(data: Path, tmp_path: Path) -> None:
     resumed_equals_straight(data, tmp_path, **{"data.batch_warmup_tokens": 600, "data.micro_batch": 2})
 
 
+def test_document_rows_for_their_tokens_then_anywhere(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "docs")
+    stream = np.fromfile(data / "train_0000.bin", dtype=np.uint16)
+    stream[::23] = 1  # documents of 23 tokens, each from a BOS
+    stream.tofile(data / "train_0000.bin")
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "bos_id": 1}))
+    extra = {"data.document_rows": 1.0, "data.document_rows_tokens": 300}
+    run = setup(load_config(TrainConfig, None, tiny_args(data, tmp_path / "run", steps=8, **extra)))
+    plain = TokenData.open(data)
+    # 128 tokens a step: steps 0-2 read the first 384 >= 300 tokens, every row from a document's start
+    for step in range(8):
+        rows = run.batches(step, 0, 8).tokens
+        if step < 3:
+            assert (rows[:, 0] == 1).all()
+        else:  # then the windows a run without the option reads
+            assert torch.equal(rows, plain.windows(step, 0, 8, 16))
+    assert fit(run, lm_loss_fn()) is not None and (tmp_path / "run" / "final").is_dir()
+
+
+def test_document_rows_need_documents_before_anything_is_written(data: Path, tmp_path: Path) -> None:
+    args = tiny_args(data, tmp_path / "run", steps=2, **{"data.document_rows": 0.5})  # make_data: no BOS id
+    with pytest.raises(TinylmError, match="document_rows"):
+        setup(load_config(TrainConfig, None, args))
+    assert not (tmp_path / "run").exists()
+
+
 def test_options_are_off_by_default() -> None:
     cfg = TrainConfig()
     assert (cfg.optim.name, cfg.optim.z_loss, cfg.model.qk_norm, cfg.model.logit_softcap,
-            cfg.data.batch_warmup_tokens, cfg.run.minutes) == ("adamw", 0.0, False, None, 0, None)
+            cfg.data.batch_warmup_tokens, cfg.data.document_rows, cfg.run.minutes) == ("adamw", 0.0, False, None, 0,
+                                                                                      0.0, None)
 
 
 @pytest.mark.slow

@@ -76,7 +76,8 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(TINY_RECIPE.replace("compile: false", "compile: false, peak_flops: 1.0e+10")
                       .replace("eval_every: 0", "eval_every: 4")
-                      .replace("micro_batch: 16}", "micro_batch: 16, batch_warmup_tokens: 8192}")  # as quickstart.yaml
+                      .replace("micro_batch: 16}", "micro_batch: 16, batch_warmup_tokens: 8192, document_rows: 1.0, "
+                               "document_rows_tokens: 4096}")  # as quickstart.yaml
                       .replace("optim: {", "optim: {name: muon, "))
     validate = loop.validate  # a run that overfits after step 12 (it trains at least 24 steps): the val loss
     monkeypatch.setattr(loop, "validate", lambda run, fn: {**validate(run, fn), "val_loss": 1 + abs(run.step - 12)})
@@ -102,6 +103,7 @@ def test_quickstart_on_own_text(tmp_path, monkeypatch):
     assert trained["schedule"]["warmup_steps"] == rule["schedule.warmup_steps"]
     assert trained["data"]["batch_warmup_tokens"] == 0  # the rule's batch from the first step: the ramp is TinyTales'
     assert trained["optim"]["name"] == "adamw"  # the rule's optimizer: Muon is TinyTales'
+    assert trained["data"]["document_rows"] == 0  # rows from anywhere: the story-start rows are TinyTales'
     assert rule["data.batch_tokens"] % 64 == 0 and (rule["data.batch_tokens"] // 64) % trained["data"]["micro_batch"] == 0
     assert report["train"]["steps"] >= 24
     text = (out / "REPORT.md").read_text()

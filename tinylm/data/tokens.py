@@ -163,6 +163,7 @@ class TokenData:
         self._max_id: int | None = info.get("max_token_id") if "max_token_id" in info else -1
         # starts[k] = position of shard k's first token in the concatenated stream; starts[-1] = n_tokens
         self._starts = np.cumsum([0] + [len(s) for s in shards])
+        self._doc_starts: np.ndarray | None = None  # document_starts, found once
 
     def check_vocab(self, model_vocab: int, model: str = "the model") -> None:
         """A one-line error when the data holds ids the model has no embedding for.
@@ -246,17 +247,39 @@ class TokenData:
                               f"seq_len {seq_len}; use more data or a shorter --seq-len")
         return span
 
+    def document_starts(self, seq_len: int) -> np.ndarray:
+        """Stream positions of every document's first token (its BOS) that a whole window can start at."""
+        bos = self.meta.get("bos_id")
+        if bos is None:
+            raise TinylmError(f"{self.where} marks no documents (its tokenizer has no BOS token): "
+                              "data.document_rows needs them; set it to 0")
+        span = self._check_len(seq_len)
+        if self._doc_starts is None:
+            found = [np.flatnonzero(np.asarray(s) == bos) + int(at) for s, at in zip(self.shards, self._starts)]
+            self._doc_starts = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+        starts = self._doc_starts[self._doc_starts < span]
+        if not len(starts):
+            raise TinylmError(f"{self.where}: no document starts early enough for a window of seq_len {seq_len}")
+        return starts
+
     def offsets(self, step: int, seed: int, global_batch: int, seq_len: int,
-                sequential: bool = False) -> np.ndarray:
-        """Start positions (global_batch,) of the windows of step `step`'s global batch."""
+                sequential: bool = False, documents: float = 0.0) -> np.ndarray:
+        """Start positions (global_batch,) of the windows of step `step`'s global batch; with `documents` > 0
+        that share of them (each window drawn on its own) at a document's first token."""
         span = self._check_len(seq_len)
         if sequential:
             i = np.arange(global_batch, dtype=np.int64)
             return ((step * global_batch + i) * seq_len) % span
-        return np.random.default_rng([seed, step]).integers(0, span, global_batch)
+        rng = np.random.default_rng([seed, step])
+        offs = rng.integers(0, span, global_batch)  # drawn first: documents 0 reads what it always read
+        if documents > 0:
+            starts = self.document_starts(seq_len)
+            at_start = rng.random(global_batch) < documents
+            offs = np.where(at_start, starts[rng.integers(0, len(starts), global_batch)], offs)
+        return offs
 
     def windows(self, step: int, seed: int, global_batch: int, seq_len: int, start: int = 0,
-                count: int | None = None, sequential: bool = False) -> torch.Tensor:
+                count: int | None = None, sequential: bool = False, documents: float = 0.0) -> torch.Tensor:
         """Windows [start, start + count) of the global batch of step `step`, as (count, seq_len + 1) int64.
 
         Inputs are `w[:, :-1]`, targets `w[:, 1:]`. DDP rank r with micro-batch b of grad-accum
@@ -275,20 +298,24 @@ class TokenData:
         count = global_batch - start if count is None else count
         if start < 0 or count < 0 or start + count > global_batch:
             raise TinylmError(f"windows [{start}, {start + count}) are outside a global batch of {global_batch}")
-        offs = self.offsets(step, seed, global_batch, seq_len, sequential)[start:start + count]
+        offs = self.offsets(step, seed, global_batch, seq_len, sequential, documents)[start:start + count]
         out = np.stack([self._read(int(o), seq_len + 1) for o in offs]) if count else np.empty((0, seq_len + 1))
         return torch.from_numpy(out.astype(np.int64, copy=False))
 
-    def batches(self, seed: int, global_batch: int, seq_len: int) -> BatchSource:
+    def batches(self, seed: int, global_batch: int, seq_len: int,
+                documents: float | Callable[[int], float] = 0.0) -> BatchSource:
         """The batch source of pretraining: random windows of the stream (`windows`), nothing masked.
 
         Args:
             seed: data seed.
             global_batch: windows per step over all ranks and micro-steps.
             seq_len: tokens per input row.
+            documents: the share of each step's windows that start at a document's first token, or a function
+                of the step giving it (data.document_rows over the first data.document_rows_tokens).
         """
         def source(step: int, start: int, count: int) -> Batch:
-            tokens = self.windows(step, seed, global_batch, seq_len, start, count)  # (count, seq_len + 1)
+            share = documents(step) if callable(documents) else documents
+            tokens = self.windows(step, seed, global_batch, seq_len, start, count, documents=share)
             return Batch(tokens, index=step * global_batch + start)
 
         return source

@@ -475,6 +475,11 @@ class CachedTeacher:
         return self.cache.signal(batch.index, batch.tokens.shape[0], batch.tokens.device)
 
 
+# a cache holds the windows of rows that start anywhere (TokenData.batches without documents)
+NO_DOCUMENT_ROWS = ("a teacher cache holds rows that start anywhere in the data; data.document_rows needs online "
+                    "distillation (--teacher)")
+
+
 def check_cache(cache: TeacherCache, cfg: DistillConfig, terms: list[LossTerm], rows: int, steps: int,
                 vocab_size: int) -> None:
     """One-line errors when a cache was not made for this run (data, windows, vocabulary, temperature)."""
@@ -524,6 +529,8 @@ def build_cache(cfg: DistillConfig, top_k: int, out: str | os.PathLike, dtype: s
         raise TinylmError("--top-k, --temperature and --batch-size must be positive")
     if not cfg.distill.teacher or not cfg.data.dir:
         raise TinylmError("a cache needs a teacher (--teacher) and data (--data)")
+    if cfg.data.document_rows:
+        raise TinylmError(NO_DOCUMENT_ROWS)
     check_out(out, overwrite)
     data = TokenData.open(cfg.data.dir, "train")
     data.check_vocab(data.vocab_size, "its tokenizer")  # ids the teacher (through any token map) can read
@@ -611,6 +618,8 @@ def distill(cfg: DistillConfig) -> Path:
     check_out(cfg.run.out, overwrite=True)  # before the teacher loads; a run dir is resumed, never replaced
     teacher_fn: TeacherFn | None = None
     cache = TeacherCache.open(d.cache) if uses_teacher and d.cache else None
+    if cache is not None and cfg.data.document_rows:
+        raise TinylmError(NO_DOCUMENT_ROWS)
     if cache is not None and cfg.run.minutes is not None and cfg.schedule.steps is cfg.schedule.tokens is None:
         cfg.schedule.steps = cache.meta["steps"]  # a budget cannot outrun the cache: its steps are the cap
     extra = None

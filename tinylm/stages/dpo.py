@@ -286,6 +286,9 @@ def dpo(cfg: DpoConfig) -> Path:
         raise TinylmError("no preference pairs: tinylm dpo MODEL --data pairs.jsonl")
     if cfg.optim.z_loss:
         raise TinylmError("optim.z_loss regularises the LM loss of pretrain and sft, not dpo's preference loss")
+    if cfg.data.document_rows:
+        raise TinylmError("data.document_rows starts pretraining rows at documents of a token stream; dpo reads "
+                          "whole pairs")
     if p.label_smoothing >= 0.5:
         raise TinylmError(f"dpo.label_smoothing must be below 0.5, got {p.label_smoothing}")
     d, device = begin(cfg)

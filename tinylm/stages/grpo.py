@@ -321,6 +321,8 @@ def check_config(cfg: GrpoConfig) -> Reward | None:
         raise TinylmError("optim.z_loss regularises the LM loss of pretrain and sft, not grpo's objective")
     if cfg.data.batch_warmup_tokens:
         raise TinylmError("data.batch_warmup_tokens does not apply to grpo: a step's batch is its sampled groups")
+    if cfg.data.document_rows:
+        raise TinylmError("data.document_rows does not apply to grpo: a step's batch is its sampled groups")
     rows = cfg.data.batch_tokens // cfg.data.seq_len
     if rows % cfg.grpo.group_size:
         raise TinylmError(f"a step's {rows} completions (data.batch_tokens / data.seq_len) are not a multiple of "

@@ -95,6 +95,9 @@ def sft(cfg: SftConfig) -> Path:
     c = cfg.chat
     if not c.data:
         raise TinylmError("no chat data: tinylm sft MODEL --data FILE_or_DIR")
+    if cfg.data.document_rows:
+        raise TinylmError("data.document_rows starts pretraining rows at documents of a token stream; sft packs "
+                          "whole examples, each from its start")
     d, device = begin(cfg)
     try:
         examples, skipped = read_examples([c.data], c.skip_bad_rows)

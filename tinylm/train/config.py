@@ -60,6 +60,10 @@ class DataSection:
     # batch_tokens to all of it, over the first batch_warmup_tokens tokens (0: off, the full batch from step 1)
     batch_warmup_tokens: Interval = 0
     batch_warmup_start: Annotated[float, Check(gt=0, le=1)] = 0.125  # the first step's share of batch_tokens
+    # the share of training rows that start at a document's first token (its BOS) instead of anywhere in the
+    # stream: such a row holds its document from the start, every name or word it repeats there to be copied
+    document_rows: Annotated[float, Check(ge=0, le=1)] = 0.0
+    document_rows_tokens: Interval = 0  # document_rows only over the first this many tokens (0: the whole run)
 
 
 @dataclass

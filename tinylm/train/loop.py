@@ -102,8 +102,10 @@ def setup(cfg: Any, extra_modules: ExtraModules | None = None) -> Run:
     model, tokenizer = build_model(cfg.model, cfg.data.seq_len, train, tokenizer)
     for split in (train, val) if val is not None else (train,):  # ids beyond the embedding rows
         split.check_vocab(model.config.vocab_size, str(cfg.model.init or "the model"))
-    return start(cfg, model, train.batches(cfg.data.seed, rows, cfg.data.seq_len), d, device, val, tokenizer,
-                 extra_modules)
+    if cfg.data.document_rows:
+        train.document_starts(cfg.data.seq_len)  # a data dir without documents fails here, before the run dir
+    batches = train.batches(cfg.data.seed, rows, cfg.data.seq_len, document_share(cfg.data, d.world))
+    return start(cfg, model, batches, d, device, val, tokenizer, extra_modules)
 
 
 def begin(cfg: Any) -> tuple[Dist, torch.device]:
@@ -221,6 +223,14 @@ def batch_layout(data: DataSection, world: int) -> tuple[int, int, int]:
     if per_rank % micro:
         raise TinylmError(f"{per_rank} rows per process is not a multiple of data.micro_batch {micro}")
     return rows, micro, per_rank // micro
+
+
+def document_share(data: DataSection, world: int) -> float | Callable[[int], float]:
+    """data.document_rows, or while the first data.document_rows_tokens tokens are read, 0 after them."""
+    if not data.document_rows or not data.document_rows_tokens:
+        return data.document_rows
+    steps = batch_ramp(data, world).steps_for(data.document_rows_tokens)  # the steps that read those tokens
+    return lambda step: data.document_rows if step < steps else 0.0
 
 
 def batch_ramp(data: DataSection, world: int) -> BatchRamp:
