@@ -189,8 +189,8 @@ def _own_text_recipe(train_cfg: TrainConfig, data: Path, figures: dict[str, Any]
     # and with AdamW, as it was fitted: the TinyTales recipe's Muon lost on real text in every seed, its fixed cost
     # per step too large at the rule's small batches (BENCHMARKS.md, "Each option on real text")
     train_cfg.optim.name = "adamw"
-    # and with rows that start anywhere: the TinyTales recipe's document-start rows (data.document_rows) were
-    # measured on TinyTales' stories only
+    # and with rows that start anywhere: rows from a document's start (data.document_rows, which a --recipe may
+    # set) were measured on TinyTales' stories only
     d.document_rows = 0.0
     # a user's text may be small for the budget (pydoc's 120K tokens overfit after 5-7 of 20 minutes:
     # BENCHMARKS.md, "The automatic recipe"): the report's model is the checkpoint of lowest val loss
