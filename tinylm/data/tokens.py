@@ -163,7 +163,7 @@ class TokenData:
         self._max_id: int | None = info.get("max_token_id") if "max_token_id" in info else -1
         # starts[k] = position of shard k's first token in the concatenated stream; starts[-1] = n_tokens
         self._starts = np.cumsum([0] + [len(s) for s in shards])
-        self._doc_starts: np.ndarray | None = None  # document_starts, found once
+        self._doc_starts: tuple[int, np.ndarray] | None = None  # (seq_len, document_starts(seq_len))
 
     def check_vocab(self, model_vocab: int, model: str = "the model") -> None:
         """A one-line error when the data holds ids the model has no embedding for.
@@ -254,10 +254,11 @@ class TokenData:
             raise TinylmError(f"{self.where} marks no documents (its tokenizer has no BOS token): "
                               "data.document_rows needs them; set it to 0")
         span = self._check_len(seq_len)
-        if self._doc_starts is None:
+        if self._doc_starts is None or self._doc_starts[0] != seq_len:  # found once, not at every step
             found = [np.flatnonzero(np.asarray(s) == bos) + int(at) for s, at in zip(self.shards, self._starts)]
-            self._doc_starts = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-        starts = self._doc_starts[self._doc_starts < span]
+            every = np.concatenate(found) if found else np.empty(0, dtype=np.int64)
+            self._doc_starts = (seq_len, every[every < span])
+        starts = self._doc_starts[1]
         if not len(starts):
             raise TinylmError(f"{self.where}: no document starts early enough for a window of seq_len {seq_len}")
         return starts
